@@ -1,0 +1,200 @@
+//! A generating sequence and the batched decode step. Every live sequence advances by one
+//! token per step, all in one forward pass; a new sequence's prompt is prefilled in the same
+//! pass. Forking starts a branch from a copy of the parent's KV prefix.
+
+use candle_core::DType;
+
+use crate::error::Result;
+use crate::model::{Adapter, IncrementalDecoder, KvCache, LogitsFor, Model, SeqInput, TextTokenizer};
+use crate::sampling::{SampledToken, Sampler};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+    /// Cancelled by the client or by shutdown.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// When a sequence ends.
+#[derive(Debug, Clone, Default)]
+pub struct StopRules {
+    pub max_tokens: usize,
+    pub stop_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    prompt_len: usize,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens the cache has not seen yet (the prompt, then the last sampled token).
+    pending: Vec<u32>,
+    cache: KvCache,
+    sampler: Sampler,
+    rules: StopRules,
+    top_logprobs: usize,
+    /// Per generated token: id, log-prob, entropy, top alternatives.
+    generated: Vec<SampledToken>,
+    decoder: IncrementalDecoder,
+    text: String,
+    /// A token to avoid at the next draw (set on a fresh fork).
+    exclude_next: Option<u32>,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    pub fn new(
+        model: &Model,
+        prompt: Vec<u32>,
+        sampler: Sampler,
+        rules: StopRules,
+        top_logprobs: usize,
+    ) -> Self {
+        Self {
+            prompt_len: prompt.len(),
+            pending: prompt.clone(),
+            tokens: prompt,
+            cache: model.new_cache(),
+            sampler,
+            rules,
+            top_logprobs,
+            generated: Vec::new(),
+            decoder: IncrementalDecoder::default(),
+            text: String::new(),
+            exclude_next: None,
+            finish: None,
+        }
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn generated(&self) -> &[SampledToken] {
+        &self.generated
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    pub fn abort(&mut self) {
+        self.finish.get_or_insert(FinishReason::Abort);
+    }
+
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// A branch that keeps the first `at` generated tokens and re-draws token `at` with its
+    /// own sampler, never choosing the parent's token there. The prefix is copied from the
+    /// parent's cache, not recomputed; only the last prefix token is fed again to get the
+    /// logits at the fork.
+    pub fn fork(&self, at: usize, sampler: Sampler, tok: &TextTokenizer) -> Result<Sequence> {
+        let at = at.min(self.generated.len());
+        let keep = self.prompt_len + at;
+        let cached = (keep - 1).min(self.cache.len());
+        let mut decoder = IncrementalDecoder::default();
+        let mut text = String::new();
+        for t in &self.generated[..at] {
+            text.push_str(&decoder.push(tok, t.id)?);
+        }
+        Ok(Sequence {
+            prompt_len: self.prompt_len,
+            tokens: self.tokens[..keep].to_vec(),
+            pending: self.tokens[cached..keep].to_vec(),
+            cache: self.cache.fork(cached)?,
+            sampler,
+            rules: self.rules.clone(),
+            top_logprobs: self.top_logprobs,
+            generated: self.generated[..at].to_vec(),
+            decoder,
+            text,
+            exclude_next: self.generated.get(at).map(|t| t.id),
+            finish: None,
+        })
+    }
+
+    fn accept(&mut self, token: SampledToken, tok: &TextTokenizer, max_context: usize) -> Result<()> {
+        let id = token.id;
+        self.tokens.push(id);
+        self.pending = vec![id];
+        self.generated.push(token);
+        if self.rules.stop_ids.contains(&id) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(());
+        }
+        self.text.push_str(&self.decoder.push(tok, id)?);
+        if let Some(cut) = self
+            .rules
+            .stop_strings
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(cut);
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated.len() >= self.rules.max_tokens || self.tokens.len() >= max_context {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(())
+    }
+}
+
+/// Advances every unfinished sequence by one token in one batched forward pass.
+pub fn decode_step(
+    model: &Model,
+    tok: &TextTokenizer,
+    seqs: &mut [&mut Sequence],
+    adapter: Option<&Adapter>,
+) -> Result<()> {
+    let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).map(|s| &mut **s).collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let logits = {
+        let mut inputs: Vec<SeqInput<'_>> = live
+            .iter_mut()
+            .map(|s| SeqInput {
+                tokens: &s.pending,
+                cache: Some(&mut s.cache),
+            })
+            .collect();
+        model.forward(&mut inputs, adapter, LogitsFor::Last)?
+    };
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let max_context = model.config().max_position_embeddings;
+    for (seq, row) in live.iter_mut().zip(rows) {
+        let exclude = seq.exclude_next.take();
+        let token = seq.sampler.sample_excluding(&row, exclude, seq.top_logprobs);
+        seq.accept(token, tok, max_context)?;
+    }
+    Ok(())
+}

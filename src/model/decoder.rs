@@ -1,0 +1,393 @@
+//! The decoder of the Llama, Qwen2 and Qwen3 families, following HF transformers'
+//! `modeling_llama.py`, `modeling_qwen2.py` and `modeling_qwen3.py`: pre-norm blocks of
+//! grouped-query attention with RoPE and a SwiGLU MLP. Family differences are
+//! [`ModelConfig`] fields (q/k/v bias, q/k RMSNorm, RoPE layout).
+//!
+//! One forward serves both training and generation. Sequences are packed row-wise
+//! (no padding): projections and MLPs run once over all rows, attention runs per sequence.
+//! A sequence with a [`KvCache`] continues from its cached positions (generation, detached);
+//! one without starts at position 0 and keeps the graph (training and scoring).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::ModelConfig;
+use super::kv_cache::KvCache;
+use super::lora::{Adapter, Projection};
+use super::ops::{frozen_matmul, rms_norm, Rope};
+use crate::error::{Error, Result};
+
+/// A frozen linear layer with an optional bias.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = frozen_matmul(x, &self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Which rows of the packed batch get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// The last position of each sequence: (sequences, vocab).
+    Last,
+    /// Every position: (total tokens, vocab), sequences one after another.
+    All,
+}
+
+/// One sequence's share of a forward pass.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: Option<&'a mut KvCache>,
+}
+
+/// Where a sequence's rows sit in the packed batch.
+struct Span {
+    start: usize,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Layer {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+/// Takes tensors out of a checkpoint map by HF name, checking each shape against the config.
+pub struct WeightSource {
+    tensors: HashMap<String, Tensor>,
+    dtype: DType,
+    device: Device,
+}
+
+impl WeightSource {
+    pub fn new(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        Self {
+            tensors,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.into() })?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    fn linear(&mut self, prefix: &str, p: Projection, bias: bool, c: &ModelConfig) -> Result<Linear> {
+        let (fan_in, fan_out) = p.dims(c);
+        let weight = self.take(&format!("{prefix}.weight"), &[fan_out, fan_in])?;
+        let bias = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[fan_out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+impl Model {
+    /// Builds the decoder from HF-named tensors. f64 is accepted (for finite-difference
+    /// checks) as well as f32 and bf16; the dtype is fixed here and nowhere else.
+    pub fn new(config: ModelConfig, mut w: WeightSource) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let dtype = w.dtype;
+        let device = w.device.clone();
+        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let attn = format!("model.layers.{i}.self_attn");
+            let mlp = format!("model.layers.{i}.mlp");
+            let bias = c.attention_bias;
+            let head_norm = |w: &mut WeightSource, name: &str| -> Result<Option<Tensor>> {
+                if c.qk_norm {
+                    Ok(Some(w.take(&format!("{attn}.{name}.weight"), &[c.head_dim])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                q_proj: w.linear(&format!("{attn}.q_proj"), Projection::Q, bias, c)?,
+                k_proj: w.linear(&format!("{attn}.k_proj"), Projection::K, bias, c)?,
+                v_proj: w.linear(&format!("{attn}.v_proj"), Projection::V, bias, c)?,
+                o_proj: w.linear(&format!("{attn}.o_proj"), Projection::O, false, c)?,
+                q_norm: head_norm(&mut w, "q_norm")?,
+                k_norm: head_norm(&mut w, "k_norm")?,
+                gate_proj: w.linear(&format!("{mlp}.gate_proj"), Projection::Gate, false, c)?,
+                up_proj: w.linear(&format!("{mlp}.up_proj"), Projection::Up, false, c)?,
+                down_proj: w.linear(&format!("{mlp}.down_proj"), Projection::Down, false, c)?,
+                input_layernorm: w.take(
+                    &format!("model.layers.{i}.input_layernorm.weight"),
+                    &[c.hidden_size],
+                )?,
+                post_attention_layernorm: w.take(
+                    &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                    &[c.hidden_size],
+                )?,
+            });
+        }
+        let norm = w.take("model.norm.weight", &[c.hidden_size])?;
+        // Some checkpoints tie the head without saying so: no lm_head tensor means tied.
+        let lm_head = if c.tie_word_embeddings || !w.has("lm_head.weight") {
+            embed_tokens.clone()
+        } else {
+            w.take("lm_head.weight", &[c.vocab_size, c.hidden_size])?
+        };
+        let rope = Rope::new(
+            c.head_dim,
+            c.rope_theta,
+            c.max_position_embeddings,
+            c.rope_layout,
+            dtype,
+            &device,
+        )?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Bytes of the frozen weights (the tied head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lin = |l: &Linear| bytes(&l.weight) + l.bias.as_ref().map_or(0, bytes);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                    .into_iter()
+                    .map(lin)
+                    .sum::<usize>()
+                    + bytes(&l.input_layernorm)
+                    + bytes(&l.post_attention_layernorm)
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings { 0 } else { bytes(&self.lm_head) };
+        layers + bytes(&self.embed_tokens) + bytes(&self.norm) + head
+    }
+
+    /// Runs the packed batch and returns logits (in the model's dtype) for the rows asked.
+    ///
+    /// Sequences with a cache append their tokens to it and run detached (generation);
+    /// a batch without caches keeps the autograd graph through the active adapter (training).
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        adapter: Option<&Adapter>,
+        logits_for: LogitsFor,
+    ) -> Result<Tensor> {
+        let track = seqs.iter().all(|s| s.cache.is_none());
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::InvalidConfig("a sequence in the batch has no tokens".into()));
+            }
+            let offset = s.cache.as_ref().map_or(0, |c| c.len());
+            let end = offset + s.tokens.len();
+            if end > self.rope.max_positions() {
+                return Err(Error::InvalidConfig(format!(
+                    "sequence of {end} positions exceeds the model's context of {}",
+                    self.rope.max_positions()
+                )));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(Error::InvalidConfig(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+            spans.push(Span {
+                start: ids.len(),
+                len: s.tokens.len(),
+            });
+            ids.extend_from_slice(s.tokens);
+            positions.extend(offset as u32..end as u32);
+        }
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(i, layer, &x, &positions, &spans, seqs, adapter, track)?;
+        }
+        for s in seqs.iter_mut() {
+            let n = s.tokens.len();
+            if let Some(cache) = s.cache.as_deref_mut() {
+                cache.advance(n);
+            }
+        }
+        let x = match logits_for {
+            LogitsFor::All => x,
+            LogitsFor::Last => {
+                let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
+                x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+            }
+        };
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        Ok(frozen_matmul(&x, &self.lm_head)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        positions: &Tensor,
+        spans: &[Span],
+        seqs: &mut [SeqInput<'_>],
+        adapter: Option<&Adapter>,
+        track: bool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let proj = |lin: &Linear, p: Projection, h: &Tensor| -> candle_core::Result<Tensor> {
+            let y = lin.forward(h)?;
+            match adapter.map(|a| a.delta(index, p, h, track)).transpose()?.flatten() {
+                Some(d) => y + d,
+                None => Ok(y),
+            }
+        };
+        let t = x.dim(0)?;
+        let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
+        let q = proj(&layer.q_proj, Projection::Q, &h)?.reshape((t, c.num_attention_heads, c.head_dim))?;
+        let k = proj(&layer.k_proj, Projection::K, &h)?.reshape((t, c.num_key_value_heads, c.head_dim))?;
+        let v = proj(&layer.v_proj, Projection::V, &h)?.reshape((t, c.num_key_value_heads, c.head_dim))?;
+        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps)?, rms_norm(&k, kn, c.rms_norm_eps)?),
+            _ => (q, k),
+        };
+        let q = self.rope.apply(&q, positions)?;
+        let k = self.rope.apply(&k, positions)?;
+
+        let mut outs = Vec::with_capacity(spans.len());
+        for (span, seq) in spans.iter().zip(seqs.iter_mut()) {
+            let qi = q.narrow(0, span.start, span.len)?.transpose(0, 1)?;
+            let ki = k.narrow(0, span.start, span.len)?.transpose(0, 1)?;
+            let vi = v.narrow(0, span.start, span.len)?.transpose(0, 1)?;
+            let (offset, ki, vi) = match seq.cache.as_deref_mut() {
+                Some(cache) => {
+                    let offset = cache.len();
+                    let (k_all, v_all) = cache.append(index, &ki, &vi)?;
+                    (offset, k_all, v_all)
+                }
+                None => (0, ki, vi),
+            };
+            outs.push(self.attention(&qi, &ki, &vi, offset)?);
+        }
+        let attn = Tensor::cat(&outs, 0)?;
+        let x = (x + proj(&layer.o_proj, Projection::O, &attn)?)?;
+
+        let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        let gate = proj(&layer.gate_proj, Projection::Gate, &h)?.silu()?;
+        let up = proj(&layer.up_proj, Projection::Up, &h)?;
+        let mlp = proj(&layer.down_proj, Projection::Down, &(gate * up)?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Causal attention of one sequence. `q`: (heads, n, d) for positions offset..offset+n;
+    /// `k`, `v`: (kv_heads, offset + n, d). Returns (n, heads * d).
+    ///
+    /// Grouped queries are folded into the row dimension, (kv_heads, groups * n, d), so the
+    /// keys are never copied per group.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+        let c = &self.config;
+        let (heads, n, d) = q.dims3()?;
+        let kv_heads = c.num_key_value_heads;
+        let groups = c.kv_groups();
+        let keys = offset + n;
+        let q = q.contiguous()?.reshape((kv_heads, groups * n, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = if n > 1 {
+            let mask: Vec<f32> = (0..n)
+                .flat_map(|row| {
+                    (0..keys).map(move |col| if col <= offset + row { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (n, keys), &self.device)?.to_dtype(scores.dtype())?;
+            scores
+                .reshape((kv_heads, groups, n, keys))?
+                .broadcast_add(&mask)?
+                .reshape((kv_heads, groups * n, keys))?
+        } else {
+            scores
+        };
+        // Softmax in f32 (or f64) as HF does, then back to the model dtype.
+        let compute = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(compute)?, D::Minus1)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        Ok(out
+            .reshape((heads, n, d))?
+            .transpose(0, 1)?
+            .reshape((n, heads * d))?)
+    }
+}

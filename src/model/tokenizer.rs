@@ -1,0 +1,131 @@
+//! Text in and out: the HF tokenizer plus the model's own chat template, rendered with
+//! minijinja (with Python string methods, which HF templates call).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
+    }
+}
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    /// Token ids that end generation (EOS and the template's end-of-turn token).
+    stop_ids: Vec<u32>,
+}
+
+impl TextTokenizer {
+    pub fn new(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Self {
+        let mut stop_ids: Vec<u32> = [eos_token.as_deref(), Some("<|im_end|>"), Some("<|eot_id|>")]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| inner.token_to_id(t))
+            .collect();
+        stop_ids.dedup();
+        Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            stop_ids,
+        }
+    }
+
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Encodes text as it stands (special tokens in the text are recognised, none are added:
+    /// the chat template already placed them).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The text of one token as the vocabulary spells it, for logprob listings.
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_default()
+    }
+
+    /// Renders the chat template with `add_generation_prompt`; a model without a template
+    /// gets ChatML, the most common format among small instruct models.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let source = self.chat_template.as_deref().unwrap_or(CHATML);
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", source)
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let template = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+            .map_err(|e| Error::Template(e.to_string()))
+    }
+}
+
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Turns generated ids into text piece by piece: a byte-level BPE token can end inside a
+/// UTF-8 character, so text is released only once it decodes cleanly.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl IncrementalDecoder {
+    /// Adds a token and returns the new text it completes (possibly empty).
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let Some(new) = text.get(self.emitted..).map(str::to_string) else {
+            return Ok(String::new());
+        };
+        self.emitted = text.len();
+        Ok(new)
+    }
+}
