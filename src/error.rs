@@ -8,7 +8,9 @@ pub enum Error {
     #[error("model file not found: {path} ({what})")]
     MissingFile { path: PathBuf, what: &'static str },
 
-    #[error("unsupported architecture `{arch}`: ttrl-serve runs the llama, qwen2 and qwen3 families")]
+    #[error(
+        "unsupported architecture `{arch}`: ttrl-serve runs the llama, qwen2 and qwen3 families"
+    )]
     UnsupportedArchitecture { arch: String },
 
     #[error("invalid model config: {0}")]

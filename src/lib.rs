@@ -6,6 +6,7 @@
 //! [`engine`] runs batched decoding over [`engine::Sequence`]s. Data flows one way:
 //! server → engine → model.
 
+pub mod adapt;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -13,7 +13,11 @@ use ttrl_serve::sampling::{Sampler, Sampling};
 mod bench;
 
 #[derive(Parser)]
-#[command(name = "ttrl-serve", version, about = "An inference server that learns from the questions it answers")]
+#[command(
+    name = "ttrl-serve",
+    version,
+    about = "An inference server that learns from the questions it answers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,10 +46,16 @@ impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         let device = parse_device(&self.device)?;
         // bf16 on a GPU, f32 on the CPU (candle's CPU bf16 matmul is far slower than f32).
-        let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+        let dtype = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let source = match &self.model {
             Some(spec) => ModelSource::parse(spec),
-            None => ModelSource::Gguf(assets::default_model().context("fetching the default model")?),
+            None => {
+                ModelSource::Gguf(assets::default_model().context("fetching the default model")?)
+            }
         };
         source.load(dtype, &device).context("loading the model")
     }
@@ -58,7 +68,13 @@ fn parse_device(spec: &str) -> Result<Device> {
     let ordinal = spec
         .strip_prefix("cuda")
         .map(|r| r.trim_start_matches(':'))
-        .map(|r| if r.is_empty() { Ok(0) } else { r.parse::<usize>() })
+        .map(|r| {
+            if r.is_empty() {
+                Ok(0)
+            } else {
+                r.parse::<usize>()
+            }
+        })
         .with_context(|| format!("unknown device `{spec}` (use cpu or cuda:N)"))?
         .with_context(|| format!("bad device ordinal in `{spec}`"))?;
     Ok(Device::new_cuda(ordinal)?)
@@ -85,10 +101,15 @@ struct GenerateArgs {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let LoadedModel { model, tokenizer, .. } = args.model.load()?;
+    let LoadedModel {
+        model, tokenizer, ..
+    } = args.model.load()?;
     let text = tokenizer.apply_chat_template(&[ChatMessage::user(args.prompt)])?;
     let prompt = tokenizer.encode(&text)?;
-    let sampler = Sampler::new(Sampling::new(args.temperature, args.top_k, args.top_p), args.seed);
+    let sampler = Sampler::new(
+        Sampling::new(args.temperature, args.top_k, args.top_p),
+        args.seed,
+    );
     let rules = StopRules {
         max_tokens: args.max_tokens,
         stop_ids: tokenizer.stop_ids().to_vec(),

@@ -1,1 +1,14 @@
+//! One integration binary (so the slow candle link happens once), one module per area.
 
+mod common;
+
+// Logits against HF transformers, the KV-cache path, GGUF and the tokenizers.
+mod parity;
+// LoRA gradients, finite differences, an optimizer step, LoRA off.
+mod gradients;
+// Seeds, batching, entropies and forks on the batched decoder.
+mod generation;
+// Truncated files, unknown architectures, missing tokenizers.
+mod bad_input;
+// The real default model, fetched from the package registry.
+mod real_model;

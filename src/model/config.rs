@@ -74,18 +74,15 @@ struct HfConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    rope_theta: f64,
+    rope_theta: Option<f64>,
+    /// transformers 5 moved `rope_theta` and the scaling type in here.
+    rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_positions")]
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
     attention_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
-}
-
-fn default_rope_theta() -> f64 {
-    10_000.0
 }
 
 fn default_max_positions() -> usize {
@@ -102,11 +99,24 @@ impl ModelConfig {
             .or_else(|| raw.architectures.first().cloned())
             .ok_or_else(|| Error::InvalidConfig("config.json names no model_type".into()))?;
         let family = Family::parse(&name)?;
+        let params = raw.rope_parameters.as_ref();
+        let rope_type = params
+            .and_then(|p| p["rope_type"].as_str())
+            .unwrap_or("default");
+        if rope_type != "default" {
+            return Err(Error::InvalidConfig(format!(
+                "rope type `{rope_type}` is not supported yet"
+            )));
+        }
         if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
             return Err(Error::InvalidConfig(format!(
                 "rope_scaling {scaling} is not supported yet"
             )));
         }
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| params.and_then(|p| p["rope_theta"].as_f64()))
+            .unwrap_or(10_000.0);
         let config = ModelConfig {
             family,
             vocab_size: raw.vocab_size,
@@ -119,7 +129,7 @@ impl ModelConfig {
                 .head_dim
                 .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             rms_norm_eps: raw.rms_norm_eps,
-            rope_theta: raw.rope_theta,
+            rope_theta,
             max_position_embeddings: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings,
             attention_bias: raw.attention_bias.unwrap_or(family == Family::Qwen2),
@@ -136,13 +146,13 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("head counts must be positive".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even", self.head_dim));
         }
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {

@@ -118,7 +118,13 @@ impl WeightSource {
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
 
-    fn linear(&mut self, prefix: &str, p: Projection, bias: bool, c: &ModelConfig) -> Result<Linear> {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        p: Projection,
+        bias: bool,
+        c: &ModelConfig,
+    ) -> Result<Linear> {
         let (fan_in, fan_out) = p.dims(c);
         let weight = self.take(&format!("{prefix}.weight"), &[fan_out, fan_in])?;
         let bias = if bias {
@@ -146,7 +152,9 @@ impl Model {
             let bias = c.attention_bias;
             let head_norm = |w: &mut WeightSource, name: &str| -> Result<Option<Tensor>> {
                 if c.qk_norm {
-                    Ok(Some(w.take(&format!("{attn}.{name}.weight"), &[c.head_dim])?))
+                    Ok(Some(
+                        w.take(&format!("{attn}.{name}.weight"), &[c.head_dim])?,
+                    ))
                 } else {
                     Ok(None)
                 }
@@ -214,6 +222,36 @@ impl Model {
         KvCache::new(self.config.num_hidden_layers)
     }
 
+    /// Every frozen tensor, for checks that adaptation never touches them.
+    pub fn base_tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![
+            self.embed_tokens.clone(),
+            self.norm.clone(),
+            self.lm_head.clone(),
+        ];
+        for l in &self.layers {
+            for lin in [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ] {
+                out.push(lin.weight.clone());
+                out.extend(lin.bias.clone());
+            }
+            out.extend([
+                l.input_layernorm.clone(),
+                l.post_attention_layernorm.clone(),
+            ]);
+            out.extend(l.q_norm.clone());
+            out.extend(l.k_norm.clone());
+        }
+        out
+    }
+
     /// Bytes of the frozen weights (the tied head counted once).
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -222,15 +260,27 @@ impl Model {
             .layers
             .iter()
             .map(|l| {
-                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                    .into_iter()
-                    .map(lin)
-                    .sum::<usize>()
+                [
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+                .into_iter()
+                .map(lin)
+                .sum::<usize>()
                     + bytes(&l.input_layernorm)
                     + bytes(&l.post_attention_layernorm)
             })
             .sum();
-        let head = if self.config.tie_word_embeddings { 0 } else { bytes(&self.lm_head) };
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            bytes(&self.lm_head)
+        };
         layers + bytes(&self.embed_tokens) + bytes(&self.norm) + head
     }
 
@@ -250,7 +300,9 @@ impl Model {
         let mut spans = Vec::with_capacity(seqs.len());
         for s in seqs.iter() {
             if s.tokens.is_empty() {
-                return Err(Error::InvalidConfig("a sequence in the batch has no tokens".into()));
+                return Err(Error::InvalidConfig(
+                    "a sequence in the batch has no tokens".into(),
+                ));
             }
             let offset = s.cache.as_ref().map_or(0, |c| c.len());
             let end = offset + s.tokens.len();
@@ -260,7 +312,11 @@ impl Model {
                     self.rope.max_positions()
                 )));
             }
-            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
                 return Err(Error::InvalidConfig(format!(
                     "token id {bad} is outside the vocabulary of {}",
                     self.config.vocab_size
@@ -311,18 +367,37 @@ impl Model {
         let c = &self.config;
         let proj = |lin: &Linear, p: Projection, h: &Tensor| -> candle_core::Result<Tensor> {
             let y = lin.forward(h)?;
-            match adapter.map(|a| a.delta(index, p, h, track)).transpose()?.flatten() {
+            match adapter
+                .map(|a| a.delta(index, p, h, track))
+                .transpose()?
+                .flatten()
+            {
                 Some(d) => y + d,
                 None => Ok(y),
             }
         };
         let t = x.dim(0)?;
         let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;
-        let q = proj(&layer.q_proj, Projection::Q, &h)?.reshape((t, c.num_attention_heads, c.head_dim))?;
-        let k = proj(&layer.k_proj, Projection::K, &h)?.reshape((t, c.num_key_value_heads, c.head_dim))?;
-        let v = proj(&layer.v_proj, Projection::V, &h)?.reshape((t, c.num_key_value_heads, c.head_dim))?;
+        let q = proj(&layer.q_proj, Projection::Q, &h)?.reshape((
+            t,
+            c.num_attention_heads,
+            c.head_dim,
+        ))?;
+        let k = proj(&layer.k_proj, Projection::K, &h)?.reshape((
+            t,
+            c.num_key_value_heads,
+            c.head_dim,
+        ))?;
+        let v = proj(&layer.v_proj, Projection::V, &h)?.reshape((
+            t,
+            c.num_key_value_heads,
+            c.head_dim,
+        ))?;
         let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-            (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps)?, rms_norm(&k, kn, c.rms_norm_eps)?),
+            (Some(qn), Some(kn)) => (
+                rms_norm(&q, qn, c.rms_norm_eps)?,
+                rms_norm(&k, kn, c.rms_norm_eps)?,
+            ),
             _ => (q, k),
         };
         let q = self.rope.apply(&q, positions)?;
@@ -370,7 +445,13 @@ impl Model {
         let scores = if n > 1 {
             let mask: Vec<f32> = (0..n)
                 .flat_map(|row| {
-                    (0..keys).map(move |col| if col <= offset + row { 0.0 } else { f32::NEG_INFINITY })
+                    (0..keys).map(move |col| {
+                        if col <= offset + row {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (n, keys), &self.device)?.to_dtype(scores.dtype())?;
@@ -382,8 +463,13 @@ impl Model {
             scores
         };
         // Softmax in f32 (or f64) as HF does, then back to the model dtype.
-        let compute = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(compute)?, D::Minus1)?.to_dtype(self.dtype)?;
+        let compute = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let probs =
+            candle_nn::ops::softmax(&scores.to_dtype(compute)?, D::Minus1)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
         Ok(out
             .reshape((heads, n, d))?

@@ -122,5 +122,4 @@ impl KvCache {
             .map(|b| 2 * b.k.elem_count() * b.k.dtype().size_in_bytes())
             .sum()
     }
-
 }

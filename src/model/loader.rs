@@ -6,7 +6,7 @@ use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
@@ -34,7 +34,10 @@ impl ModelSource {
     /// A path to an existing directory or `.gguf` file is local; `org/name` otherwise is a hub id.
     pub fn parse(spec: &str) -> Self {
         let path = Path::new(spec);
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             ModelSource::Gguf(path.to_path_buf())
         } else if path.is_dir() || spec.starts_with('.') || spec.starts_with('/') {
             ModelSource::HfDir(path.to_path_buf())
@@ -151,7 +154,10 @@ fn hf_tokenizer(dir: &Path) -> Result<TextTokenizer> {
     let token = |key: &str| -> Option<String> {
         match &tc[key] {
             Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             _ => None,
         }
     };
@@ -159,7 +165,12 @@ fn hf_tokenizer(dir: &Path) -> Result<TextTokenizer> {
         Value::String(s) => Some(s.clone()),
         _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
     };
-    Ok(TextTokenizer::new(inner, template, token("bos_token"), token("eos_token")))
+    Ok(TextTokenizer::new(
+        inner,
+        template,
+        token("bos_token"),
+        token("eos_token"),
+    ))
 }
 
 fn download_hub(id: &str) -> Result<PathBuf> {
@@ -251,11 +262,19 @@ impl GgufMeta<'_> {
     }
 
     fn f64(&self, key: &str) -> Option<f64> {
-        self.content.metadata.get(key).and_then(|v| v.to_f32().ok()).map(f64::from)
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
     }
 
     fn string(&self, key: &str) -> Option<String> {
-        self.content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned()
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .cloned()
     }
 
     fn strings(&self, key: &str) -> Result<Vec<String>> {
@@ -313,8 +332,12 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
         rms_norm_eps: meta
             .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-6),
-        rope_theta: meta.f64(&format!("{arch}.rope.freq_base")).unwrap_or(10_000.0),
-        max_position_embeddings: meta.usize(&format!("{arch}.context_length")).unwrap_or(4096),
+        rope_theta: meta
+            .f64(&format!("{arch}.rope.freq_base"))
+            .unwrap_or(10_000.0),
+        max_position_embeddings: meta
+            .usize(&format!("{arch}.context_length"))
+            .unwrap_or(4096),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         qk_norm: family == Family::Qwen3,
@@ -348,7 +371,11 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
 }
 
 /// A truncated download parses its header fine and fails deep inside a tensor read; say so up front.
-fn check_gguf_size<R: Read + Seek>(content: &gguf_file::Content, file: &mut R, path: &Path) -> Result<()> {
+fn check_gguf_size<R: Read + Seek>(
+    content: &gguf_file::Content,
+    file: &mut R,
+    path: &Path,
+) -> Result<()> {
     let len = file.seek(std::io::SeekFrom::End(0))?;
     for (name, info) in &content.tensor_infos {
         let elems = info.shape.elem_count();
@@ -378,7 +405,11 @@ fn gguf_tokenizer(meta: &GgufMeta<'_>, tokens: Vec<String>) -> Result<TextTokeni
         .get("tokenizer.ggml.token_type")
         .ok()
         .and_then(|v| v.to_vec().ok())
-        .map(|v| v.iter().map(|t| t.to_i32().map(i64::from).unwrap_or(1)).collect())
+        .map(|v| {
+            v.iter()
+                .map(|t| t.to_i32().map(i64::from).unwrap_or(1))
+                .collect()
+        })
         .unwrap_or_default();
     // llama.cpp token types: 3 = control, 4 = user-defined; both are matched whole in text.
     let added: Vec<Value> = tokens
@@ -398,9 +429,11 @@ fn gguf_tokenizer(meta: &GgufMeta<'_>, tokens: Vec<String>) -> Result<TextTokeni
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let pre = match meta.string("tokenizer.ggml.pre").as_deref() {
         // Llama-3 and Qwen2 split with one regex (digits in runs of at most three).
-        Some("llama-bpe") | Some("llama3") | Some("qwen2") => json!({"type": "Sequence", "pretokenizers": [
+        Some("llama-bpe") | Some("llama3") | Some("qwen2") => {
+            json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+        }
         // SmolLM and GPT-2: single digits, then GPT-2's byte-level split.
         _ => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]}),
@@ -430,9 +463,3 @@ fn gguf_tokenizer(meta: &GgufMeta<'_>, tokens: Vec<String>) -> Result<TextTokeni
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// Reads a tensor file into HF-named tensors on the CPU; used by tests and tools.
-pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file ({e})")))
-}

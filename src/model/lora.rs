@@ -181,7 +181,8 @@ impl Adapter {
                         let a: Vec<f64> = (0..config.rank * fan_in)
                             .map(|_| rng.random_range(-bound..bound))
                             .collect();
-                        let a = Tensor::from_vec(a, (config.rank, fan_in), device)?.to_dtype(dtype)?;
+                        let a =
+                            Tensor::from_vec(a, (config.rank, fan_in), device)?.to_dtype(dtype)?;
                         let b = Tensor::zeros((fan_out, config.rank), dtype, device)?;
                         Ok((
                             p,

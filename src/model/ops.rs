@@ -163,7 +163,10 @@ mod tests {
         let w = Tensor::randn(0f32, 1., (5, 4), &dev)?;
         let y = frozen_matmul(x.as_tensor(), &w)?;
         let reference = x.as_tensor().broadcast_matmul(&w.t()?)?;
-        let diff = (y.clone() - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (y.clone() - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "{diff}");
         let grads = y.sum_all()?.backward()?;
         let gx = grads.get(x.as_tensor()).expect("input gradient");
@@ -184,7 +187,9 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (3, 2, d), &dev)?;
         let pos = Tensor::new(&[0u32, 5, 11], &dev)?;
         // Half-layout dim i pairs with i + d/2; interleaved puts them at 2i, 2i + 1.
-        let perm: Vec<u32> = (0..d / 2).flat_map(|i| [i as u32, (i + d / 2) as u32]).collect();
+        let perm: Vec<u32> = (0..d / 2)
+            .flat_map(|i| [i as u32, (i + d / 2) as u32])
+            .collect();
         let perm = Tensor::new(perm.as_slice(), &dev)?;
         let a = half.apply(&x, &pos)?.index_select(&perm, 2)?;
         let b = inter.apply(&x.index_select(&perm, 2)?, &pos)?;

@@ -87,12 +87,20 @@ impl TextTokenizer {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", source)
             .map_err(|e| Error::Template(e.to_string()))?;
-        let template = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let template = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,

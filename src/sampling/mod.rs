@@ -176,7 +176,9 @@ fn top_n(logp: &[f64], n: usize) -> Vec<(u32, f32)> {
     idx.select_nth_unstable_by(n - 1, |&a, &b| logp[b].total_cmp(&logp[a]));
     idx.truncate(n);
     idx.sort_by(|&a, &b| logp[b].total_cmp(&logp[a]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i as u32, logp[i] as f32)).collect()
+    idx.into_iter()
+        .map(|i| (i as u32, logp[i] as f32))
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,239 @@
+use candle_core::DType;
+use ttrl_serve::engine::{decode_step, Sequence, StopRules};
+use ttrl_serve::model::{LoadedModel, LogitsFor, SeqInput};
+use ttrl_serve::sampling::{log_softmax_entropy, Sampler, Sampling};
+
+use crate::common::load_tiny;
+
+fn rules(max_tokens: usize) -> StopRules {
+    StopRules {
+        max_tokens,
+        stop_ids: Vec::new(),
+        stop_strings: Vec::new(),
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 40, 50, 60, 7],
+        vec![1, 9, 9],
+        vec![3, 200, 100, 17, 18, 19, 20],
+        vec![42],
+    ]
+}
+
+fn run_alone(m: &LoadedModel, prompt: &[u32], seed: u64, max_tokens: usize) -> Vec<u32> {
+    let sampler = Sampler::new(Sampling::new(0.9, None, 0.95), seed);
+    let mut seq = Sequence::new(&m.model, prompt.to_vec(), sampler, rules(max_tokens), 0);
+    while !seq.is_finished() {
+        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
+    }
+    seq.generated().iter().map(|t| t.id).collect()
+}
+
+#[test]
+fn a_fixed_seed_reproduces_the_tokens() {
+    let m = load_tiny("llama", DType::F32);
+    let a = run_alone(&m, &prompts()[0], 11, 20);
+    assert_eq!(a, run_alone(&m, &prompts()[0], 11, 20));
+    assert_ne!(
+        a,
+        run_alone(&m, &prompts()[0], 12, 20),
+        "another seed should differ on a random model"
+    );
+}
+
+#[test]
+fn batched_decoding_gives_the_same_tokens_as_one_at_a_time() {
+    for family in ["llama", "qwen3"] {
+        let m = load_tiny(family, DType::F32);
+        let alone: Vec<Vec<u32>> = prompts()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| run_alone(&m, p, i as u64, 12 + i))
+            .collect();
+        let mut seqs: Vec<Sequence> = prompts()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Sequence::new(
+                    &m.model,
+                    p,
+                    Sampler::new(Sampling::new(0.9, None, 0.95), i as u64),
+                    rules(12 + i),
+                    0,
+                )
+            })
+            .collect();
+        // Sequences join late too: the last one starts after three steps (continuous batching).
+        let mut late = seqs.pop().unwrap();
+        for step in 0.. {
+            let mut batch: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            if step >= 3 {
+                batch.push(&mut late);
+            }
+            if batch.iter().all(|s| s.is_finished()) {
+                break;
+            }
+            decode_step(&m.model, &m.tokenizer, &mut batch, None).unwrap();
+        }
+        seqs.push(late);
+        for (i, s) in seqs.iter().enumerate() {
+            let ids: Vec<u32> = s.generated().iter().map(|t| t.id).collect();
+            assert_eq!(ids, alone[i], "{family} sequence {i}");
+        }
+    }
+}
+
+#[test]
+fn reported_entropy_and_logprob_equal_a_direct_computation_from_the_logits() {
+    let m = load_tiny("qwen2", DType::F32);
+    let t = 0.7;
+    let mut seq = Sequence::new(
+        &m.model,
+        prompts()[2].clone(),
+        Sampler::new(Sampling::new(t, None, 1.0), 5),
+        rules(10),
+        0,
+    );
+    while !seq.is_finished() {
+        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
+    }
+    let all = seq.tokens().to_vec();
+    let logits = m
+        .model
+        .forward(
+            &mut [SeqInput {
+                tokens: &all,
+                cache: None,
+            }],
+            None,
+            LogitsFor::All,
+        )
+        .unwrap();
+    let rows = logits.to_vec2::<f32>().unwrap();
+    for (k, tok) in seq.generated().iter().enumerate() {
+        let (logp, h) = log_softmax_entropy(&rows[seq.prompt_len() + k - 1], t);
+        assert!(
+            (tok.entropy as f64 - h).abs() < 1e-4,
+            "token {k}: {} vs {h}",
+            tok.entropy
+        );
+        assert!((tok.logprob as f64 - logp[tok.id as usize]).abs() < 1e-4);
+        // And the direct formula: H = -sum p log p over the full vocabulary.
+        let direct: f64 = -logp.iter().map(|lp| lp.exp() * lp).sum::<f64>();
+        assert!((direct - h).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn a_forks_first_logits_equal_teacher_forcing_of_the_parents_prefix() {
+    let m = load_tiny("qwen3", DType::F32);
+    let mut parent = Sequence::new(
+        &m.model,
+        prompts()[0].clone(),
+        Sampler::new(Sampling::new(1.0, None, 1.0), 3),
+        rules(12),
+        8,
+    );
+    while !parent.is_finished() {
+        decode_step(&m.model, &m.tokenizer, &mut [&mut parent], None).unwrap();
+    }
+    for at in [0usize, 4, 9] {
+        let mut child = parent
+            .fork(
+                at,
+                Sampler::new(Sampling::new(1.0, None, 1.0), 100 + at as u64),
+                &m.tokenizer,
+            )
+            .unwrap();
+        decode_step(&m.model, &m.tokenizer, &mut [&mut child], None).unwrap();
+        let first = &child.generated()[at];
+        assert_ne!(
+            first.id,
+            parent.generated()[at].id,
+            "the branch re-draws the fork token"
+        );
+        assert_eq!(
+            &child.tokens()[..parent.prompt_len() + at],
+            &parent.tokens()[..parent.prompt_len() + at]
+        );
+        // Teacher forcing of the parent's prefix, without any cache.
+        let prefix = &parent.tokens()[..parent.prompt_len() + at];
+        let logits = m
+            .model
+            .forward(
+                &mut [SeqInput {
+                    tokens: prefix,
+                    cache: None,
+                }],
+                None,
+                LogitsFor::Last,
+            )
+            .unwrap();
+        let (logp, h) = log_softmax_entropy(&logits.to_vec2::<f32>().unwrap()[0], 1.0);
+        assert!((first.entropy as f64 - h).abs() < 1e-4);
+        for (id, lp) in &first.top {
+            assert!(
+                (*lp as f64 - logp[*id as usize]).abs() < 1e-4,
+                "fork at {at}: token {id}"
+            );
+        }
+        // The parent's own record at that position saw the same distribution.
+        assert_eq!(
+            parent.generated()[at]
+                .top
+                .iter()
+                .map(|t| t.0)
+                .collect::<Vec<_>>(),
+            first.top.iter().map(|t| t.0).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn stop_strings_and_stop_tokens_end_a_sequence() {
+    let m = load_tiny("llama", DType::F32);
+    let free = run_alone(&m, &prompts()[1], 4, 16);
+    let stop_id = free[5];
+    let mut seq = Sequence::new(
+        &m.model,
+        prompts()[1].clone(),
+        Sampler::new(Sampling::new(0.9, None, 0.95), 4),
+        StopRules {
+            max_tokens: 16,
+            stop_ids: vec![stop_id],
+            stop_strings: Vec::new(),
+        },
+        0,
+    );
+    while !seq.is_finished() {
+        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
+    }
+    let n = free.iter().position(|&t| t == stop_id).unwrap() + 1;
+    assert_eq!(seq.generated().len(), n);
+    assert_eq!(seq.finish_reason().map(|f| f.as_str()), Some("stop"));
+
+    let text = m.tokenizer.decode(&free).unwrap();
+    let stop: String = text.chars().skip(3).take(2).collect();
+    let mut seq = Sequence::new(
+        &m.model,
+        prompts()[1].clone(),
+        Sampler::new(Sampling::new(0.9, None, 0.95), 4),
+        StopRules {
+            max_tokens: 16,
+            stop_ids: Vec::new(),
+            stop_strings: vec![stop.clone()],
+        },
+        0,
+    );
+    while !seq.is_finished() {
+        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
+    }
+    assert!(
+        !seq.text().contains(&stop),
+        "{:?} still holds {stop:?}",
+        seq.text()
+    );
+    assert!(text.starts_with(seq.text()));
+}

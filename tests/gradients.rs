@@ -1,0 +1,192 @@
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use ttrl_serve::adapt::{AdamW, AdamWConfig};
+use ttrl_serve::model::{Adapter, LogitsFor, LoraConfig, Model, SeqInput};
+
+use crate::common::{expected, load_tiny, max_abs_diff, FAMILIES};
+
+/// -mean_t A_seq * log p(token_t+1 | prefix), the shape of a policy-gradient loss.
+fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor {
+    let advantages = [1.0, -0.5];
+    let mut terms = Vec::new();
+    for (seq, adv) in ids.iter().zip(advantages) {
+        let logits = model
+            .forward(
+                &mut [SeqInput {
+                    tokens: seq,
+                    cache: None,
+                }],
+                adapter,
+                LogitsFor::All,
+            )
+            .unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let n = seq.len() - 1;
+        let next: Vec<u32> = seq[1..].to_vec();
+        let next = Tensor::new(next.as_slice(), &Device::Cpu)
+            .unwrap()
+            .reshape((n, 1))
+            .unwrap();
+        let picked = logp.narrow(0, 0, n).unwrap().gather(&next, 1).unwrap();
+        terms.push((picked.mean_all().unwrap() * adv).unwrap());
+    }
+    (Tensor::stack(&terms, 0).unwrap().sum_all().unwrap() * -1.0).unwrap()
+}
+
+/// A fresh adapter has B = 0 (so A gets no gradient); give every tensor random values.
+fn randomized_adapter(model: &Model, dtype: DType) -> Adapter {
+    let adapter = Adapter::new(
+        "t",
+        LoraConfig {
+            rank: 4,
+            ..Default::default()
+        },
+        model.config(),
+        dtype,
+        &Device::Cpu,
+        1,
+    )
+    .unwrap();
+    let values: HashMap<String, Tensor> = adapter
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                (Tensor::randn(0f32, 0.1, t.dims(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()),
+            )
+        })
+        .collect();
+    adapter.set_tensors(&values).unwrap();
+    adapter
+}
+
+#[test]
+fn every_lora_tensor_gets_a_gradient_and_no_base_weight_does() {
+    for family in FAMILIES {
+        let m = load_tiny(family, DType::F32);
+        let adapter = randomized_adapter(&m.model, DType::F32);
+        let (ids, _) = expected(family);
+        let grads = pg_loss(&m.model, Some(&adapter), &ids).backward().unwrap();
+        for (i, var) in adapter.vars().iter().enumerate() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{family}: LoRA tensor {i} has no gradient"));
+            let norm = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{family}: LoRA tensor {i} has a zero gradient");
+        }
+        for t in m.model.base_tensors() {
+            assert!(
+                grads.get(&t).is_none(),
+                "{family}: a frozen tensor of shape {:?} got a gradient",
+                t.dims()
+            );
+        }
+    }
+}
+
+#[test]
+fn finite_differences_agree_with_autograd_in_f64() {
+    for family in FAMILIES {
+        let m = load_tiny(family, DType::F64);
+        let adapter = randomized_adapter(&m.model, DType::F64);
+        let (ids, _) = expected(family);
+        let grads = pg_loss(&m.model, Some(&adapter), &ids).backward().unwrap();
+        let vars = adapter.vars();
+        let picks = [
+            (0usize, 3usize),
+            (1, 5),
+            (vars.len() / 2, 7),
+            (vars.len() - 1, 2),
+        ];
+        for (vi, elem) in picks {
+            let var = &vars[vi];
+            let autograd = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[elem];
+            let original = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let eps = 1e-5;
+            let loss_at = |delta: f64| {
+                let mut v = original.clone();
+                v[elem] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                pg_loss(&m.model, Some(&adapter), &ids)
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
+            loss_at(0.0);
+            let rel = (fd - autograd).abs() / fd.abs().max(autograd.abs()).max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "{family} var {vi}[{elem}]: fd {fd} autograd {autograd} rel {rel}"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_adamw_step_changes_the_next_token_distribution_and_lora_off_is_the_base() {
+    let m = load_tiny("qwen2", DType::F32);
+    let (ids, want) = expected("qwen2");
+    let base = |adapter: Option<&Adapter>| {
+        m.model
+            .forward(
+                &mut [SeqInput {
+                    tokens: &ids[0],
+                    cache: None,
+                }],
+                adapter,
+                LogitsFor::All,
+            )
+            .unwrap()
+    };
+    let before = base(None);
+    let adapter = Adapter::new(
+        "a",
+        LoraConfig::default(),
+        m.model.config(),
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    // A fresh adapter (B = 0) is exactly the base model.
+    assert_eq!(max_abs_diff(&base(Some(&adapter)), &before), 0.0);
+    let mut opt = AdamW::new(
+        adapter.vars(),
+        AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let grads = pg_loss(&m.model, Some(&adapter), &ids).backward().unwrap();
+    opt.step(&grads).unwrap();
+    let after = base(Some(&adapter));
+    let moved = max_abs_diff(&after, &before);
+    assert!(moved > 1e-3, "the step moved the logits by only {moved}");
+    // LoRA off reproduces the base logits bit for bit.
+    assert_eq!(max_abs_diff(&base(None), &before), 0.0);
+    assert!(max_abs_diff(&before, &want.get(0).unwrap()) < 1e-4);
+}

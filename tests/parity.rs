@@ -1,0 +1,131 @@
+use candle_core::{DType, Device, Tensor};
+use ttrl_serve::model::{loader, LogitsFor, SeqInput};
+
+use crate::common::{expected, fixture_dir, load_tiny, max_abs_diff, FAMILIES};
+
+#[test]
+fn full_sequence_logits_match_transformers_for_every_family() {
+    for family in FAMILIES {
+        let m = load_tiny(family, DType::F32);
+        let (ids, want) = expected(family);
+        let mut inputs: Vec<SeqInput> = ids
+            .iter()
+            .map(|s| SeqInput {
+                tokens: s,
+                cache: None,
+            })
+            .collect();
+        let got = m.model.forward(&mut inputs, None, LogitsFor::All).unwrap();
+        let got = got.reshape(want.dims()).unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "{family}: max |diff| {diff}");
+    }
+}
+
+#[test]
+fn kv_cache_path_reproduces_full_sequence_logits_at_every_position() {
+    for family in FAMILIES {
+        let m = load_tiny(family, DType::F32);
+        let (ids, want) = expected(family);
+        for (b, seq) in ids.iter().enumerate() {
+            let mut cache = m.model.new_cache();
+            // Prefill 5 tokens at once, then one token per step.
+            let prefill = m
+                .model
+                .forward(
+                    &mut [SeqInput {
+                        tokens: &seq[..5],
+                        cache: Some(&mut cache),
+                    }],
+                    None,
+                    LogitsFor::All,
+                )
+                .unwrap();
+            let mut rows = vec![prefill];
+            for t in 5..seq.len() {
+                let step = m
+                    .model
+                    .forward(
+                        &mut [SeqInput {
+                            tokens: &seq[t..t + 1],
+                            cache: Some(&mut cache),
+                        }],
+                        None,
+                        LogitsFor::Last,
+                    )
+                    .unwrap();
+                rows.push(step);
+            }
+            let got = Tensor::cat(&rows, 0).unwrap();
+            let diff = max_abs_diff(&got, &want.get(b).unwrap());
+            assert!(diff < 1e-4, "{family} seq {b}: max |diff| {diff}");
+            assert_eq!(cache.len(), seq.len());
+        }
+    }
+}
+
+#[test]
+fn gguf_of_the_same_weights_gives_the_same_logits() {
+    for family in FAMILIES {
+        let m = loader::load_gguf(
+            &fixture_dir(family).join("model.gguf"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (ids, want) = expected(family);
+        let mut inputs: Vec<SeqInput> = ids
+            .iter()
+            .map(|s| SeqInput {
+                tokens: s,
+                cache: None,
+            })
+            .collect();
+        let got = m
+            .model
+            .forward(&mut inputs, None, LogitsFor::All)
+            .unwrap()
+            .reshape(want.dims())
+            .unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "{family} gguf: max |diff| {diff}");
+    }
+}
+
+#[test]
+fn gguf_tokenizer_and_template_match_the_hf_files() {
+    let hf = load_tiny("llama", DType::F32);
+    let gguf = loader::load_gguf(
+        &fixture_dir("llama").join("model.gguf"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for text in [
+        "the answer is 1234.",
+        "<|im_start|>user\nHi there<|im_end|>\n",
+        "  spaces\tand\nlines é",
+    ] {
+        assert_eq!(
+            hf.tokenizer.encode(text).unwrap(),
+            gguf.tokenizer.encode(text).unwrap(),
+            "{text:?}"
+        );
+        let ids = hf.tokenizer.encode(text).unwrap();
+        assert_eq!(
+            hf.tokenizer.decode(&ids).unwrap(),
+            gguf.tokenizer.decode(&ids).unwrap()
+        );
+    }
+    let msgs = [ttrl_serve::model::ChatMessage::user("2+2?")];
+    let rendered = hf.tokenizer.apply_chat_template(&msgs).unwrap();
+    assert_eq!(
+        rendered,
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(rendered, gguf.tokenizer.apply_chat_template(&msgs).unwrap());
+    // The special token is one id, not spelled out byte by byte.
+    let ids = hf.tokenizer.encode(&rendered).unwrap();
+    assert_eq!(ids[0], 1, "<|im_start|> is id 1 in the tiny vocabulary");
+    assert_eq!(hf.tokenizer.stop_ids(), gguf.tokenizer.stop_ids());
+}
