@@ -7,9 +7,12 @@
 //! server → engine → model.
 
 pub mod adapt;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
 pub mod sampling;
+pub mod server;
+pub mod telemetry;
 
 pub use error::{Error, Result};

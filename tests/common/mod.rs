@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: the committed tiny checkpoints and their
 //! reference outputs from HF transformers (made by scripts/make_fixtures.py).
 
+pub mod server;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

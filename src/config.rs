@@ -1,0 +1,111 @@
+//! Server settings: defaults here (documented at each field), overridden by a TOML file
+//! (`--config`), overridden by command-line flags and their environment variables.
+//! Resolved once at start-up; nothing reads the file afterwards.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub model: ModelSettings,
+    pub server: ServerSettings,
+    pub engine: EngineSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// HF directory, .gguf file or `org/name` hub id; unset = SmolLM2-135M-Instruct.
+    pub source: Option<String>,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Name clients pass as `model`; unset = derived from the source.
+    pub served_model_name: Option<String>,
+    /// Prompt + completion limit in tokens; unset = the model's own context length.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            source: None,
+            device: "cpu".into(),
+            served_model_name: None,
+            max_model_len: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    /// Larger request bodies get 413.
+    pub body_limit_bytes: usize,
+    /// After SIGTERM, in-flight requests get this long to finish before they are aborted.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            body_limit_bytes: 4 << 20,
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Sequences decoded together in one step (continuous batching).
+    pub max_batch: usize,
+    /// Requests that may wait for a slot; one more gets 429.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_waiting: 256,
+        }
+    }
+}
+
+impl Settings {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_config_parses_and_default_toml_states_the_defaults() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            Settings::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(
+            Settings::from_file(&dir.join("default.toml")).unwrap(),
+            Settings::default()
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_that_names_it() {
+        let err = toml::from_str::<Settings>("[server]\nprot = 1").unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+}

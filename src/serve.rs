@@ -1,0 +1,129 @@
+//! `ttrl-serve serve`: settings resolved once (flags > file > defaults), the listener bound
+//! first so /health answers while weights load, then the engine started.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use ttrl_serve::config::Settings;
+use ttrl_serve::engine::{Engine, EngineConfig};
+use ttrl_serve::server::{self, AppState, HttpLimits, Ready};
+use ttrl_serve::telemetry;
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A TOML settings file (see configs/default.toml).
+    #[arg(long, env = "TTRL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, env = "TTRL_HOST")]
+    host: Option<String>,
+    #[arg(long, env = "TTRL_PORT")]
+    port: Option<u16>,
+    #[arg(long, env = "TTRL_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    #[arg(long, env = "TTRL_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
+    #[arg(long, env = "TTRL_MAX_BATCH")]
+    max_batch: Option<usize>,
+    #[arg(long, env = "TTRL_MAX_WAITING")]
+    max_waiting: Option<usize>,
+    #[arg(long, env = "TTRL_SHUTDOWN_GRACE_SECONDS")]
+    shutdown_grace_seconds: Option<u64>,
+}
+
+impl ServeArgs {
+    fn settings(&self) -> Result<Settings> {
+        let mut s = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        if let Some(v) = &self.model.model {
+            s.model.source = Some(v.clone());
+        }
+        if let Some(v) = &self.model.device {
+            s.model.device = v.clone();
+        }
+        if let Some(v) = &self.served_model_name {
+            s.model.served_model_name = Some(v.clone());
+        }
+        s.model.max_model_len = self.max_model_len.or(s.model.max_model_len);
+        if let Some(v) = &self.host {
+            s.server.host = v.clone();
+        }
+        s.server.port = self.port.unwrap_or(s.server.port);
+        s.server.shutdown_grace_seconds = self
+            .shutdown_grace_seconds
+            .unwrap_or(s.server.shutdown_grace_seconds);
+        s.engine.max_batch = self.max_batch.unwrap_or(s.engine.max_batch);
+        s.engine.max_waiting = self.max_waiting.unwrap_or(s.engine.max_waiting);
+        Ok(s)
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let settings = args.settings()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(settings))
+}
+
+async fn serve(settings: Settings) -> Result<()> {
+    let prometheus = telemetry::install_recorder()?;
+    let state = AppState::new(prometheus);
+    let limits = HttpLimits {
+        body_limit_bytes: settings.server.body_limit_bytes,
+    };
+    let app = server::router(state.clone(), limits);
+    let addr = format!("{}:{}", settings.server.host, settings.server.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+
+    let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
+    let shutdown = server::shutdown_signal(state.clone(), grace);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+
+    let model_args = ModelArgs {
+        model: settings.model.source.clone(),
+        device: Some(settings.model.device.clone()),
+    };
+    let loaded = tokio::task::spawn_blocking(move || model_args.load()).await??;
+    let name = settings
+        .model
+        .served_model_name
+        .clone()
+        .unwrap_or(loaded.name);
+    let context = loaded.model.config().max_position_embeddings;
+    let max_model_len = settings.model.max_model_len.unwrap_or(context).min(context);
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let engine_config = EngineConfig {
+        max_batch: settings.engine.max_batch,
+        max_waiting: settings.engine.max_waiting,
+    };
+    let engine = Engine::start(loaded.model, tokenizer.clone(), name.clone(), engine_config);
+    state.set_ready(Ready {
+        engine,
+        tokenizer,
+        model_name: name.clone(),
+        max_model_len,
+    });
+    tracing::info!("ready: serving `{name}` (context {max_model_len} tokens)");
+
+    // Connections drain after the signal; the engine aborts what is left after `grace`.
+    server.await??;
+    tracing::info!("stopped");
+    Ok(())
+}

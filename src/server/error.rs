@@ -1,0 +1,157 @@
+//! One error enum for the HTTP edge. Its single `match` derives the status, the OpenAI
+//! `type` and `code`, and the `ttrl_request_errors_total{code}` label, so they cannot drift.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::openai::{ErrorBody, ErrorResponse};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("{0}")]
+    ContextLength(String),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("Request body is too large: {0}")]
+    BodyTooLarge(String),
+    #[error("The server is busy: {0}. Retry later.")]
+    QueueFull(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+/// The error code, kept on the response for the metrics middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+/// Seconds a client is asked to wait after a 429.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+impl ApiError {
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
+    /// (status, OpenAI type, code, param)
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, Option<String>) {
+        use ApiError::*;
+        match self {
+            InvalidRequest { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                param.clone(),
+            ),
+            ContextLength(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "context_length_exceeded",
+                Some("messages".into()),
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                Some("model".into()),
+            ),
+            NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                None,
+            ),
+            MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                None,
+            ),
+            BodyTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                None,
+            ),
+            QueueFull(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+                None,
+            ),
+            Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable_error",
+                "unavailable",
+                None,
+            ),
+            Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+                None,
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                None,
+            ),
+        }
+    }
+
+    pub fn body(&self) -> ErrorResponse {
+        let (_, kind, code, param) = self.parts();
+        ErrorResponse {
+            error: ErrorBody {
+                message: self.to_string(),
+                kind,
+                param,
+                code: Some(code),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, code, _) = self.parts();
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response.extensions_mut().insert(ErrorCode(code));
+        response
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Tokenizer(m) | crate::Error::Template(m) => ApiError::InvalidRequest {
+                message: m,
+                param: Some("messages".into()),
+            },
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! What the chat and completions endpoints share: submitting validated prompts to the
+//! engine and reading back per-choice results, whole or as a stream.
+
+use std::time::Instant;
+
+use futures::stream::{self, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::error::ApiError;
+use super::validation::ValidRequest;
+use super::Ready;
+use crate::engine::{Event, FinishReason, GenerateJob, SubmitError};
+use crate::sampling::SampledToken;
+
+/// One choice as it finished.
+#[derive(Debug, Default)]
+pub struct ChoiceResult {
+    pub text: String,
+    pub tokens: Vec<SampledToken>,
+    pub finish: Option<FinishReason>,
+}
+
+/// An event of choice `index` across all prompts of the request (prompt p, sample i:
+/// index p * n + i).
+pub type IndexedEvent = (usize, Event);
+
+pub struct Submitted {
+    pub prompt_tokens: usize,
+    pub events: std::pin::Pin<Box<dyn Stream<Item = IndexedEvent> + Send>>,
+    pub choices: usize,
+}
+
+/// Queues one job per prompt; refuses with 429 when the queue is full.
+pub fn submit(ready: &Ready, req: &ValidRequest) -> Result<Submitted, ApiError> {
+    let arrived = Instant::now();
+    let mut streams = Vec::with_capacity(req.prompts.len());
+    for (p, prompt) in req.prompts.iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = GenerateJob {
+            prompt: prompt.clone(),
+            n: req.n,
+            sampling: req.sampling,
+            seed: req.seed.wrapping_add((p * req.n) as u64),
+            rules: req.rules.clone(),
+            top_logprobs: req.logprobs.unwrap_or(0),
+            events: tx,
+            arrived,
+            span: tracing::Span::current(),
+        };
+        ready.engine.submit(job).map_err(|e| match e {
+            SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
+            SubmitError::Stopped => ApiError::Unavailable(e.to_string()),
+        })?;
+        let base = p * req.n;
+        streams.push(
+            UnboundedReceiverStream::new(rx).map(move |event| (base + event_index(&event), event)),
+        );
+    }
+    Ok(Submitted {
+        prompt_tokens: req.prompts.iter().map(Vec::len).sum(),
+        events: Box::pin(stream::select_all(streams)),
+        choices: req.prompts.len() * req.n,
+    })
+}
+
+fn event_index(event: &Event) -> usize {
+    match event {
+        Event::Token { index, .. } | Event::Finished { index, .. } => *index,
+        Event::Error(_) => 0,
+    }
+}
+
+/// Waits for every choice to finish.
+pub async fn collect(mut submitted: Submitted) -> Result<Vec<ChoiceResult>, ApiError> {
+    let mut choices: Vec<ChoiceResult> = (0..submitted.choices)
+        .map(|_| ChoiceResult::default())
+        .collect();
+    let mut open = submitted.choices;
+    while open > 0 {
+        let Some((i, event)) = submitted.events.next().await else {
+            return Err(ApiError::Internal(
+                "the engine stopped before the answer was complete".into(),
+            ));
+        };
+        match event {
+            Event::Token { token, text, .. } => {
+                choices[i].tokens.push(token);
+                choices[i].text.push_str(&text);
+            }
+            Event::Finished { reason, text, .. } => {
+                choices[i].text.push_str(&text);
+                choices[i].finish = Some(reason);
+                open -= 1;
+            }
+            Event::Error(message) => return Err(ApiError::Unavailable(message)),
+        }
+    }
+    Ok(choices)
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub type SseItem = Result<axum::response::sse::Event, std::convert::Infallible>;
+
+/// Runs `driver` in its own task, feeding an SSE response that ends with `data: [DONE]`.
+/// When the client goes away the channel closes, the driver stops at its next send, and
+/// dropping its engine receivers cancels the sequences.
+pub fn sse_response<F, Fut>(driver: F) -> axum::response::Response
+where
+    F: FnOnce(mpsc::Sender<SseItem>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use axum::response::IntoResponse;
+    let (tx, rx) = mpsc::channel::<SseItem>(64);
+    tokio::spawn(async move {
+        driver(tx.clone()).await;
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// Sends one JSON chunk; false once the client is gone.
+pub async fn send_json<T: serde::Serialize>(tx: &mpsc::Sender<SseItem>, value: &T) -> bool {
+    let data = serde_json::to_string(value)
+        .unwrap_or_else(|e| format!("{{\"error\":{{\"message\":\"{e}\"}}}}"));
+    tx.send(Ok(axum::response::sse::Event::default().data(data)))
+        .await
+        .is_ok()
+}

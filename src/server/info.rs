@@ -1,0 +1,62 @@
+//! Small read-only endpoints: models, liveness, readiness, version, metrics, OpenAPI.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::generate::unix_now;
+use super::openai::{ModelCard, ModelList};
+use super::AppState;
+
+pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let ready = state.ready()?;
+    Ok(Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: ready.model_name.clone(),
+            object: "model",
+            created: state.started,
+            owned_by: "ttrl-serve",
+            max_model_len: ready.max_model_len,
+        }],
+    }))
+}
+
+/// Liveness: the process can answer.
+pub async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Readiness: 503 until the weights are loaded, and again while shutting down.
+pub async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let ready = state.ready()?;
+    Ok(Json(json!({"status": "ready", "model": ready.model_name})))
+}
+
+pub async fn version() -> Json<serde_json::Value> {
+    Json(
+        json!({"name": env!("CARGO_PKG_NAME"), "version": env!("CARGO_PKG_VERSION"), "time": unix_now()}),
+    )
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    state.process_metrics.collect();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document, embedded at build time.
+pub const OPENAPI: &str = include_str!("../../static/openapi.json");
+
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}

@@ -1,0 +1,205 @@
+//! The HTTP edge: axum routes, the OpenAI schema, SSE, errors, limits and metrics.
+//! It knows nothing of tensors: it validates requests into jobs and hands them to the engine.
+
+mod chat;
+mod completions;
+pub mod error;
+mod extract;
+mod generate;
+mod info;
+mod logprobs;
+pub mod openai;
+pub mod validation;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::engine::Engine;
+use crate::model::TextTokenizer;
+use crate::telemetry;
+use error::{ApiError, ErrorCode};
+use validation::Limits;
+
+pub use info::OPENAPI;
+
+/// Everything a handler needs once the model is loaded.
+pub struct Ready {
+    pub engine: Engine,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub model_name: String,
+    pub max_model_len: usize,
+}
+
+impl Ready {
+    pub fn limits(&self) -> Limits<'_> {
+        Limits {
+            model_name: &self.model_name,
+            max_model_len: self.max_model_len,
+            tokenizer: &self.tokenizer,
+        }
+    }
+}
+
+/// Shared state: cheap to clone. `ready` is set once the weights are loaded.
+#[derive(Clone)]
+pub struct AppState {
+    ready: Arc<OnceLock<Arc<Ready>>>,
+    shutting_down: Arc<AtomicBool>,
+    prometheus: PrometheusHandle,
+    process_metrics: Arc<metrics_process::Collector>,
+    started: u64,
+}
+
+impl AppState {
+    pub fn new(prometheus: PrometheusHandle) -> Self {
+        let process_metrics = metrics_process::Collector::new("process_");
+        process_metrics.describe();
+        Self {
+            ready: Arc::new(OnceLock::new()),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            prometheus,
+            process_metrics: Arc::new(process_metrics),
+            started: generate::unix_now(),
+        }
+    }
+
+    /// Marks the model loaded; /ready turns 200.
+    pub fn set_ready(&self, ready: Ready) {
+        let _ = self.ready.set(Arc::new(ready));
+    }
+
+    pub fn engine(&self) -> Option<Engine> {
+        self.ready.get().map(|r| r.engine.clone())
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    fn ready(&self) -> Result<Arc<Ready>, ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable("The server is shutting down.".into()));
+        }
+        self.ready
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::Unavailable("The model is still loading.".into()))
+    }
+
+    fn model_label(&self) -> String {
+        self.ready
+            .get()
+            .map(|r| r.model_name.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub body_limit_bytes: usize,
+}
+
+/// Every route, for the router and for the test that holds the OpenAPI document to it.
+pub const ROUTES: [(&str, &str); 9] = [
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/completions"),
+    ("get", "/v1/models"),
+    ("get", "/health"),
+    ("get", "/ready"),
+    ("get", "/metrics"),
+    ("get", "/version"),
+    ("get", "/openapi.json"),
+    ("get", "/docs"),
+];
+
+pub fn router(state: AppState, limits: HttpLimits) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(info::models))
+        .route("/health", get(info::health))
+        .route("/ready", get(info::ready))
+        .route("/metrics", get(info::metrics))
+        .route("/version", get(info::version))
+        .route("/openapi.json", get(info::openapi))
+        .route("/docs", get(info::openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), count_errors))
+        .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Internal("the handler panicked".into()).into_response()
+        }))
+        .layer(TraceLayer::new_for_http())
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "No route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "Method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// Counts every error response by its code (the code rides on the response).
+async fn count_errors(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        metrics::counter!(telemetry::REQUEST_ERRORS, "model" => state.model_label(), "code" => *code).increment(1);
+    } else if response.status() >= StatusCode::BAD_REQUEST {
+        metrics::counter!(telemetry::REQUEST_ERRORS, "model" => state.model_label(), "code" => "other").increment(1);
+    }
+    response
+}
+
+/// Resolves on SIGTERM or Ctrl-C; then new requests get 503 and the engine drains within `grace`.
+pub async fn shutdown_signal(state: AppState, grace: Duration) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests for up to {grace:?}");
+    state.begin_shutdown();
+    if let Some(engine) = state.engine() {
+        tokio::spawn(async move { engine.shutdown(grace).await });
+    }
+}

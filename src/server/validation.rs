@@ -1,0 +1,278 @@
+//! Turns wire requests into validated jobs. Code after this point accepts only the
+//! validated types; every message names the parameter, the limit and the value given.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::error::ApiError;
+use super::openai::{
+    ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields, StopSpec,
+};
+use crate::engine::StopRules;
+use crate::model::{ChatMessage, TextTokenizer};
+use crate::sampling::Sampling;
+
+pub const MAX_N: i64 = 16;
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+pub const MAX_COMPLETION_LOGPROBS: i64 = 5;
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// What the engine needs, for one or more prompts.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub prompts: Vec<Vec<u32>>,
+    pub n: usize,
+    pub sampling: Sampling,
+    pub seed: u64,
+    pub rules: StopRules,
+    /// Alternatives per token to report; `None` = no log-probs at all.
+    pub logprobs: Option<usize>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Limits that come from the served model.
+pub struct Limits<'a> {
+    pub model_name: &'a str,
+    pub max_model_len: usize,
+    pub tokenizer: &'a TextTokenizer,
+}
+
+fn check_model(requested: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiError> {
+    match requested.as_deref() {
+        None | Some("") => Ok(()),
+        Some(name) if name == limits.model_name => Ok(()),
+        Some(name) => Err(ApiError::ModelNotFound(name.to_string())),
+    }
+}
+
+fn range_f(
+    param: &str,
+    v: Option<f64>,
+    lo: f64,
+    hi: f64,
+    lo_open: bool,
+    default: f64,
+) -> Result<f64, ApiError> {
+    let Some(v) = v else { return Ok(default) };
+    let below = if lo_open { v <= lo } else { v < lo };
+    if !v.is_finite() || below || v > hi {
+        let open = if lo_open { "(" } else { "[" };
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be in {open}{lo}, {hi}]. Given: {v}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn range_i(param: &str, v: Option<i64>, lo: i64, hi: i64, default: i64) -> Result<i64, ApiError> {
+    let Some(v) = v else { return Ok(default) };
+    if v < lo || v > hi {
+        return Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be in [{lo}, {hi}]. Given: {v}"),
+        ));
+    }
+    Ok(v)
+}
+
+/// Validates the shared fields; `max_tokens` defaults to `default_max_tokens` or, when that
+/// is `None`, to whatever context the longest prompt leaves (vLLM's chat default).
+fn common(
+    s: &SamplingFields,
+    prompts: Vec<Vec<u32>>,
+    logprobs: Option<usize>,
+    default_max_tokens: Option<usize>,
+    limits: &Limits<'_>,
+) -> Result<ValidRequest, ApiError> {
+    check_model(&s.model, limits)?;
+    let n = range_i("n", s.n, 1, MAX_N, 1)? as usize;
+    let temperature = range_f("temperature", s.temperature, 0.0, 2.0, false, 1.0)?;
+    let top_p = range_f("top_p", s.top_p, 0.0, 1.0, true, 1.0)?;
+    let top_k = range_i("top_k", s.top_k, -1, i64::from(u32::MAX), -1)?;
+    let seed = match s.seed {
+        Some(seed) => seed as u64,
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    };
+    let stop_strings = match &s.stop {
+        None => Vec::new(),
+        Some(StopSpec::One(s)) => vec![s.clone()],
+        Some(StopSpec::Many(v)) => v.clone(),
+    };
+    if stop_strings.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "`stop` takes at most {MAX_STOP_STRINGS} strings. Given: {}",
+                stop_strings.len()
+            ),
+        ));
+    }
+    if s.stream_options.is_some() && !s.stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "`stream_options` is only allowed when `stream` is true",
+        ));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest == 0 {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if longest >= limits.max_model_len {
+        return Err(ApiError::ContextLength(format!(
+            "This model's maximum context length is {} tokens. However, your prompt has {longest} tokens.",
+            limits.max_model_len
+        )));
+    }
+    let room = limits.max_model_len - longest;
+    let max_tokens = match s.max_tokens {
+        Some(m) if m < 1 => return Err(ApiError::invalid("max_tokens", format!("`max_tokens` must be at least 1. Given: {m}"))),
+        Some(m) if m as usize > room => {
+            return Err(ApiError::ContextLength(format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({longest} in the prompt, {m} for the completion).",
+                limits.max_model_len,
+                longest + m as usize
+            )))
+        }
+        Some(m) => m as usize,
+        None => default_max_tokens.unwrap_or(room).min(room),
+    };
+    let stop_ids = if s.ignore_eos {
+        Vec::new()
+    } else {
+        limits.tokenizer.stop_ids().to_vec()
+    };
+    Ok(ValidRequest {
+        prompts,
+        n,
+        sampling: Sampling::new(
+            temperature as f32,
+            (top_k > 0).then_some(top_k as usize),
+            top_p as f32,
+        ),
+        seed,
+        rules: StopRules {
+            max_tokens,
+            stop_ids,
+            stop_strings,
+        },
+        logprobs,
+        stream: s.stream,
+        include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+pub fn validate_chat(
+    req: &ChatCompletionRequest,
+    limits: &Limits<'_>,
+) -> Result<ValidRequest, ApiError> {
+    check_model(&req.sampling.model, limits)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer" | "tool"
+        ) {
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].role"),
+                format!("unknown role `{}`", m.role),
+            ));
+        }
+        let content = match &m.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t.clone(),
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            &format!("messages[{i}].content"),
+                            format!("content part type `{}` is not supported", p.kind),
+                        ));
+                    }
+                    text.push_str(p.text.as_deref().unwrap_or_default());
+                }
+                text
+            }
+        };
+        let role = if m.role == "developer" {
+            "system".to_string()
+        } else {
+            m.role.clone()
+        };
+        messages.push(ChatMessage { role, content });
+    }
+    let top = match (req.logprobs, req.top_logprobs) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs` set to true",
+            ))
+        }
+        (false, None) => None,
+        (true, t) => Some(range_i("top_logprobs", t, 0, MAX_TOP_LOGPROBS, 0)? as usize),
+    };
+    let text = limits.tokenizer.apply_chat_template(&messages)?;
+    let prompt = limits.tokenizer.encode(&text)?;
+    common(&req.sampling, vec![prompt], top, None, limits)
+}
+
+/// The OpenAI default for completions.
+pub const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
+
+pub fn validate_completion(
+    req: &CompletionRequest,
+    limits: &Limits<'_>,
+) -> Result<ValidRequest, ApiError> {
+    check_model(&req.sampling.model, limits)?;
+    let vocab = limits.tokenizer.vocab_size() as i64;
+    let ids = |list: &[i64]| -> Result<Vec<u32>, ApiError> {
+        list.iter()
+            .map(|&t| {
+                if (0..vocab).contains(&t) {
+                    Ok(t as u32)
+                } else {
+                    Err(ApiError::invalid(
+                        "prompt",
+                        format!("token id {t} is outside the vocabulary of {vocab}"),
+                    ))
+                }
+            })
+            .collect()
+    };
+    let prompts = match &req.prompt {
+        PromptSpec::Text(t) => vec![limits.tokenizer.encode(t)?],
+        PromptSpec::Texts(v) => v
+            .iter()
+            .map(|t| limits.tokenizer.encode(t))
+            .collect::<Result<_, _>>()?,
+        PromptSpec::Ids(v) => vec![ids(v)?],
+        PromptSpec::IdLists(v) => v.iter().map(|l| ids(l)).collect::<Result<_, _>>()?,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "`prompt` must not be an empty list",
+        ));
+    }
+    let logprobs = req
+        .logprobs
+        .map(|l| range_i("logprobs", Some(l), 0, MAX_COMPLETION_LOGPROBS, 0).map(|v| v as usize))
+        .transpose()?;
+    common(
+        &req.sampling,
+        prompts,
+        logprobs,
+        Some(COMPLETION_DEFAULT_MAX_TOKENS),
+        limits,
+    )
+}

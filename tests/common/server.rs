@@ -1,0 +1,126 @@
+//! A real `ttrl-serve serve` process on a free loopback port, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    /// Starts the server with `args` and waits (bounded) until /ready answers 200.
+    pub fn start(args: &[&str]) -> Server {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_ttrl-serve"))
+            .arg("serve")
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the server binary starts");
+        let server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Ok(r) = ureq::get(&server.url("/ready")).call() {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The tiny llama checkpoint: fast, for behaviour that does not need knowledge.
+    pub fn tiny(extra: &[&str]) -> Server {
+        let dir = super::fixture_dir("llama");
+        let mut args = vec!["--model", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Server::start(&args)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// POSTs JSON; returns (status, body) for success and error statuses alike.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        match ureq::post(&self.url(path)).send_json(body.clone()) {
+            Ok(r) => (r.status(), r.into_json().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    pub fn get_text(&self, path: &str) -> String {
+        ureq::get(&self.url(path))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
+    /// Streams a request and returns every `data:` payload, `[DONE]` included.
+    pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = ureq::post(&self.url(path)).send_json(body.clone()).unwrap();
+        BufReader::new(r.into_reader())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+
+    /// Waits for the process to exit by itself (bounded) and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text content of every chunk of a chat stream, in order.
+pub fn stream_text(chunks: &[String]) -> String {
+    chunks
+        .iter()
+        .filter(|c| c.as_str() != "[DONE]")
+        .filter_map(|c| serde_json::from_str::<Value>(c).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}

@@ -1,0 +1,157 @@
+use serde_json::{json, Value};
+use ttrl_serve::server::{OPENAPI, ROUTES};
+
+use crate::common::server::Server;
+
+fn doc() -> Value {
+    serde_json::from_str(OPENAPI).expect("the OpenAPI document is JSON")
+}
+
+/// Checks `value` against `schema` (types, required fields, properties, items, $ref,
+/// allOf, oneOf): enough of JSON Schema to hold the document to what the server sends.
+fn check(doc: &Value, schema: &Value, value: &Value, path: &str) -> Result<(), String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return check(doc, &doc["components"]["schemas"][name], value, path);
+    }
+    if let Some(all) = schema["allOf"].as_array() {
+        return all.iter().try_for_each(|s| check(doc, s, value, path));
+    }
+    if let Some(any) = schema["oneOf"].as_array() {
+        return if any.iter().any(|s| check(doc, s, value, path).is_ok()) {
+            Ok(())
+        } else {
+            Err(format!("{path}: matches no oneOf branch: {value}"))
+        };
+    }
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    let type_ok = |t: &str| match t {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "number" => value.is_number(),
+        "boolean" => value.is_boolean(),
+        "null" => value.is_null(),
+        _ => false,
+    };
+    if !types.is_empty() && !types.iter().any(|t| type_ok(t)) {
+        return Err(format!("{path}: expected {types:?}, got {value}"));
+    }
+    if let Some(obj) = value.as_object() {
+        for req in schema["required"].as_array().into_iter().flatten() {
+            let key = req.as_str().unwrap();
+            if !obj.contains_key(key) {
+                return Err(format!("{path}: missing required `{key}`"));
+            }
+        }
+        if let Some(props) = schema["properties"].as_object() {
+            for (k, v) in obj {
+                if let Some(s) = props.get(k) {
+                    check(doc, s, v, &format!("{path}.{k}"))?;
+                }
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in arr.iter().enumerate() {
+            check(doc, items, v, &format!("{path}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_route_is_documented_and_every_documented_path_is_routed() {
+    let doc = doc();
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in ROUTES {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} is not documented"
+        );
+    }
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            assert!(
+                ROUTES.contains(&(method.as_str(), path.as_str())),
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+}
+
+#[test]
+fn real_responses_match_the_documented_schemas() {
+    let doc = doc();
+    let schema = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
+    let server = Server::tiny(&[]);
+    let get = |path: &str| -> Value {
+        ureq::get(&server.url(path))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2, "logprobs": true, "top_logprobs": 2});
+    let completion = json!({"prompt": ["a", "b"], "max_tokens": 3, "logprobs": 2});
+    let mut cases: Vec<(&str, Value, Value)> = vec![
+        (
+            "chat",
+            schema("ChatCompletion"),
+            server.post("/v1/chat/completions", &chat).1,
+        ),
+        (
+            "completion",
+            schema("Completion"),
+            server.post("/v1/completions", &completion).1,
+        ),
+        ("models", schema("ModelList"), get("/v1/models")),
+        ("health", schema("Status"), get("/health")),
+        ("ready", schema("Status"), get("/ready")),
+        ("version", schema("Version"), get("/version")),
+        (
+            "error",
+            schema("ErrorResponse"),
+            server
+                .post("/v1/chat/completions", &json!({"messages": []}))
+                .1,
+        ),
+    ];
+    let mut stream_body = chat.clone();
+    stream_body["stream"] = json!(true);
+    stream_body["stream_options"] = json!({"include_usage": true});
+    for chunk in server
+        .stream("/v1/chat/completions", &stream_body)
+        .iter()
+        .filter(|c| *c != "[DONE]")
+    {
+        cases.push((
+            "chat chunk",
+            schema("ChatCompletionChunk"),
+            serde_json::from_str(chunk).unwrap(),
+        ));
+    }
+    let mut completion_stream = completion.clone();
+    completion_stream["stream"] = json!(true);
+    for chunk in server
+        .stream("/v1/completions", &completion_stream)
+        .iter()
+        .filter(|c| *c != "[DONE]")
+    {
+        cases.push((
+            "completion chunk",
+            schema("Completion"),
+            serde_json::from_str(chunk).unwrap(),
+        ));
+    }
+    for (what, s, value) in &cases {
+        check(&doc, s, value, what).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The checker itself rejects a wrong shape.
+    assert!(check(&doc, &schema("ChatCompletion"), &json!({"id": 1}), "bad").is_err());
+}
