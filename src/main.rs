@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
-use ttrl_serve::engine::{decode_step, Sequence, StopRules};
+use ttrl_serve::generation::{decode_step, Sequence, StopRules};
 use ttrl_serve::model::{ChatMessage, LoadedModel, ModelSource};
 use ttrl_serve::sampling::{Sampler, Sampling};
 

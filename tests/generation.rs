@@ -1,5 +1,5 @@
 use candle_core::DType;
-use ttrl_serve::engine::{decode_step, Sequence, StopRules};
+use ttrl_serve::generation::{decode_step, Sequence, StopRules};
 use ttrl_serve::model::{LoadedModel, LogitsFor, SeqInput};
 use ttrl_serve::sampling::{log_softmax_entropy, Sampler, Sampling};
 

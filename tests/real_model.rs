@@ -1,5 +1,5 @@
 use candle_core::{DType, Device};
-use ttrl_serve::engine::{decode_step, Sequence, StopRules};
+use ttrl_serve::generation::{decode_step, Sequence, StopRules};
 use ttrl_serve::model::{assets, loader, ChatMessage};
 use ttrl_serve::sampling::{Sampler, Sampling};
 

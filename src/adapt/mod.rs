@@ -1,6 +1,12 @@
-//! Adaptation: the optimizer now; advantages, SPINE/TTRL losses and the adapter store
-//! build on it. Only LoRA tensors are ever handed to the optimizer.
+//! Adaptation: advantages, the SPINE/TTRL objective, the optimizer and the episode that
+//! ties rollouts, votes and updates together. Only LoRA tensors are handed to the optimizer.
 
+pub mod advantage;
+pub mod config;
+pub mod episode;
+pub mod objective;
 pub mod optim;
 
+pub use config::{AdaptConfig, Method};
+pub use episode::{run_episode, EpisodeReport, Learner, Question, QuestionOutcome, StepReport};
 pub use optim::{AdamW, AdamWConfig, StepStats};

@@ -66,24 +66,48 @@ impl AdamW {
         })
     }
 
-    /// The global L2 norm of the gradients of this optimizer's parameters.
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+    /// This optimizer's parameters' gradients from one backward pass, in parameter order.
+    pub fn gradients(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
+        self.params
+            .iter()
+            .map(|p| grads.get(p.as_tensor()).cloned())
+            .collect()
+    }
+
+    /// The global L2 norm of gradients given in parameter order.
+    pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
         let mut sq = 0.0;
-        for p in &self.params {
-            if let Some(g) = grads.get(p.as_tensor()) {
-                sq += g
-                    .to_dtype(candle_core::DType::F64)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f64>()?;
-            }
+        for g in grads.iter().flatten() {
+            sq += g
+                .to_dtype(candle_core::DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(sq.sqrt())
     }
 
-    /// One update. A parameter without a gradient is left alone (its moments too).
+    /// One update from a single backward pass.
     pub fn step(&mut self, grads: &GradStore) -> Result<StepStats> {
-        let grad_norm = self.grad_norm(grads)?;
+        let grads = self.gradients(grads);
+        self.step_with(&grads)
+    }
+
+    /// The moments and step count, for rolling a step back.
+    pub fn snapshot(&self) -> (Vec<Tensor>, Vec<Tensor>, i32) {
+        (self.m.clone(), self.v.clone(), self.step)
+    }
+
+    pub fn restore(&mut self, (m, v, step): (Vec<Tensor>, Vec<Tensor>, i32)) {
+        self.m = m;
+        self.v = v;
+        self.step = step;
+    }
+
+    /// One update from gradients in parameter order (summed over micro-batches).
+    /// A parameter without a gradient is left alone (its moments too).
+    pub fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<StepStats> {
+        let grad_norm = Self::grad_norm(grads)?;
         let clip = match self.config.max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
@@ -92,10 +116,14 @@ impl AdamW {
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.step);
         let bias2 = 1.0 - c.beta2.powi(self.step);
-        for ((p, m), v) in self.params.iter().zip(&mut self.m).zip(&mut self.v) {
-            let Some(g) = grads.get(p.as_tensor()) else {
-                continue;
-            };
+        for (((p, m), v), g) in self
+            .params
+            .iter()
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+            .zip(grads)
+        {
+            let Some(g) = g else { continue };
             let g = (g * clip)?;
             *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;

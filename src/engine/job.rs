@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::sequence::{FinishReason, StopRules};
+use crate::generation::{FinishReason, StopRules};
 use crate::sampling::{SampledToken, Sampling};
 
 /// A validated generation request.

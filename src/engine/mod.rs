@@ -4,7 +4,6 @@
 
 mod job;
 mod scheduler;
-pub mod sequence;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,7 +13,6 @@ use tokio::sync::mpsc;
 
 pub use job::{Event, GenerateJob};
 pub use scheduler::Load;
-pub use sequence::{decode_step, FinishReason, Sequence, StopRules};
 
 use crate::model::{Model, TextTokenizer};
 use scheduler::{Command, Scheduler};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::job::{Event, GenerateJob};
-use super::sequence::{decode_step, FinishReason, Sequence};
+use crate::generation::{decode_step, FinishReason, Sequence};
 use crate::model::{Model, TextTokenizer};
 use crate::sampling::Sampler;
 use crate::telemetry as m;

@@ -84,6 +84,7 @@ impl Projection {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,

@@ -10,7 +10,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::error::ApiError;
 use super::validation::ValidRequest;
 use super::Ready;
-use crate::engine::{Event, FinishReason, GenerateJob, SubmitError};
+use crate::engine::{Event, GenerateJob, SubmitError};
+use crate::generation::FinishReason;
 use crate::sampling::SampledToken;
 
 /// One choice as it finished.

@@ -7,7 +7,7 @@ use super::error::ApiError;
 use super::openai::{
     ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields, StopSpec,
 };
-use crate::engine::StopRules;
+use crate::generation::StopRules;
 use crate::model::{ChatMessage, TextTokenizer};
 use crate::sampling::Sampling;
 

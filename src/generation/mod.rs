@@ -1,4 +1,5 @@
-//! A generating sequence and the batched decode step. Every live sequence advances by one
+//! Generation: a sequence (prompt, KV cache, sampler, stop rules) and the batched decode
+//! step shared by serving and rollouts. Every live sequence advances by one
 //! token per step, all in one forward pass; a new sequence's prompt is prefilled in the same
 //! pass. Forking starts a branch from a copy of the parent's KV prefix.
 

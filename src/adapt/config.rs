@@ -1,0 +1,91 @@
+//! Adaptation knobs with their defaults (the `[adaptation]` table of the settings file).
+//! Sources for the defaults are ../shared/ALGORITHMS.md; CPU-sized where the papers use GPUs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::LoraConfig;
+use crate::rollout::RolloutKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Token-selective: PPO-clip on forking tokens, entropy band, masked KL.
+    #[default]
+    Spine,
+    /// Every token, plain KL, no band.
+    Ttrl,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptConfig {
+    pub method: Method,
+    pub rollout: RolloutKind,
+    /// Leaves voted on per question (TTRL votes over 64, SPINE trains on 8).
+    pub samples: usize,
+    /// ETMR forks per root (N) and branches per fork (B); roots M = ceil(samples / (1 + N B)).
+    pub tree_forks: usize,
+    pub tree_branches: usize,
+    /// Rollout sampling temperature (TTRL: 0.6 for general models, 1.0 for math-tuned).
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Longest rollout response, in tokens.
+    pub max_tokens: usize,
+    /// Share of tokens that count as forking (top-rho entropy over the batch).
+    pub rho: f32,
+    /// SPINE's entropy band: quantiles of each sample's forking entropies.
+    pub band_low_quantile: f32,
+    pub band_high_quantile: f32,
+    pub lambda_kl: f32,
+    pub lambda_band: f32,
+    pub clip_epsilon: f32,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Rollout + update rounds per episode.
+    pub steps: usize,
+    /// Entropy-based advantage reshaping (ETTRL).
+    pub ear: bool,
+    /// A step whose mean k3 KL to the base model exceeds this is rolled back.
+    pub kl_bound: f64,
+    /// Leaves per forward/backward pass during the update (memory against speed).
+    pub micro_batch: usize,
+    /// Adaptation requests for one adapter arriving within this window form one batch.
+    pub batch_window_ms: u64,
+    pub max_questions: usize,
+    pub lora: LoraConfig,
+    /// Testing only: make every loss NaN to exercise the rollback path.
+    pub test_force_nonfinite_loss: bool,
+}
+
+impl Default for AdaptConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Spine,
+            rollout: RolloutKind::Tree,
+            samples: 16,
+            tree_forks: 2,
+            tree_branches: 2,
+            temperature: 0.8,
+            top_p: 1.0,
+            max_tokens: 96,
+            rho: 0.2,
+            band_low_quantile: 0.10,
+            band_high_quantile: 0.50,
+            lambda_kl: 0.001,
+            lambda_band: 0.1,
+            clip_epsilon: 0.2,
+            lr: 5e-5,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            steps: 1,
+            ear: false,
+            kl_bound: 1.0,
+            micro_batch: 8,
+            batch_window_ms: 50,
+            max_questions: 8,
+            lora: LoraConfig::default(),
+            test_force_nonfinite_loss: false,
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The policy objective on one micro-batch of leaves, as differentiable tensors:
+//! PPO-clip (Schulman et al. 2017) on the selected tokens, SPINE's entropy band on forking
+//! tokens (Wu et al. 2025, arXiv 2511.17938) and a k3 KL anchor to the base model (LoRA
+//! off), all at the rollout temperature. TTRL is the same without selection or band.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+use crate::model::{Adapter, LogitsFor, Model, SeqInput};
+
+/// One response to train on.
+#[derive(Debug, Clone)]
+pub struct TrainLeaf {
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+    /// log pi_old(token) at the rollout temperature, recorded while sampling.
+    pub old_logprobs: Vec<f32>,
+    /// Token selection: the policy (and, for SPINE, KL and band) terms apply where true.
+    pub mask: Vec<bool>,
+    /// Per-token advantage (the leaf's GRPO advantage, EAR-reshaped when on).
+    pub advantage: f32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectiveConfig {
+    pub temperature: f32,
+    pub clip_epsilon: f32,
+    pub lambda_kl: f32,
+    /// 0 turns the band off (TTRL).
+    pub lambda_band: f32,
+    pub band_low_quantile: f32,
+    pub band_high_quantile: f32,
+    /// KL on masked tokens only (SPINE) or on every token (TTRL).
+    pub masked_kl: bool,
+}
+
+/// Normalisers for the whole batch, so micro-batch losses add up to the batch loss.
+#[derive(Debug, Clone, Copy)]
+pub struct Denominators {
+    /// Every valid response token of the batch.
+    pub tokens: f32,
+    /// Leaves that have forking tokens (the band is a mean over them).
+    pub band_leaves: f32,
+}
+
+/// Sums over the micro-batch, for the episode report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ObjectiveStats {
+    pub kl_sum: f64,
+    pub kl_tokens: usize,
+    pub band_sum: f64,
+    pub selected_entropy_sum: f64,
+    pub selected_tokens: usize,
+}
+
+/// Per leaf: log-probs of its response under `adapter` (or the base model) and the entropy
+/// of softmax(logits / T) at each response position, (tokens,) tensors differentiable through
+/// the adapter. All leaves run packed in one forward pass.
+pub(crate) fn token_logprobs(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    leaves: &[&TrainLeaf],
+    temperature: f32,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    let sequences: Vec<Vec<u32>> = leaves
+        .iter()
+        .map(|l| [l.prompt.as_slice(), l.response.as_slice()].concat())
+        .collect();
+    let mut inputs: Vec<SeqInput<'_>> = sequences
+        .iter()
+        .map(|t| SeqInput {
+            tokens: t,
+            cache: None,
+        })
+        .collect();
+    let logits = model.forward(&mut inputs, adapter, LogitsFor::All)?;
+    let mut out = Vec::with_capacity(leaves.len());
+    let mut start = 0;
+    for (leaf, seq) in leaves.iter().zip(&sequences) {
+        let n = leaf.response.len();
+        let rows = logits
+            .narrow(0, start + leaf.prompt.len() - 1, n)?
+            .to_dtype(DType::F32)?;
+        start += seq.len();
+        let logp_all = candle_nn::ops::log_softmax(&(rows / f64::from(temperature))?, D::Minus1)?;
+        let ids = Tensor::new(leaf.response.as_slice(), model.device())?.reshape((n, 1))?;
+        let logp = logp_all.gather(&ids, 1)?.squeeze(1)?;
+        let entropy = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
+        out.push((logp, entropy));
+    }
+    Ok(out)
+}
+
+/// PPO-clip per token: max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(logp - old).
+pub fn ppo_clip(logp: &Tensor, old: &Tensor, advantage: f32, epsilon: f32) -> Result<Tensor> {
+    let ratio = (logp - old)?.exp()?;
+    let eps = f64::from(epsilon);
+    let a = f64::from(advantage);
+    let unclipped = (&ratio * -a)?;
+    let clipped = (ratio.clamp(1.0 - eps, 1.0 + eps)? * -a)?;
+    Ok(unclipped.maximum(&clipped)?)
+}
+
+/// k3 estimate of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10].
+pub fn k3(ref_logp: &Tensor, logp: &Tensor) -> Result<Tensor> {
+    let d = (ref_logp - logp)?;
+    Ok(((d.exp()? - &d)? - 1.0)?.clamp(-10.0, 10.0)?)
+}
+
+/// The loss of these leaves (already divided by the batch denominators) and its stats.
+pub fn leaves_loss(
+    model: &Model,
+    adapter: &Adapter,
+    leaves: &[TrainLeaf],
+    config: &ObjectiveConfig,
+    denom: Denominators,
+) -> Result<(Tensor, ObjectiveStats)> {
+    let device = model.device();
+    let mut stats = ObjectiveStats::default();
+    let mut total = Tensor::zeros((), DType::F32, device)?;
+    let leaves: Vec<&TrainLeaf> = leaves.iter().filter(|l| !l.response.is_empty()).collect();
+    if leaves.is_empty() {
+        return Ok((total, stats));
+    }
+    let policy_side = token_logprobs(model, Some(adapter), &leaves, config.temperature)?;
+    let reference = token_logprobs(model, None, &leaves, config.temperature)?;
+    for ((leaf, (logp, entropy)), (ref_logp, _)) in leaves.iter().zip(policy_side).zip(reference) {
+        let n = leaf.response.len();
+        let ref_logp = ref_logp.detach();
+        let mask_f: Vec<f32> = leaf.mask.iter().map(|&m| f32::from(u8::from(m))).collect();
+        let mask = Tensor::new(mask_f.as_slice(), device)?;
+        let old = Tensor::new(leaf.old_logprobs.as_slice(), device)?;
+
+        let policy =
+            (ppo_clip(&logp, &old, leaf.advantage, config.clip_epsilon)? * &mask)?.sum_all()?;
+        let k3 = k3(&ref_logp, &logp)?;
+        let kl_weights = if config.masked_kl {
+            mask.clone()
+        } else {
+            Tensor::ones(n, DType::F32, device)?
+        };
+        let kl = (&k3 * &kl_weights)?.sum_all()?;
+        stats.kl_sum += f64::from(kl.to_scalar::<f32>()?);
+        stats.kl_tokens += if config.masked_kl {
+            leaf.mask.iter().filter(|&&m| m).count()
+        } else {
+            n
+        };
+
+        let mut loss = ((policy + (kl * f64::from(config.lambda_kl))?)? / f64::from(denom.tokens))?;
+
+        let selected: Vec<u32> = (0..n as u32).filter(|&i| leaf.mask[i as usize]).collect();
+        if !selected.is_empty() {
+            let idx = Tensor::new(selected.as_slice(), device)?;
+            let h = entropy.index_select(&idx, 0)?;
+            let h_values = h.to_vec1::<f32>()?;
+            stats.selected_entropy_sum += h_values.iter().map(|&x| f64::from(x)).sum::<f64>();
+            stats.selected_tokens += h_values.len();
+            if config.lambda_band > 0.0 {
+                // Thresholds from the current entropies, detached.
+                let lo = f64::from(super::advantage::quantile(
+                    &h_values,
+                    config.band_low_quantile,
+                ));
+                let hi = f64::from(super::advantage::quantile(
+                    &h_values,
+                    config.band_high_quantile,
+                ));
+                let above = (&h - hi)?.relu()?;
+                let below = (h.neg()? + lo)?.relu()?;
+                let band = (above + below)?.mean_all()?;
+                stats.band_sum += f64::from(band.to_scalar::<f32>()?);
+                let weight = f64::from(config.lambda_band) / f64::from(denom.band_leaves.max(1.0));
+                loss = (loss + (band * weight)?)?;
+            }
+        }
+        total = (total + loss)?;
+    }
+    Ok((total, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn ppo_clip_by_hand() {
+        // rho = e^0.5 = 1.6487 (clipped to 1.2), e^-0.5 = 0.6065 (clipped to 0.8), 1.
+        let logp = t(&[0.5, -0.5, 0.0]);
+        let old = t(&[0.0, 0.0, 0.0]);
+        // A = +1: max(-rho, -clip(rho)) = (-1.2, -0.6065, -1).
+        let pos = ppo_clip(&logp, &old, 1.0, 0.2)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (g, w) in pos.iter().zip([-1.2f32, -(-0.5f32).exp(), -1.0]) {
+            assert!((g - w).abs() < 1e-6, "{pos:?}");
+        }
+        // A = -1: max(rho, clip(rho)) = (1.6487, 0.8, 1).
+        let neg = ppo_clip(&logp, &old, -1.0, 0.2)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (g, w) in neg.iter().zip([0.5f32.exp(), 0.8, 1.0]) {
+            assert!((g - w).abs() < 1e-6, "{neg:?}");
+        }
+    }
+
+    #[test]
+    fn k3_by_hand() {
+        // d = ref - logp = (0, 1, -2, 20): e^d - d - 1 = (0, e - 2, e^-2 + 1, clamped 10).
+        let got = k3(&t(&[0.0, 1.0, -2.0, 20.0]), &t(&[0.0, 0.0, 0.0, 0.0]))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = [0.0, 1f32.exp() - 2.0, (-2f32).exp() + 1.0, 10.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?}");
+        }
+    }
+}

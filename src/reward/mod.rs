@@ -1,0 +1,11 @@
+//! Answers and votes: extraction, normalisation, equivalence and the majority vote that
+//! turns a group of sampled responses into a pseudo-label and 0/1 rewards (TTRL, Zuo et al.
+//! 2025, arXiv 2504.16084). Pure functions; no model, no I/O.
+
+mod extract;
+mod normalize;
+mod vote;
+
+pub use extract::{detect_format, extract_answer, AnswerFormat};
+pub use normalize::{canonical, Rational};
+pub use vote::{majority_vote, Vote};
