@@ -1,7 +1,15 @@
-//! `ttrl-serve bench`: decode, prefill and training throughput (figures, never assertions).
+//! `ttrl-serve bench`: decode, prefill and training throughput on one model, printed as a
+//! table. Figures, never assertions: the numbers go in notes, not tests.
+
+use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
+
+use ttrl_serve::generation::{decode_step, Sequence, StopRules};
+use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
+use ttrl_serve::sampling::{Sampler, Sampling};
 
 use crate::ModelArgs;
 
@@ -9,9 +17,174 @@ use crate::ModelArgs;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Decode batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8, 32])]
+    batch: Vec<usize>,
+    /// Tokens generated per sequence in the decode runs.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Prompt length of the prefill run.
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+    /// Sequences x tokens of the forward+backward run.
+    #[arg(long, default_value_t = 16)]
+    train_sequences: usize,
+    #[arg(long, default_value_t = 128)]
+    train_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+}
+
+/// Peak resident memory of this process, from the kernel (Linux); 0 elsewhere.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Deterministic pseudo-random token ids inside the vocabulary.
+fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 13) % vocab.min(30_000)) as u32)
+        .collect()
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let _ = args.model.load()?;
+    let LoadedModel {
+        name,
+        model,
+        tokenizer,
+    } = args.model.load()?;
+    let vocab = model.config().vocab_size;
+    println!(
+        "model: {name} ({:.1} MB of weights, {:?})",
+        model.weight_bytes() as f64 / 1e6,
+        model.dtype()
+    );
+    println!("| measurement | value |");
+    println!("|---|---|");
+
+    // Prefill: one long prompt in one forward.
+    let prompt = tokens(args.prefill_tokens, vocab, 1);
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    model.forward(
+        &mut [SeqInput {
+            tokens: &prompt,
+            cache: Some(&mut cache),
+        }],
+        None,
+        LogitsFor::Last,
+    )?;
+    println!(
+        "| prefill {} tokens | {:.1} tok/s |",
+        prompt.len(),
+        prompt.len() as f64 / t.elapsed().as_secs_f64()
+    );
+
+    // Decode: `b` sequences, 16-token prompts, `new_tokens` each, EOS ignored.
+    for &b in &args.batch {
+        let rules = StopRules {
+            max_tokens: args.new_tokens,
+            stop_ids: Vec::new(),
+            stop_strings: Vec::new(),
+        };
+        let mut seqs: Vec<Sequence> = (0..b)
+            .map(|i| {
+                Sequence::new(
+                    &model,
+                    tokens(16, vocab, i + 2),
+                    Sampler::new(Sampling::new(0.7, None, 1.0), i as u64),
+                    rules.clone(),
+                    0,
+                )
+            })
+            .collect();
+        // The first step prefills the prompts; time the rest.
+        decode_step(
+            &model,
+            &tokenizer,
+            &mut seqs.iter_mut().collect::<Vec<_>>(),
+            None,
+        )?;
+        let t = Instant::now();
+        let mut steps = 0;
+        while seqs.iter().any(|s| !s.is_finished()) {
+            decode_step(
+                &model,
+                &tokenizer,
+                &mut seqs.iter_mut().collect::<Vec<_>>(),
+                None,
+            )?;
+            steps += 1;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "| decode batch {b} | {:.1} tok/s ({:.1} ms/step) |",
+            (steps * b) as f64 / secs,
+            1e3 * secs / steps as f64
+        );
+    }
+
+    // Forward + backward of a policy-gradient-shaped loss through LoRA on every projection.
+    let lora = LoraConfig {
+        rank: args.lora_rank,
+        ..Default::default()
+    };
+    let adapter = Adapter::new(
+        "bench",
+        lora,
+        model.config(),
+        model.dtype(),
+        model.device(),
+        0,
+    )?;
+    let seqs: Vec<Vec<u32>> = (0..args.train_sequences)
+        .map(|i| tokens(args.train_tokens, vocab, 100 + i))
+        .collect();
+    let t = Instant::now();
+    let mut inputs: Vec<SeqInput> = seqs
+        .iter()
+        .map(|s| SeqInput {
+            tokens: s,
+            cache: None,
+        })
+        .collect();
+    let logits = model.forward(&mut inputs, Some(&adapter), LogitsFor::All)?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let targets: Vec<u32> = seqs
+        .iter()
+        .flat_map(|s| s[1..].iter().copied().chain([0]))
+        .collect();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu)?
+        .to_device(model.device())?
+        .unsqueeze(1)?;
+    let loss = logp.gather(&targets, 1)?.mean_all()?.neg()?;
+    let forward = t.elapsed().as_secs_f64();
+    let grads = loss.backward()?;
+    let total = t.elapsed().as_secs_f64();
+    let with_grad = adapter
+        .vars()
+        .iter()
+        .filter(|v| grads.get(v.as_tensor()).is_some())
+        .count();
+    println!(
+        "| forward+backward {}x{} tokens, LoRA r={} | {total:.2} s (forward {forward:.2} s; {with_grad} LoRA tensors with gradients) |",
+        args.train_sequences, args.train_tokens, args.lora_rank
+    );
+    println!(
+        "| peak resident memory | {:.2} GB |",
+        peak_rss_bytes() as f64 / 1e9
+    );
     Ok(())
 }

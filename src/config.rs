@@ -12,6 +12,7 @@ pub struct Settings {
     pub model: ModelSettings,
     pub server: ServerSettings,
     pub engine: EngineSettings,
+    pub adaptation: crate::adapt::AdaptConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +48,8 @@ pub struct ServerSettings {
     pub body_limit_bytes: usize,
     /// After SIGTERM, in-flight requests get this long to finish before they are aborted.
     pub shutdown_grace_seconds: u64,
+    /// Bearer token for /admin/*; unset disables the admin API.
+    pub admin_api_key: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -56,6 +59,7 @@ impl Default for ServerSettings {
             port: 8000,
             body_limit_bytes: 4 << 20,
             shutdown_grace_seconds: 30,
+            admin_api_key: None,
         }
     }
 }
@@ -67,6 +71,9 @@ pub struct EngineSettings {
     pub max_batch: usize,
     /// Requests that may wait for a slot; one more gets 429.
     pub max_waiting: usize,
+    /// Where named adapters are saved (one folder each) and reloaded from at start;
+    /// unset = `$XDG_DATA_HOME/ttrl-serve/adapters` (or `~/.local/share/...`).
+    pub data_dir: Option<String>,
 }
 
 impl Default for EngineSettings {
@@ -74,7 +81,23 @@ impl Default for EngineSettings {
         Self {
             max_batch: 32,
             max_waiting: 256,
+            data_dir: None,
         }
+    }
+}
+
+impl EngineSettings {
+    pub fn adapters_dir(&self) -> std::path::PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.into();
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/share"))
+            })
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("ttrl-serve/adapters")
     }
 }
 

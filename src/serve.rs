@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use ttrl_serve::adapt::store::LocalDirStore;
 use ttrl_serve::config::Settings;
 use ttrl_serve::engine::{Engine, EngineConfig};
 use ttrl_serve::server::{self, AppState, HttpLimits, Ready};
@@ -36,6 +37,12 @@ pub struct ServeArgs {
     max_waiting: Option<usize>,
     #[arg(long, env = "TTRL_SHUTDOWN_GRACE_SECONDS")]
     shutdown_grace_seconds: Option<u64>,
+    /// Folder for named adapters.
+    #[arg(long, env = "TTRL_DATA_DIR")]
+    data_dir: Option<String>,
+    /// Bearer token that unlocks /admin/*.
+    #[arg(long, env = "TTRL_ADMIN_API_KEY")]
+    admin_api_key: Option<String>,
 }
 
 impl ServeArgs {
@@ -63,6 +70,12 @@ impl ServeArgs {
             .unwrap_or(s.server.shutdown_grace_seconds);
         s.engine.max_batch = self.max_batch.unwrap_or(s.engine.max_batch);
         s.engine.max_waiting = self.max_waiting.unwrap_or(s.engine.max_waiting);
+        if let Some(v) = &self.data_dir {
+            s.engine.data_dir = Some(v.clone());
+        }
+        if let Some(v) = &self.admin_api_key {
+            s.server.admin_api_key = Some(v.clone());
+        }
         Ok(s)
     }
 }
@@ -77,7 +90,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 async fn serve(settings: Settings) -> Result<()> {
     let prometheus = telemetry::install_recorder()?;
-    let state = AppState::new(prometheus);
+    let state = AppState::new(prometheus, settings.server.admin_api_key.clone());
     let limits = HttpLimits {
         body_limit_bytes: settings.server.body_limit_bytes,
     };
@@ -113,12 +126,24 @@ async fn serve(settings: Settings) -> Result<()> {
         max_batch: settings.engine.max_batch,
         max_waiting: settings.engine.max_waiting,
     };
-    let engine = Engine::start(loaded.model, tokenizer.clone(), name.clone(), engine_config);
+    let adapters_dir = settings.engine.adapters_dir();
+    let store = LocalDirStore::new(adapters_dir.clone(), &name)
+        .with_context(|| format!("opening the adapter folder {}", adapters_dir.display()))?;
+    tracing::info!("adapters live in {}", adapters_dir.display());
+    let engine = Engine::start(
+        loaded.model,
+        tokenizer.clone(),
+        name.clone(),
+        engine_config,
+        Some(Box::new(store)),
+        settings.adaptation.clone(),
+    );
     state.set_ready(Ready {
         engine,
         tokenizer,
         model_name: name.clone(),
         max_model_len,
+        adapt_defaults: settings.adaptation.clone(),
     });
     tracing::info!("ready: serving `{name}` (context {max_model_len} tokens)");
 

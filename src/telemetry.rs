@@ -12,6 +12,16 @@ pub const PROMPT_TOKENS: &str = "ttrl_prompt_tokens_total";
 pub const GENERATION_TOKENS: &str = "ttrl_generation_tokens_total";
 pub const REQUEST_SUCCESS: &str = "ttrl_request_success_total";
 pub const REQUEST_ERRORS: &str = "ttrl_request_errors_total";
+pub const ADAPTATION_BATCHES: &str = "ttrl_adaptation_batches_total";
+pub const ADAPTATION_DURATION: &str = "ttrl_adaptation_duration_seconds";
+pub const ADAPTATION_ROLLOUT_TOKENS: &str = "ttrl_adaptation_rollout_tokens_total";
+pub const ADAPTATION_VOTE_SHARE: &str = "ttrl_adaptation_vote_share";
+pub const ADAPTATION_FORKING_FRACTION: &str = "ttrl_adaptation_forking_fraction";
+pub const ADAPTATION_ENTROPY: &str = "ttrl_adaptation_entropy";
+pub const ADAPTATION_LOSS: &str = "ttrl_adaptation_loss";
+pub const ADAPTATION_KL: &str = "ttrl_adaptation_kl";
+pub const ADAPTATION_ROLLBACKS: &str = "ttrl_adaptation_rollbacks_total";
+pub const ADAPTER_VERSION: &str = "ttrl_adapter_version";
 
 /// Taken from vLLM's Prometheus exporter (seconds).
 pub const TTFT_BUCKETS: [f64; 22] = [
@@ -33,6 +43,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(TIME_TO_FIRST_TOKEN.into()), &TTFT_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(INTER_TOKEN_LATENCY.into()), &ITL_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(E2E_REQUEST_LATENCY.into()), &E2E_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(ADAPTATION_DURATION.into()), &E2E_BUCKETS)?
         .install_recorder()?;
     describe();
     Ok(handle)

@@ -89,7 +89,9 @@ fn every_route_is_documented_and_every_documented_path_is_routed() {
 fn real_responses_match_the_documented_schemas() {
     let doc = doc();
     let schema = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
-    let server = Server::tiny(&[]);
+    let config = std::env::temp_dir().join(format!("ttrl-openapi-{}.toml", std::process::id()));
+    std::fs::write(&config, "[adaptation]\nmax_tokens = 8\n").unwrap();
+    let server = Server::tiny(&["--config", config.to_str().unwrap(), "--admin-api-key", "k"]);
     let get = |path: &str| -> Value {
         ureq::get(&server.url(path))
             .call()
@@ -97,7 +99,8 @@ fn real_responses_match_the_documented_schemas() {
             .into_json()
             .unwrap()
     };
-    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2, "logprobs": true, "top_logprobs": 2});
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2, "logprobs": true, "top_logprobs": 2,
+        "adaptation": {"enabled": true, "samples": 4}});
     let completion = json!({"prompt": ["a", "b"], "max_tokens": 3, "logprobs": 2});
     let mut cases: Vec<(&str, Value, Value)> = vec![
         (
@@ -149,6 +152,10 @@ fn real_responses_match_the_documented_schemas() {
             serde_json::from_str(chunk).unwrap(),
         ));
     }
+    assert!(
+        cases[0].2.get("adaptation").is_some(),
+        "the chat case exercises the adaptation report"
+    );
     for (what, s, value) in &cases {
         check(&doc, s, value, what).unwrap_or_else(|e| panic!("{e}"));
     }

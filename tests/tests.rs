@@ -16,3 +16,5 @@ mod real_model;
 mod server;
 // The OpenAPI document against the router and real responses.
 mod openapi;
+// Test-time adaptation over HTTP and in-process on tiny models.
+mod adaptation;

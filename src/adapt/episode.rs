@@ -86,6 +86,9 @@ pub struct StepReport {
     pub vote_share: f32,
     pub grad_norm: f32,
     pub applied: bool,
+    /// Wall time of the rollouts and of the update (loss, backward, step, KL check).
+    pub rollout_ms: u64,
+    pub update_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -187,7 +190,8 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
     }
 }
 
-/// Mean k3 KL of `adapter` to the base model over the leaves' response tokens.
+/// Mean k3 KL of `adapter` to the base model over the response tokens of the first
+/// micro-batch of leaves: an estimate that costs two forwards, not two per micro-batch.
 fn mean_kl(
     model: &Model,
     adapter: &Adapter,
@@ -196,7 +200,7 @@ fn mean_kl(
 ) -> Result<f64> {
     let mut sum = 0.0;
     let mut count = 0;
-    for chunk in leaves.chunks(config.micro_batch.max(1)) {
+    for chunk in leaves.chunks(config.micro_batch.max(1)).take(1) {
         let refs: Vec<&TrainLeaf> = chunk.iter().filter(|l| !l.response.is_empty()).collect();
         if refs.is_empty() {
             continue;
@@ -272,6 +276,7 @@ pub fn run_episode(
             max_tokens: config.max_tokens,
             seed: seed.wrapping_add((step as u64) << 32),
         };
+        let rollout_started = Instant::now();
         let rollouts = rollout::run(
             model,
             tok,
@@ -279,6 +284,8 @@ pub fn run_episode(
             &prompts,
             &rollout_config,
         )?;
+        let rollout_ms = rollout_started.elapsed().as_millis() as u64;
+        let update_started = Instant::now();
         report.rollouts += rollouts.leaves.len();
         report.rollout_tokens += rollouts.generated_tokens;
         report.flat_equivalent_tokens += rollouts.flat_equivalent_tokens;
@@ -299,6 +306,8 @@ pub fn run_episode(
                 vote_share,
                 grad_norm: 0.0,
                 applied: false,
+                rollout_ms,
+                update_ms: 0,
             });
             continue;
         }
@@ -315,10 +324,7 @@ pub fn run_episode(
                 .filter(|t| t.mask.iter().any(|&m| m))
                 .count() as f32,
         };
-        let snapshot = (
-            learner.adapter.named_tensors(),
-            learner.optimizer.snapshot(),
-        );
+        let snapshot = (learner.adapter.snapshot()?, learner.optimizer.snapshot());
         let mut grads: Vec<Option<Tensor>> = vec![None; learner.adapter.vars().len()];
         let mut loss_value = 0.0f64;
         let mut stats = ObjectiveStats::default();
@@ -350,6 +356,8 @@ pub fn run_episode(
             vote_share,
             grad_norm: grad_norm as f32,
             applied: false,
+            rollout_ms,
+            update_ms: 0,
         };
         let rollback =
             |learner: &mut Learner, why: String, report: &mut EpisodeReport| -> Result<()> {
@@ -365,6 +373,7 @@ pub fn run_episode(
                 format!("rolled back: non-finite loss ({loss_value}) or gradient"),
                 &mut report,
             )?;
+            step_report.update_ms = update_started.elapsed().as_millis() as u64;
             report.steps.push(step_report);
             break;
         }
@@ -379,12 +388,14 @@ pub fn run_episode(
                 ),
                 &mut report,
             )?;
+            step_report.update_ms = update_started.elapsed().as_millis() as u64;
             report.steps.push(step_report);
             break;
         }
         learner.version += 1;
         report.applied = true;
         step_report.applied = true;
+        step_report.update_ms = update_started.elapsed().as_millis() as u64;
         report.steps.push(step_report);
     }
     report.duration_ms = started.elapsed().as_millis() as u64;

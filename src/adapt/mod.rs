@@ -6,6 +6,7 @@ pub mod config;
 pub mod episode;
 pub mod objective;
 pub mod optim;
+pub mod store;
 
 pub use config::{AdaptConfig, Method};
 pub use episode::{run_episode, EpisodeReport, Learner, Question, QuestionOutcome, StepReport};

@@ -73,15 +73,21 @@ pub(crate) fn token_logprobs(
             cache: None,
         })
         .collect();
-    let logits = model.forward(&mut inputs, adapter, LogitsFor::All)?;
-    let mut out = Vec::with_capacity(leaves.len());
+    // Only the rows that predict response tokens: from the last prompt position on.
+    let mut rows = Vec::new();
     let mut start = 0;
     for (leaf, seq) in leaves.iter().zip(&sequences) {
-        let n = leaf.response.len();
-        let rows = logits
-            .narrow(0, start + leaf.prompt.len() - 1, n)?
-            .to_dtype(DType::F32)?;
+        let first = start + leaf.prompt.len() - 1;
+        rows.extend((first..first + leaf.response.len()).map(|r| r as u32));
         start += seq.len();
+    }
+    let logits = model.forward(&mut inputs, adapter, LogitsFor::Rows(rows))?;
+    let mut out = Vec::with_capacity(leaves.len());
+    let mut start = 0;
+    for leaf in leaves {
+        let n = leaf.response.len();
+        let rows = logits.narrow(0, start, n)?.to_dtype(DType::F32)?;
+        start += n;
         let logp_all = candle_nn::ops::log_softmax(&(rows / f64::from(temperature))?, D::Minus1)?;
         let ids = Tensor::new(leaf.response.as_slice(), model.device())?.reshape((n, 1))?;
         let logp = logp_all.gather(&ids, 1)?.squeeze(1)?;

@@ -3,8 +3,10 @@
 
 use std::time::Instant;
 
+use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::adapt::{AdaptConfig, Question, StepReport};
 use crate::generation::{FinishReason, StopRules};
 use crate::sampling::{SampledToken, Sampling};
 
@@ -18,13 +20,82 @@ pub struct GenerateJob {
     pub seed: u64,
     pub rules: StopRules,
     pub top_logprobs: usize,
+    /// A named adapter to answer with; `None` is the base model.
+    pub adapter: Option<String>,
+    /// Adapt on this question (with the others of its batch) before answering.
+    pub adaptation: Option<AdaptRequest>,
     pub events: mpsc::UnboundedSender<Event>,
     pub arrived: Instant,
     pub span: tracing::Span,
 }
 
+#[derive(Debug, Clone)]
+pub struct AdaptRequest {
+    pub question: Question,
+    /// The server's defaults with this request's overrides applied.
+    pub config: AdaptConfig,
+    /// Persistent named adapter; `None` adapts an ephemeral one, dropped after the batch.
+    pub adapter: Option<String>,
+}
+
+impl AdaptRequest {
+    /// Requests batch together only when they would run the same episode.
+    pub fn batch_key(&self) -> String {
+        let c = &self.config;
+        format!(
+            "{:?}|{:?}|{:?}|{}|{}",
+            self.adapter, c.method, c.rollout, c.samples, c.steps
+        )
+    }
+}
+
+/// The `adaptation` object of an adapted response (../shared/DESIGN.md), plus what the
+/// playground draws.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AdaptationReport {
+    pub applied: bool,
+    pub method: &'static str,
+    pub rollout: &'static str,
+    pub adapter: Option<String>,
+    /// Version before the episode and after it.
+    pub adapter_version_before: u64,
+    pub adapter_version: u64,
+    pub steps: usize,
+    pub rollouts: usize,
+    pub rollout_tokens: usize,
+    pub flat_equivalent_tokens: usize,
+    pub majority_answer: Option<String>,
+    pub vote_share: f32,
+    pub votes: Vec<(String, usize)>,
+    pub forking_fraction: f32,
+    pub mean_entropy: f32,
+    pub loss: f32,
+    pub kl: f32,
+    pub duration_ms: u64,
+    pub rolled_back: bool,
+    pub note: Option<String>,
+    pub batch_questions: usize,
+    pub step_metrics: Vec<StepReport>,
+    /// This question's leaves of the last step.
+    pub tree: Vec<TreeLeaf>,
+}
+
+/// One leaf for the tree view: tokens with their entropies, and where it forked.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TreeLeaf {
+    /// Index (within this question's leaves) of the root it branched from, and the position.
+    pub parent: Option<usize>,
+    pub fork_at: Option<usize>,
+    pub tokens: Vec<String>,
+    pub entropies: Vec<f32>,
+    pub answer: Option<String>,
+    pub reward: f32,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The adaptation episode ran; sent before any token.
+    Adapted(Box<AdaptationReport>),
     /// One generated token of choice `index` and the text it released (may be empty while
     /// a possible stop string is held back).
     Token {

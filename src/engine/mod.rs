@@ -1,21 +1,22 @@
 //! The engine: the single owner of the model. A cheap `Clone` handle sends commands to one
-//! thread that owns the weights, schedules generation (continuous batching) and is the only
-//! place where weights change.
+//! thread that owns the weights and adapters, schedules generation (continuous batching)
+//! and adaptation, and is the only place where weights change.
 
 mod job;
 mod scheduler;
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+pub use job::{AdaptRequest, AdaptationReport, Event, GenerateJob, TreeLeaf};
+pub use scheduler::{AdapterInfo, Load};
 
-pub use job::{Event, GenerateJob};
-pub use scheduler::Load;
-
+use crate::adapt::store::AdapterStore;
+use crate::adapt::AdaptConfig;
 use crate::model::{Model, TextTokenizer};
-use scheduler::{Command, Scheduler};
+use scheduler::{AdminCommand, Command, Scheduler};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
@@ -35,38 +36,45 @@ pub enum SubmitError {
 
 #[derive(Clone)]
 pub struct Engine {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
     load: Arc<Load>,
     max_waiting: usize,
-    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Engine {
-    /// Starts the engine thread; it owns `model` from here on.
+    /// Starts the engine thread; it owns `model` (and every adapter in `store`) from here on.
     pub fn start(
         model: Model,
         tokenizer: Arc<TextTokenizer>,
         model_label: String,
         config: EngineConfig,
+        store: Option<Box<dyn AdapterStore>>,
+        adapt_defaults: AdaptConfig,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
-        let scheduler = Scheduler::new(
-            model,
-            tokenizer,
-            model_label,
-            config.max_batch,
-            load.clone(),
-        );
+        let shared = load.clone();
         let thread = std::thread::Builder::new()
             .name("ttrl-engine".into())
-            .spawn(move || scheduler.run(rx))
+            .spawn(move || {
+                Scheduler::new(
+                    model,
+                    tokenizer,
+                    model_label,
+                    config.max_batch,
+                    shared,
+                    store,
+                    adapt_defaults,
+                )
+                .run(rx)
+            })
             .expect("spawning the engine thread");
         Self {
             commands: tx,
             load,
             max_waiting: config.max_waiting,
-            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            thread: Arc::new(Mutex::new(Some(thread))),
         }
     }
 
@@ -81,10 +89,49 @@ impl Engine {
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull(waiting));
         }
-        self.commands.send(Command::Generate(job)).map_err(|_| {
-            self.load.waiting.fetch_sub(1, Ordering::SeqCst);
-            SubmitError::Stopped
-        })
+        self.commands
+            .send(Command::Generate(Box::new(job)))
+            .map_err(|_| {
+                self.load.waiting.fetch_sub(1, Ordering::SeqCst);
+                SubmitError::Stopped
+            })
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> AdminCommand,
+    ) -> Result<T, SubmitError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::Admin(make(tx)))
+            .map_err(|_| SubmitError::Stopped)?;
+        rx.await.map_err(|_| SubmitError::Stopped)
+    }
+
+    pub async fn adapters(&self) -> Result<Vec<AdapterInfo>, SubmitError> {
+        self.ask(AdminCommand::List).await
+    }
+
+    pub async fn reset_adapter(
+        &self,
+        name: String,
+    ) -> Result<crate::Result<AdapterInfo>, SubmitError> {
+        self.ask(|tx| AdminCommand::Reset(name, tx)).await
+    }
+
+    pub async fn export_adapter(
+        &self,
+        name: String,
+    ) -> Result<crate::Result<PathBuf>, SubmitError> {
+        self.ask(|tx| AdminCommand::Export(name, tx)).await
+    }
+
+    pub async fn import_adapter(
+        &self,
+        name: String,
+        dir: PathBuf,
+    ) -> Result<crate::Result<AdapterInfo>, SubmitError> {
+        self.ask(|tx| AdminCommand::Import(name, dir, tx)).await
     }
 
     /// Lets in-flight work finish within `grace`, aborts the rest, and waits for the thread.

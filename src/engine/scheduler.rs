@@ -1,26 +1,57 @@
-//! The engine loop: the only owner of the model. It admits queued jobs between steps
-//! (continuous batching), advances every running sequence by one token per batched forward,
-//! streams tokens to each job's channel and frees the sequences of jobs whose client left.
+//! The engine loop: the only owner of the model and its adapters. Between decode steps it
+//! admits queued jobs (continuous batching), runs adaptation episodes for batches whose
+//! window has closed, and frees the sequences of jobs whose client left. Each step advances
+//! every running sequence by one token, one forward per adapter in use.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
-use super::job::{Event, GenerateJob};
+use super::job::{AdaptationReport, Event, GenerateJob, TreeLeaf};
+use crate::adapt::store::AdapterStore;
+use crate::adapt::{run_episode, AdaptConfig, EpisodeReport, Learner, Method};
 use crate::generation::{decode_step, FinishReason, Sequence};
-use crate::model::{Model, TextTokenizer};
+use crate::model::{Adapter, Model, TextTokenizer};
+use crate::reward::{canonical, extract_answer, majority_vote};
+use crate::rollout::RolloutKind;
 use crate::sampling::Sampler;
 use crate::telemetry as m;
 
 pub enum Command {
-    Generate(GenerateJob),
+    Generate(Box<GenerateJob>),
+    Admin(AdminCommand),
     /// Finish what is in flight within `grace`, abort the rest, then stop.
     Shutdown {
         grace: Duration,
     },
+}
+
+/// Adapter management, each with its reply channel.
+pub enum AdminCommand {
+    List(tokio::sync::oneshot::Sender<Vec<AdapterInfo>>),
+    /// Back to a fresh adapter (version 0), saved.
+    Reset(
+        String,
+        tokio::sync::oneshot::Sender<crate::Result<AdapterInfo>>,
+    ),
+    /// Saves the adapter and returns the folder holding its PEFT files.
+    Export(
+        String,
+        tokio::sync::oneshot::Sender<crate::Result<std::path::PathBuf>>,
+    ),
+    /// Loads PEFT files from a folder as the named adapter (version 0), saved.
+    Import(
+        String,
+        std::path::PathBuf,
+        tokio::sync::oneshot::Sender<crate::Result<AdapterInfo>>,
+    ),
+}
+
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub version: u64,
 }
 
 /// Counts shared with the handle, so the server can refuse work without asking the loop.
@@ -151,6 +182,13 @@ fn releasable(text: &str, sent: usize, holdback: usize, finished: bool) -> Strin
         .to_string()
 }
 
+/// Adaptation requests collecting for one batch.
+struct PendingBatch {
+    key: String,
+    opened: Instant,
+    jobs: Vec<GenerateJob>,
+}
+
 pub struct Scheduler {
     model: Model,
     tokenizer: Arc<TextTokenizer>,
@@ -159,7 +197,16 @@ pub struct Scheduler {
     load: Arc<Load>,
     waiting: VecDeque<GenerateJob>,
     running: Vec<Active>,
+    pending: Vec<PendingBatch>,
+    /// Named adapters, and ephemeral ones while their batch is being answered.
+    learners: HashMap<String, Learner>,
+    store: Option<Box<dyn AdapterStore>>,
+    defaults: AdaptConfig,
+    episodes: u64,
 }
+
+/// Ephemeral adapters live under names no request can spell.
+const EPHEMERAL_PREFIX: &str = "~ephemeral-";
 
 impl Scheduler {
     pub fn new(
@@ -168,7 +215,27 @@ impl Scheduler {
         model_label: String,
         max_batch: usize,
         load: Arc<Load>,
+        store: Option<Box<dyn AdapterStore>>,
+        defaults: AdaptConfig,
     ) -> Self {
+        let mut learners = HashMap::new();
+        if let Some(store) = &store {
+            match store.load_all(model.config(), model.dtype(), model.device()) {
+                Ok(stored) => {
+                    for s in stored {
+                        tracing::info!("loaded adapter `{}` version {}", s.name, s.version);
+                        metrics::gauge!(m::ADAPTER_VERSION, "model" => model_label.clone(), "adapter" => s.name.clone()).set(s.version as f64);
+                        match Learner::new(s.adapter, &defaults, s.version) {
+                            Ok(l) => {
+                                learners.insert(s.name, l);
+                            }
+                            Err(e) => tracing::error!("adapter `{}`: {e}", s.name),
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("loading adapters: {e}"),
+            }
+        }
         Self {
             model,
             tokenizer,
@@ -177,30 +244,43 @@ impl Scheduler {
             load,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            pending: Vec::new(),
+            learners,
+            store,
+            defaults,
+            episodes: 0,
         }
     }
 
     /// Runs until the command channel closes or a shutdown's grace period ends.
-    pub fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    pub fn run(mut self, commands: mpsc::Receiver<Command>) {
         let mut deadline: Option<Instant> = None;
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
-                if deadline.is_some() {
+                if deadline.is_some() && self.pending.is_empty() {
                     break;
                 }
-                match commands.blocking_recv() {
-                    Some(cmd) => self.accept(cmd, &mut deadline),
-                    None => break,
+                // Idle: sleep until a command arrives or the oldest adaptation window closes.
+                let received = match self.next_window_close() {
+                    Some(at) => commands.recv_timeout(at.saturating_duration_since(Instant::now())),
+                    None => commands
+                        .recv()
+                        .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match received {
+                    Ok(cmd) => self.accept(cmd, &mut deadline),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             }
             while let Ok(cmd) = commands.try_recv() {
                 self.accept(cmd, &mut deadline);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                self.abort_all();
                 break;
             }
             self.drop_cancelled();
+            self.run_due_batches(deadline.is_some());
             self.admit();
             self.step();
             self.publish_load();
@@ -210,18 +290,360 @@ impl Scheduler {
 
     fn accept(&mut self, cmd: Command, deadline: &mut Option<Instant>) {
         match cmd {
-            Command::Generate(job) => {
-                if deadline.is_some() {
-                    let _ = job
-                        .events
-                        .send(Event::Error("the server is shutting down".into()));
-                    self.load.waiting.fetch_sub(1, Ordering::SeqCst);
-                } else {
-                    self.waiting.push_back(job);
-                }
+            Command::Generate(job) if deadline.is_some() => {
+                let job = *job;
+                let _ = job
+                    .events
+                    .send(Event::Error("the server is shutting down".into()));
+                self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             }
+            Command::Generate(job) => match job.adaptation.as_ref().map(|r| r.batch_key()) {
+                Some(key) => {
+                    let job = *job;
+                    match self.pending.iter_mut().find(|b| b.key == key) {
+                        Some(batch) => batch.jobs.push(job),
+                        None => self.pending.push(PendingBatch {
+                            key,
+                            opened: Instant::now(),
+                            jobs: vec![job],
+                        }),
+                    }
+                }
+                None => self.waiting.push_back(*job),
+            },
+            Command::Admin(cmd) => self.admin(cmd),
             Command::Shutdown { grace } => *deadline = Some(Instant::now() + grace),
         }
+    }
+
+    fn next_window_close(&self) -> Option<Instant> {
+        self.pending.iter().map(|b| b.opened + self.window(b)).min()
+    }
+
+    fn window(&self, batch: &PendingBatch) -> Duration {
+        let ms = batch
+            .jobs
+            .first()
+            .and_then(|j| j.adaptation.as_ref())
+            .map_or(self.defaults.batch_window_ms, |a| a.config.batch_window_ms);
+        Duration::from_millis(ms)
+    }
+
+    /// Runs every batch whose window has closed or that is full (all of them when draining).
+    fn run_due_batches(&mut self, draining: bool) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let batch = &self.pending[i];
+            let max = batch
+                .jobs
+                .first()
+                .and_then(|j| j.adaptation.as_ref())
+                .map_or(self.defaults.max_questions, |a| a.config.max_questions);
+            if draining || now >= batch.opened + self.window(batch) || batch.jobs.len() >= max {
+                let batch = self.pending.remove(i);
+                self.adapt_and_queue(batch);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// One episode for the batch, then its jobs queue (first in line) to be answered with
+    /// the adapted weights.
+    fn adapt_and_queue(&mut self, batch: PendingBatch) {
+        let mut jobs: Vec<GenerateJob> = batch
+            .jobs
+            .into_iter()
+            .filter(|j| !j.events.is_closed())
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let req = jobs[0]
+            .adaptation
+            .clone()
+            .expect("a pending batch holds adaptation jobs");
+        let config = req.config.clone();
+        let key = match &req.adapter {
+            Some(name) => name.clone(),
+            None => {
+                self.episodes += 1;
+                format!("{EPHEMERAL_PREFIX}{}", self.episodes)
+            }
+        };
+        let learner = match self.learners.remove(&key) {
+            Some(l) => Ok(l),
+            None => Adapter::new(
+                &key,
+                config.lora.clone(),
+                self.model.config(),
+                self.model.dtype(),
+                self.model.device(),
+                self.episodes,
+            )
+            .and_then(|a| Learner::new(a, &config, 0)),
+        };
+        let mut learner = match learner {
+            Ok(l) => l,
+            Err(e) => return self.fail_jobs(jobs, &format!("adaptation failed: {e}")),
+        };
+        let version_before = learner.version;
+        let questions: Vec<_> = jobs
+            .iter()
+            .map(|j| {
+                j.adaptation
+                    .as_ref()
+                    .expect("adaptation job")
+                    .question
+                    .clone()
+            })
+            .collect();
+        let seed = jobs[0].seed ^ 0x5eed;
+        let started = Instant::now();
+        let result = run_episode(
+            &self.model,
+            &self.tokenizer,
+            &mut learner,
+            &questions,
+            &config,
+            seed,
+        );
+        let label = self.model_label.clone();
+        metrics::histogram!(m::ADAPTATION_DURATION, "model" => label.clone())
+            .record(started.elapsed().as_secs_f64());
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.learners.insert(key, learner);
+                return self.fail_jobs(jobs, &format!("adaptation failed: {e}"));
+            }
+        };
+        self.record_episode(&report, req.adapter.as_deref(), learner.version);
+        if report.applied {
+            if let (Some(store), Some(_)) = (&self.store, &req.adapter) {
+                if let Err(e) = store.save(&learner.adapter, learner.version) {
+                    tracing::error!("saving adapter `{key}`: {e}");
+                }
+            }
+            // Sequences decoding with the old weights recompute their caches.
+            for a in self
+                .running
+                .iter_mut()
+                .filter(|a| a.job.adapter.as_deref() == Some(key.as_str()))
+            {
+                for s in &mut a.seqs {
+                    s.reset_cache(&self.model);
+                }
+            }
+        }
+        for (q, job) in jobs.iter_mut().enumerate() {
+            let r = self.report_for(
+                &report,
+                &config,
+                &req.adapter,
+                version_before,
+                learner.version,
+                q,
+                &questions[q].format,
+            );
+            let _ = job.events.send(Event::Adapted(Box::new(r)));
+            job.adapter = Some(key.clone());
+            job.adaptation = None;
+        }
+        self.learners.insert(key, learner);
+        for job in jobs.into_iter().rev() {
+            self.waiting.push_front(job);
+        }
+    }
+
+    fn fail_jobs(&mut self, jobs: Vec<GenerateJob>, message: &str) {
+        tracing::error!("{message}");
+        // Errors may carry a backtrace; clients get the sentence.
+        let message = message.lines().next().unwrap_or(message);
+        for job in jobs {
+            self.load.waiting.fetch_sub(1, Ordering::SeqCst);
+            let _ = job.events.send(Event::Error(message.to_string()));
+        }
+    }
+
+    fn record_episode(&self, report: &EpisodeReport, adapter: Option<&str>, version: u64) {
+        let label = self.model_label.clone();
+        metrics::counter!(m::ADAPTATION_BATCHES, "model" => label.clone()).increment(1);
+        metrics::counter!(m::ADAPTATION_ROLLOUT_TOKENS, "model" => label.clone())
+            .increment(report.rollout_tokens as u64);
+        if report.rolled_back {
+            metrics::counter!(m::ADAPTATION_ROLLBACKS, "model" => label.clone()).increment(1);
+        }
+        if let Some(last) = report.steps.last() {
+            metrics::gauge!(m::ADAPTATION_VOTE_SHARE, "model" => label.clone())
+                .set(f64::from(last.vote_share));
+            metrics::gauge!(m::ADAPTATION_FORKING_FRACTION, "model" => label.clone())
+                .set(f64::from(last.forking_fraction));
+            metrics::gauge!(m::ADAPTATION_ENTROPY, "model" => label.clone())
+                .set(f64::from(last.mean_forking_entropy));
+            metrics::gauge!(m::ADAPTATION_LOSS, "model" => label.clone()).set(f64::from(last.loss));
+            metrics::gauge!(m::ADAPTATION_KL, "model" => label.clone()).set(f64::from(last.kl));
+        }
+        if let Some(name) = adapter {
+            metrics::gauge!(m::ADAPTER_VERSION, "model" => label, "adapter" => name.to_string())
+                .set(version as f64);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn report_for(
+        &self,
+        report: &EpisodeReport,
+        config: &AdaptConfig,
+        adapter: &Option<String>,
+        version_before: u64,
+        version: u64,
+        question: usize,
+        format: &crate::reward::AnswerFormat,
+    ) -> AdaptationReport {
+        let outcome = report.questions.get(question);
+        let last = report.steps.last();
+        let leaves: Vec<_> = report
+            .last_rollouts
+            .leaves
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.question == question)
+            .collect();
+        let answers: Vec<Option<String>> = leaves
+            .iter()
+            .map(|(_, l)| extract_answer(&l.text, *format).map(|a| canonical(&a, *format)))
+            .collect();
+        let vote = majority_vote(&answers);
+        let tree = leaves
+            .iter()
+            .zip(&answers)
+            .zip(&vote.rewards)
+            .map(|(((_, leaf), answer), reward)| TreeLeaf {
+                parent: leaf
+                    .fork
+                    .and_then(|(root, _)| leaves.iter().position(|(i, _)| *i == root)),
+                fork_at: leaf.fork.map(|(_, at)| at),
+                tokens: leaf
+                    .response
+                    .iter()
+                    .map(|&t| self.tokenizer.token_text(t))
+                    .collect(),
+                entropies: leaf.entropies.clone(),
+                answer: answer.clone(),
+                reward: *reward,
+            })
+            .collect();
+        AdaptationReport {
+            applied: report.applied,
+            method: match config.method {
+                Method::Spine => "spine",
+                Method::Ttrl => "ttrl",
+            },
+            rollout: match config.rollout {
+                RolloutKind::Tree => "tree",
+                RolloutKind::Flat => "flat",
+            },
+            adapter: adapter.clone(),
+            adapter_version_before: version_before,
+            adapter_version: version,
+            steps: report.steps.len(),
+            rollouts: report.rollouts,
+            rollout_tokens: report.rollout_tokens,
+            flat_equivalent_tokens: report.flat_equivalent_tokens,
+            majority_answer: outcome.and_then(|o| o.majority_answer.clone()),
+            vote_share: outcome.map_or(0.0, |o| o.vote_share),
+            votes: outcome.map(|o| o.votes.clone()).unwrap_or_default(),
+            forking_fraction: last.map_or(0.0, |s| s.forking_fraction),
+            mean_entropy: last.map_or(0.0, |s| s.mean_forking_entropy),
+            loss: last.map_or(0.0, |s| s.loss),
+            kl: last.map_or(0.0, |s| s.kl),
+            duration_ms: report.duration_ms,
+            rolled_back: report.rolled_back,
+            note: report.note.clone(),
+            batch_questions: report.questions.len(),
+            step_metrics: report.steps.clone(),
+            tree,
+        }
+    }
+
+    fn admin(&mut self, cmd: AdminCommand) {
+        match cmd {
+            AdminCommand::List(reply) => {
+                let mut list: Vec<AdapterInfo> = self
+                    .learners
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with(EPHEMERAL_PREFIX))
+                    .map(|(k, l)| AdapterInfo {
+                        name: k.clone(),
+                        version: l.version,
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                let _ = reply.send(list);
+            }
+            AdminCommand::Reset(name, reply) => {
+                let fresh = Adapter::new(
+                    &name,
+                    self.defaults.lora.clone(),
+                    self.model.config(),
+                    self.model.dtype(),
+                    self.model.device(),
+                    0,
+                );
+                let _ = reply.send(fresh.and_then(|a| self.install(a, 0)));
+            }
+            AdminCommand::Import(name, dir, reply) => {
+                let loaded = Adapter::load(
+                    &name,
+                    &dir,
+                    self.model.config(),
+                    self.model.dtype(),
+                    self.model.device(),
+                );
+                let _ = reply.send(loaded.and_then(|a| self.install(a, 0)));
+            }
+            AdminCommand::Export(name, reply) => {
+                let result = match (self.learners.get(&name), &self.store) {
+                    (Some(l), Some(store)) => store
+                        .save(&l.adapter, l.version)
+                        .map(|_| store.path_of(&name)),
+                    (None, _) => Err(crate::Error::Adapter {
+                        name,
+                        reason: "no such adapter".into(),
+                    }),
+                    (_, None) => Err(crate::Error::Adapter {
+                        name,
+                        reason: "no adapter store is configured".into(),
+                    }),
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Replaces (or adds) a named adapter, saves it, and restarts the caches that used it.
+    fn install(&mut self, adapter: Adapter, version: u64) -> crate::Result<AdapterInfo> {
+        let name = adapter.name().to_string();
+        if let Some(store) = &self.store {
+            store.save(&adapter, version)?;
+        }
+        self.learners.insert(
+            name.clone(),
+            Learner::new(adapter, &self.defaults, version)?,
+        );
+        for a in self
+            .running
+            .iter_mut()
+            .filter(|a| a.job.adapter.as_deref() == Some(name.as_str()))
+        {
+            for s in &mut a.seqs {
+                s.reset_cache(&self.model);
+            }
+        }
+        metrics::gauge!(m::ADAPTER_VERSION, "model" => self.model_label.clone(), "adapter" => name.clone()).set(version as f64);
+        Ok(AdapterInfo { name, version })
     }
 
     fn running_seqs(&self) -> usize {
@@ -243,6 +665,16 @@ impl Scheduler {
             if job.events.is_closed() {
                 continue;
             }
+            if let Some(name) = job
+                .adapter
+                .as_deref()
+                .filter(|n| !self.learners.contains_key(*n))
+            {
+                let _ = job
+                    .events
+                    .send(Event::Error(format!("adapter `{name}` does not exist")));
+                continue;
+            }
             metrics::counter!(m::PROMPT_TOKENS, "model" => self.model_label.clone())
                 .increment((job.prompt.len() * job.n) as u64);
             self.running.push(Active::new(job, &self.model));
@@ -257,26 +689,46 @@ impl Scheduler {
         self.load
             .waiting
             .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        for batch in &mut self.pending {
+            let before = batch.jobs.len();
+            batch.jobs.retain(|j| !j.events.is_closed());
+            self.load
+                .waiting
+                .fetch_sub(before - batch.jobs.len(), Ordering::SeqCst);
+        }
+        self.pending.retain(|b| !b.jobs.is_empty());
     }
 
     fn step(&mut self) {
         if self.running.is_empty() {
             return;
         }
-        let result = {
+        let mut keys: Vec<Option<String>> =
+            self.running.iter().map(|a| a.job.adapter.clone()).collect();
+        keys.dedup();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let adapter = key
+                .as_deref()
+                .and_then(|k| self.learners.get(k))
+                .map(|l| &l.adapter);
             let mut batch: Vec<&mut Sequence> = self
                 .running
                 .iter_mut()
+                .filter(|a| a.job.adapter == key)
                 .flat_map(|a| a.seqs.iter_mut())
                 .collect();
-            decode_step(&self.model, &self.tokenizer, &mut batch, None)
-        };
-        if let Err(e) = result {
-            tracing::error!("decode step failed: {e}");
-            for a in self.running.drain(..) {
-                let _ = a.job.events.send(Event::Error(e.to_string()));
+            if let Err(e) = decode_step(&self.model, &self.tokenizer, &mut batch, adapter) {
+                tracing::error!("decode step failed: {e}");
+                self.running.retain(|a| {
+                    let hit = a.job.adapter == key;
+                    if hit {
+                        let _ = a.job.events.send(Event::Error(e.to_string()));
+                    }
+                    !hit
+                });
             }
-            return;
         }
         for a in &mut self.running {
             a.emit(&self.model_label);
@@ -287,12 +739,24 @@ impl Scheduler {
                 return true;
             }
             let _enter = a.job.span.enter();
-            metrics::histogram!(m::E2E_REQUEST_LATENCY, "model" => label.clone())
-                .record(a.job.arrived.elapsed().as_secs_f64());
+            metrics::histogram!(m::E2E_REQUEST_LATENCY, "model" => label.clone()).record(a.job.arrived.elapsed().as_secs_f64());
             let reason = a.seqs.iter().filter_map(Sequence::finish_reason).next_back().unwrap_or(FinishReason::Stop);
-            metrics::counter!(m::REQUEST_SUCCESS, "model" => label.clone(), "finished_reason" => reason.as_str())
-                .increment(1);
+            metrics::counter!(m::REQUEST_SUCCESS, "model" => label.clone(), "finished_reason" => reason.as_str()).increment(1);
             false
+        });
+        // Ephemeral adapters go when the last job answered with them has finished.
+        let in_use: Vec<String> = self
+            .running
+            .iter()
+            .filter_map(|a| a.job.adapter.clone())
+            .collect();
+        let queued: Vec<String> = self
+            .waiting
+            .iter()
+            .filter_map(|j| j.adapter.clone())
+            .collect();
+        self.learners.retain(|k, _| {
+            !k.starts_with(EPHEMERAL_PREFIX) || in_use.contains(k) || queued.contains(k)
         });
     }
 
@@ -304,7 +768,11 @@ impl Scheduler {
             a.emit(&self.model_label);
         }
         self.running.clear();
-        for job in self.waiting.drain(..) {
+        let queued = self
+            .waiting
+            .drain(..)
+            .chain(self.pending.drain(..).flat_map(|b| b.jobs));
+        for job in queued {
             let _ = job
                 .events
                 .send(Event::Error("the server is shutting down".into()));

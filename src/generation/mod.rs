@@ -111,6 +111,13 @@ impl Sequence {
         self.finish.get_or_insert(FinishReason::Abort);
     }
 
+    /// Drops the KV cache; the next step recomputes it. Called when the weights this
+    /// sequence decodes with change: a cache never outlives its weight version.
+    pub fn reset_cache(&mut self, model: &Model) {
+        self.cache = model.new_cache();
+        self.pending = self.tokens.clone();
+    }
+
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()
     }

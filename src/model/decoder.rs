@@ -36,12 +36,15 @@ impl Linear {
 }
 
 /// Which rows of the packed batch get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsFor {
     /// The last position of each sequence: (sequences, vocab).
     Last,
     /// Every position: (total tokens, vocab), sequences one after another.
     All,
+    /// These rows of the packed batch (training skips prompts: the vocabulary projection
+    /// is the costliest matmul of a small model).
+    Rows(Vec<u32>),
 }
 
 /// One sequence's share of a forward pass.
@@ -54,6 +57,9 @@ pub struct SeqInput<'a> {
 struct Span {
     start: usize,
     len: usize,
+    /// Causal mask over (new tokens, all keys), built once per forward and shared by every
+    /// layer; `None` for a single new token, which sees every key.
+    mask: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -325,6 +331,7 @@ impl Model {
             spans.push(Span {
                 start: ids.len(),
                 len: s.tokens.len(),
+                mask: self.causal_mask(s.tokens.len(), offset)?,
             });
             ids.extend_from_slice(s.tokens);
             positions.extend(offset as u32..end as u32);
@@ -346,6 +353,9 @@ impl Model {
             LogitsFor::Last => {
                 let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
                 x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+            }
+            LogitsFor::Rows(rows) => {
+                x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
             }
         };
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
@@ -408,15 +418,11 @@ impl Model {
             let qi = q.narrow(0, span.start, span.len)?.transpose(0, 1)?;
             let ki = k.narrow(0, span.start, span.len)?.transpose(0, 1)?;
             let vi = v.narrow(0, span.start, span.len)?.transpose(0, 1)?;
-            let (offset, ki, vi) = match seq.cache.as_deref_mut() {
-                Some(cache) => {
-                    let offset = cache.len();
-                    let (k_all, v_all) = cache.append(index, &ki, &vi)?;
-                    (offset, k_all, v_all)
-                }
-                None => (0, ki, vi),
+            let (ki, vi) = match seq.cache.as_deref_mut() {
+                Some(cache) => cache.append(index, &ki, &vi)?,
+                None => (ki, vi),
             };
-            outs.push(self.attention(&qi, &ki, &vi, offset)?);
+            outs.push(self.attention(&qi, &ki, &vi, span.mask.as_ref())?);
         }
         let attn = Tensor::cat(&outs, 0)?;
         let x = (x + proj(&layer.o_proj, Projection::O, &attn)?)?;
@@ -433,34 +439,49 @@ impl Model {
     ///
     /// Grouped queries are folded into the row dimension, (kv_heads, groups * n, d), so the
     /// keys are never copied per group.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, offset: usize) -> Result<Tensor> {
+    /// 0 where query row r (at position offset + r) may see key column c, -inf after it.
+    fn causal_mask(&self, n: usize, offset: usize) -> Result<Option<Tensor>> {
+        if n == 1 {
+            return Ok(None);
+        }
+        let keys = offset + n;
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|row| {
+                (0..keys).map(move |col| {
+                    if col <= offset + row {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(mask, (n, keys), &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (heads, n, d) = q.dims3()?;
         let kv_heads = c.num_key_value_heads;
         let groups = c.kv_groups();
-        let keys = offset + n;
+        let keys = k.dim(1)?;
         let q = q.contiguous()?.reshape((kv_heads, groups * n, d))?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = if n > 1 {
-            let mask: Vec<f32> = (0..n)
-                .flat_map(|row| {
-                    (0..keys).map(move |col| {
-                        if col <= offset + row {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (n, keys), &self.device)?.to_dtype(scores.dtype())?;
-            scores
+        let scores = match mask {
+            Some(mask) => scores
                 .reshape((kv_heads, groups, n, keys))?
-                .broadcast_add(&mask)?
-                .reshape((kv_heads, groups * n, keys))?
-        } else {
-            scores
+                .broadcast_add(mask)?
+                .reshape((kv_heads, groups * n, keys))?,
+            None => scores,
         };
         // Softmax in f32 (or f64) as HF does, then back to the model dtype.
         let compute = if self.dtype == DType::F64 {

@@ -265,6 +265,15 @@ impl Adapter {
             .collect()
     }
 
+    /// Deep copies of every tensor (named as PEFT names them), for undoing a step: the views
+    /// of [`Self::named_tensors`] share storage with the live weights.
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
+        self.named_tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.copy()?)))
+            .collect()
+    }
+
     /// Overwrites every tensor with `values` (same names and shapes as [`Self::named_tensors`]).
     pub fn set_tensors(&self, values: &HashMap<String, Tensor>) -> Result<()> {
         for (i, p, pair) in self.entries() {
@@ -287,9 +296,15 @@ impl Adapter {
         Ok(())
     }
 
-    /// Writes the PEFT files atomically: into a sibling temp folder, then renamed into place,
-    /// so a crash leaves either the old adapter or the new one, never half of each.
-    pub fn save(&self, dir: &Path, base_model: Option<&str>) -> Result<()> {
+    /// Writes the PEFT files (plus `extra_files`, name and contents) atomically: into a
+    /// sibling temp folder, then renamed into place, so a crash leaves either the old adapter
+    /// or the new one, never half of each.
+    pub fn save(
+        &self,
+        dir: &Path,
+        base_model: Option<&str>,
+        extra_files: &[(&str, String)],
+    ) -> Result<()> {
         let parent = dir.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)?;
         let file_name = dir
@@ -325,6 +340,9 @@ impl Adapter {
             reason: e.to_string(),
         })?;
         std::fs::write(tmp.join(CONFIG_FILE), json)?;
+        for (name, contents) in extra_files {
+            std::fs::write(tmp.join(name), contents)?;
+        }
         let old = parent.join(format!(".{file_name}.old-{}", std::process::id()));
         if dir.exists() {
             std::fs::rename(dir, &old)?;

@@ -23,7 +23,7 @@ pub fn majority_vote(answers: &[Option<String>]) -> Vote {
         }
     }
     // Stable sort: equal counts keep their order of first appearance.
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     let label = counts.first().map(|(k, _)| k.clone());
     let rewards: Vec<f32> = answers
         .iter()

@@ -31,7 +31,7 @@ pub async fn chat_completions(
         return Ok(stream(ready, valid, submitted, id));
     }
     let prompt_tokens = submitted.prompt_tokens;
-    let results = collect(submitted).await?;
+    let (results, adaptation) = collect(submitted).await?;
     let completion_tokens = results.iter().map(|r| r.tokens.len()).sum();
     let choices = results
         .into_iter()
@@ -59,6 +59,7 @@ pub async fn chat_completions(
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         },
+        adaptation,
     })
     .into_response())
 }
@@ -78,6 +79,7 @@ fn stream(
             model: ready.model_name.clone(),
             choices,
             usage,
+            adaptation: None,
         };
         for index in 0..submitted.choices {
             let first = ChatChunkChoice {
@@ -125,6 +127,16 @@ fn stream(
                         logprobs: None,
                         finish_reason: Some(reason.as_str()),
                     }
+                }
+                Event::Adapted(report) => {
+                    let note = ChatCompletionChunk {
+                        adaptation: Some(*report),
+                        ..chunk(Vec::new(), None)
+                    };
+                    if !send_json(&tx, &note).await {
+                        return;
+                    }
+                    continue;
                 }
                 Event::Error(message) => {
                     send_json(&tx, &ApiError::Unavailable(message).body()).await;

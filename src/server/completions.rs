@@ -25,7 +25,7 @@ pub async fn completions(
         return Ok(stream(ready, valid, submitted, id));
     }
     let prompt_tokens = submitted.prompt_tokens;
-    let results = collect(submitted).await?;
+    let (results, adaptation) = collect(submitted).await?;
     let completion_tokens = results.iter().map(|r| r.tokens.len()).sum();
     let mut choices = Vec::with_capacity(results.len());
     for (index, r) in results.into_iter().enumerate() {
@@ -54,6 +54,7 @@ pub async fn completions(
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         }),
+        adaptation,
     })
     .into_response())
 }
@@ -73,6 +74,7 @@ fn stream(
             model: ready.model_name.clone(),
             choices,
             usage,
+            adaptation: None,
         };
         let mut open = submitted.choices;
         let mut completion_tokens = 0;
@@ -100,6 +102,20 @@ fn stream(
                         logprobs: None,
                         finish_reason: Some(reason.as_str()),
                     }
+                }
+                Event::Adapted(report) => {
+                    if !send_json(
+                        &tx,
+                        &Completion {
+                            adaptation: Some(*report),
+                            ..chunk(Vec::new(), None)
+                        },
+                    )
+                    .await
+                    {
+                        return;
+                    }
+                    continue;
                 }
                 Event::Error(message) => {
                     send_json(&tx, &ApiError::Unavailable(message).body()).await;

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::error::ApiError;
 use super::validation::ValidRequest;
 use super::Ready;
-use crate::engine::{Event, GenerateJob, SubmitError};
+use crate::engine::{AdaptationReport, Event, GenerateJob, SubmitError};
 use crate::generation::FinishReason;
 use crate::sampling::SampledToken;
 
@@ -45,6 +45,8 @@ pub fn submit(ready: &Ready, req: &ValidRequest) -> Result<Submitted, ApiError> 
             seed: req.seed.wrapping_add((p * req.n) as u64),
             rules: req.rules.clone(),
             top_logprobs: req.logprobs.unwrap_or(0),
+            adapter: req.adapter.clone(),
+            adaptation: req.adaptation.get(p).cloned(),
             events: tx,
             arrived,
             span: tracing::Span::current(),
@@ -68,12 +70,16 @@ pub fn submit(ready: &Ready, req: &ValidRequest) -> Result<Submitted, ApiError> 
 fn event_index(event: &Event) -> usize {
     match event {
         Event::Token { index, .. } | Event::Finished { index, .. } => *index,
-        Event::Error(_) => 0,
+        Event::Adapted(_) | Event::Error(_) => 0,
     }
 }
 
-/// Waits for every choice to finish.
-pub async fn collect(mut submitted: Submitted) -> Result<Vec<ChoiceResult>, ApiError> {
+/// Waits for every choice to finish; also returns the adaptation report (of the first
+/// prompt), when the request adapted.
+pub async fn collect(
+    mut submitted: Submitted,
+) -> Result<(Vec<ChoiceResult>, Option<AdaptationReport>), ApiError> {
+    let mut report = None;
     let mut choices: Vec<ChoiceResult> = (0..submitted.choices)
         .map(|_| ChoiceResult::default())
         .collect();
@@ -94,10 +100,13 @@ pub async fn collect(mut submitted: Submitted) -> Result<Vec<ChoiceResult>, ApiE
                 choices[i].finish = Some(reason);
                 open -= 1;
             }
+            Event::Adapted(r) => {
+                report.get_or_insert(*r);
+            }
             Event::Error(message) => return Err(ApiError::Unavailable(message)),
         }
     }
-    Ok(choices)
+    Ok((choices, report))
 }
 
 pub fn unix_now() -> u64 {
@@ -129,7 +138,8 @@ where
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
     });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
+        // A comment every second keeps proxies and clients patient while an episode runs.
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(1)))
         .into_response()
 }
 

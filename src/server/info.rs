@@ -11,17 +11,26 @@ use super::generate::unix_now;
 use super::openai::{ModelCard, ModelList};
 use super::AppState;
 
+/// The base model, then each named adapter as `<model>:<adapter>` (as vLLM lists LoRAs).
 pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let ready = state.ready()?;
+    let card = |id: String| ModelCard {
+        id,
+        object: "model",
+        created: state.started,
+        owned_by: "ttrl-serve",
+        max_model_len: ready.max_model_len,
+    };
+    let adapters = ready.engine.adapters().await.unwrap_or_default();
+    let mut data = vec![card(ready.model_name.clone())];
+    data.extend(
+        adapters
+            .into_iter()
+            .map(|a| card(format!("{}:{}", ready.model_name, a.name))),
+    );
     Ok(Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: ready.model_name.clone(),
-            object: "model",
-            created: state.started,
-            owned_by: "ttrl-serve",
-            max_model_len: ready.max_model_len,
-        }],
+        data,
     }))
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP edge: axum routes, the OpenAI schema, SSE, errors, limits and metrics.
 //! It knows nothing of tensors: it validates requests into jobs and hands them to the engine.
 
+mod admin;
 mod chat;
 mod completions;
 pub mod error;
@@ -26,6 +27,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::adapt::AdaptConfig;
 use crate::engine::Engine;
 use crate::model::TextTokenizer;
 use crate::telemetry;
@@ -40,6 +42,7 @@ pub struct Ready {
     pub tokenizer: Arc<TextTokenizer>,
     pub model_name: String,
     pub max_model_len: usize,
+    pub adapt_defaults: AdaptConfig,
 }
 
 impl Ready {
@@ -48,6 +51,7 @@ impl Ready {
             model_name: &self.model_name,
             max_model_len: self.max_model_len,
             tokenizer: &self.tokenizer,
+            adapt_defaults: &self.adapt_defaults,
         }
     }
 }
@@ -60,10 +64,11 @@ pub struct AppState {
     prometheus: PrometheusHandle,
     process_metrics: Arc<metrics_process::Collector>,
     started: u64,
+    admin_key: Option<Arc<str>>,
 }
 
 impl AppState {
-    pub fn new(prometheus: PrometheusHandle) -> Self {
+    pub fn new(prometheus: PrometheusHandle, admin_key: Option<String>) -> Self {
         let process_metrics = metrics_process::Collector::new("process_");
         process_metrics.describe();
         Self {
@@ -72,6 +77,7 @@ impl AppState {
             prometheus,
             process_metrics: Arc::new(process_metrics),
             started: generate::unix_now(),
+            admin_key: admin_key.map(Arc::from),
         }
     }
 
@@ -113,7 +119,7 @@ pub struct HttpLimits {
 }
 
 /// Every route, for the router and for the test that holds the OpenAPI document to it.
-pub const ROUTES: [(&str, &str); 9] = [
+pub const ROUTES: [(&str, &str); 13] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("get", "/v1/models"),
@@ -123,7 +129,14 @@ pub const ROUTES: [(&str, &str); 9] = [
     ("get", "/version"),
     ("get", "/openapi.json"),
     ("get", "/docs"),
+    ("get", "/admin/adapters"),
+    ("post", "/admin/adapters/{name}/reset"),
+    ("get", "/admin/adapters/{name}/export"),
+    ("post", "/admin/adapters/{name}/import"),
 ];
+
+/// Adapter imports carry full LoRA tensors: far above the default body limit.
+const IMPORT_BODY_LIMIT: usize = 1 << 30;
 
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
@@ -137,6 +150,13 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/version", get(info::version))
         .route("/openapi.json", get(info::openapi))
         .route("/docs", get(info::openapi))
+        .route("/admin/adapters", get(admin::list))
+        .route("/admin/adapters/{name}/reset", post(admin::reset))
+        .route("/admin/adapters/{name}/export", get(admin::export))
+        .route(
+            "/admin/adapters/{name}/import",
+            post(admin::import).layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::engine::AdaptationReport;
+
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -68,6 +70,9 @@ pub struct SamplingFields {
     /// Keep generating past EOS (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// ttrl-serve's extension: adapt to this request's batch before answering, or pick a
+    /// named adapter. Validated field by field into `adaptation.<field>` errors.
+    pub adaptation: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,6 +163,8 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptation: Option<AdaptationReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -185,6 +192,8 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptation: Option<AdaptationReport>,
 }
 
 /// The legacy completions log-prob layout.
@@ -213,6 +222,8 @@ pub struct Completion {
     pub choices: Vec<CompletionChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptation: Option<AdaptationReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -3,12 +3,19 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde_json::Value;
+
 use super::error::ApiError;
 use super::openai::{
     ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields, StopSpec,
 };
+use crate::adapt::store::valid_name;
+use crate::adapt::{AdaptConfig, Method, Question};
+use crate::engine::AdaptRequest;
 use crate::generation::StopRules;
 use crate::model::{ChatMessage, TextTokenizer};
+use crate::reward::AnswerFormat;
+use crate::rollout::RolloutKind;
 use crate::sampling::Sampling;
 
 pub const MAX_N: i64 = 16;
@@ -28,21 +35,207 @@ pub struct ValidRequest {
     pub logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Named adapter to answer with.
+    pub adapter: Option<String>,
+    /// Adapt first: one request per prompt (each prompt is one question).
+    pub adaptation: Vec<AdaptRequest>,
 }
 
-/// Limits that come from the served model.
+/// The `adaptation` object as validated, before it meets a prompt.
+#[derive(Debug, Clone)]
+struct AdaptChoice {
+    enabled: bool,
+    config: AdaptConfig,
+    adapter: Option<String>,
+    format: AnswerFormat,
+}
+
+/// Limits and defaults that come from the served model and the settings.
 pub struct Limits<'a> {
     pub model_name: &'a str,
     pub max_model_len: usize,
     pub tokenizer: &'a TextTokenizer,
+    pub adapt_defaults: &'a AdaptConfig,
 }
 
-fn check_model(requested: &Option<String>, limits: &Limits<'_>) -> Result<(), ApiError> {
-    match requested.as_deref() {
-        None | Some("") => Ok(()),
-        Some(name) if name == limits.model_name => Ok(()),
-        Some(name) => Err(ApiError::ModelNotFound(name.to_string())),
+/// Suffix of the model alias that switches adaptation on for clients that cannot send
+/// extra fields: `"<model>+ttrl"`.
+pub const ADAPT_ALIAS_SUFFIX: &str = "+ttrl";
+
+/// What `model` selects: (adapter, adaptation switched on by alias).
+/// `<model>` is the base, `<model>:<adapter>` a named adapter, `<model>+ttrl` the alias.
+fn check_model(
+    requested: &Option<String>,
+    limits: &Limits<'_>,
+) -> Result<(Option<String>, bool), ApiError> {
+    let Some(name) = requested.as_deref().filter(|n| !n.is_empty()) else {
+        return Ok((None, false));
+    };
+    if name == limits.model_name {
+        return Ok((None, false));
     }
+    if name.strip_suffix(ADAPT_ALIAS_SUFFIX) == Some(limits.model_name) {
+        return Ok((None, true));
+    }
+    match name
+        .strip_prefix(limits.model_name)
+        .and_then(|r| r.strip_prefix(':'))
+    {
+        Some(adapter) if valid_name(adapter) => Ok((Some(adapter.to_string()), false)),
+        _ => Err(ApiError::ModelNotFound(name.to_string())),
+    }
+}
+
+fn enum_field<T>(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    allowed: &str,
+) -> Result<Option<T>, ApiError> {
+    let param = format!("adaptation.{field}");
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => parse(s).map(Some).ok_or_else(|| {
+            ApiError::invalid(
+                &param,
+                format!("`{param}` must be one of {allowed}. Given: {s:?}"),
+            )
+        }),
+        Some(other) => Err(ApiError::invalid(
+            &param,
+            format!("`{param}` must be a string. Given: {other}"),
+        )),
+    }
+}
+
+fn int_field(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    lo: i64,
+    hi: i64,
+) -> Result<Option<usize>, ApiError> {
+    let param = format!("adaptation.{field}");
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if (lo..=hi).contains(&n) => Ok(Some(n as usize)),
+            _ => Err(ApiError::invalid(
+                &param,
+                format!("`{param}` must be an integer in [{lo}, {hi}]. Given: {v}"),
+            )),
+        },
+    }
+}
+
+pub const MAX_ADAPT_SAMPLES: i64 = 64;
+pub const MAX_ADAPT_STEPS: i64 = 8;
+const ADAPTATION_FIELDS: [&str; 7] = [
+    "enabled",
+    "method",
+    "adapter",
+    "rollout",
+    "samples",
+    "steps",
+    "answer_format",
+];
+
+/// Validates the `adaptation` object, field by field.
+fn adaptation(
+    value: &Option<Value>,
+    alias_on: bool,
+    defaults: &AdaptConfig,
+) -> Result<AdaptChoice, ApiError> {
+    let mut choice = AdaptChoice {
+        enabled: alias_on,
+        config: defaults.clone(),
+        adapter: None,
+        format: AnswerFormat::Auto,
+    };
+    let obj = match value {
+        None | Some(Value::Null) => return Ok(choice),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "adaptation",
+                format!("`adaptation` must be an object. Given: {other}"),
+            ))
+        }
+    };
+    if let Some(unknown) = obj
+        .keys()
+        .find(|k| !ADAPTATION_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(
+            &format!("adaptation.{unknown}"),
+            format!(
+                "unknown field `adaptation.{unknown}`; known: {}",
+                ADAPTATION_FIELDS.join(", ")
+            ),
+        ));
+    }
+    match obj.get("enabled") {
+        Some(Value::Bool(b)) => choice.enabled = *b || alias_on,
+        None if alias_on => {}
+        other => {
+            let given = other.map_or("nothing".to_string(), Value::to_string);
+            return Err(ApiError::invalid(
+                "adaptation.enabled",
+                format!("`adaptation.enabled` must be true or false. Given: {given}"),
+            ));
+        }
+    }
+    if let Some(m) = enum_field(
+        obj,
+        "method",
+        |s| match s {
+            "spine" => Some(Method::Spine),
+            "ttrl" => Some(Method::Ttrl),
+            _ => None,
+        },
+        "\"spine\", \"ttrl\"",
+    )? {
+        choice.config.method = m;
+    }
+    if let Some(r) = enum_field(
+        obj,
+        "rollout",
+        |s| match s {
+            "tree" => Some(RolloutKind::Tree),
+            "flat" => Some(RolloutKind::Flat),
+            _ => None,
+        },
+        "\"tree\", \"flat\"",
+    )? {
+        choice.config.rollout = r;
+    }
+    if let Some(f) = enum_field(
+        obj,
+        "answer_format",
+        |s| match s {
+            "auto" => Some(AnswerFormat::Auto),
+            "boxed" => Some(AnswerFormat::Boxed),
+            "number" => Some(AnswerFormat::Number),
+            "choice" => Some(AnswerFormat::Choice),
+            "text" => Some(AnswerFormat::Text),
+            _ => None,
+        },
+        "\"auto\", \"boxed\", \"number\", \"choice\", \"text\"",
+    )? {
+        choice.format = f;
+    }
+    choice.adapter = enum_field(
+        obj,
+        "adapter",
+        |s| valid_name(s).then(|| s.to_string()),
+        "1-64 letters, digits, `.`, `_` or `-`",
+    )?;
+    if let Some(n) = int_field(obj, "samples", 2, MAX_ADAPT_SAMPLES)? {
+        choice.config.samples = n;
+    }
+    if let Some(n) = int_field(obj, "steps", 1, MAX_ADAPT_STEPS)? {
+        choice.config.steps = n;
+    }
+    Ok(choice)
 }
 
 fn range_f(
@@ -81,11 +274,13 @@ fn range_i(param: &str, v: Option<i64>, lo: i64, hi: i64, default: i64) -> Resul
 fn common(
     s: &SamplingFields,
     prompts: Vec<Vec<u32>>,
+    questions: Vec<String>,
     logprobs: Option<usize>,
     default_max_tokens: Option<usize>,
     limits: &Limits<'_>,
 ) -> Result<ValidRequest, ApiError> {
-    check_model(&s.model, limits)?;
+    let (model_adapter, alias_on) = check_model(&s.model, limits)?;
+    let choice = adaptation(&s.adaptation, alias_on, limits.adapt_defaults)?;
     let n = range_i("n", s.n, 1, MAX_N, 1)? as usize;
     let temperature = range_f("temperature", s.temperature, 0.0, 2.0, false, 1.0)?;
     let top_p = range_f("top_p", s.top_p, 0.0, 1.0, true, 1.0)?;
@@ -145,7 +340,23 @@ fn common(
     } else {
         limits.tokenizer.stop_ids().to_vec()
     };
+    let adapter = choice.adapter.clone().or(model_adapter);
+    let adaptation = if choice.enabled {
+        prompts
+            .iter()
+            .zip(questions)
+            .map(|(p, q)| AdaptRequest {
+                question: Question::new(q, p.clone(), choice.format),
+                config: choice.config.clone(),
+                adapter: adapter.clone(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(ValidRequest {
+        adapter,
+        adaptation,
         prompts,
         n,
         sampling: Sampling::new(
@@ -169,6 +380,19 @@ pub fn validate_chat(
     req: &ChatCompletionRequest,
     limits: &Limits<'_>,
 ) -> Result<ValidRequest, ApiError> {
+    let question = req
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .and_then(|m| match &m.content {
+            Some(MessageContent::Text(t)) => Some(t.clone()),
+            Some(MessageContent::Parts(p)) => {
+                Some(p.iter().filter_map(|x| x.text.clone()).collect())
+            }
+            None => None,
+        })
+        .unwrap_or_default();
     check_model(&req.sampling.model, limits)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -223,7 +447,14 @@ pub fn validate_chat(
     };
     let text = limits.tokenizer.apply_chat_template(&messages)?;
     let prompt = limits.tokenizer.encode(&text)?;
-    common(&req.sampling, vec![prompt], top, None, limits)
+    common(
+        &req.sampling,
+        vec![prompt],
+        vec![question],
+        top,
+        None,
+        limits,
+    )
 }
 
 /// The OpenAI default for completions.
@@ -249,7 +480,7 @@ pub fn validate_completion(
             })
             .collect()
     };
-    let prompts = match &req.prompt {
+    let prompts: Vec<Vec<u32>> = match &req.prompt {
         PromptSpec::Text(t) => vec![limits.tokenizer.encode(t)?],
         PromptSpec::Texts(v) => v
             .iter()
@@ -268,9 +499,14 @@ pub fn validate_completion(
         .logprobs
         .map(|l| range_i("logprobs", Some(l), 0, MAX_COMPLETION_LOGPROBS, 0).map(|v| v as usize))
         .transpose()?;
+    let questions = prompts
+        .iter()
+        .map(|p| limits.tokenizer.decode(p))
+        .collect::<Result<Vec<_>, _>>()?;
     common(
         &req.sampling,
         prompts,
+        questions,
         logprobs,
         Some(COMPLETION_DEFAULT_MAX_TOKENS),
         limits,

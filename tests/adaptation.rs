@@ -1,0 +1,343 @@
+use std::collections::HashMap;
+use std::io::Read;
+
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
+use ttrl_serve::adapt::{run_episode, AdaptConfig, Learner, Question};
+use ttrl_serve::model::{Adapter, ChatMessage};
+use ttrl_serve::reward::AnswerFormat;
+
+use crate::common::load_tiny;
+use crate::common::server::Server;
+
+/// Small rollouts so an episode on the tiny model takes well under a second.
+fn config_file(extra: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "ttrl-adapt-{}-{}.toml",
+        std::process::id(),
+        extra.len()
+    ));
+    std::fs::write(
+        &path,
+        format!("[adaptation]\nmax_tokens = 16\nsamples = 6\nlr = 0.01\nkl_bound = 100.0\n{extra}"),
+    )
+    .unwrap();
+    path
+}
+
+fn start(data_dir: &std::path::Path, extra: &str) -> Server {
+    let config = config_file(extra);
+    Server::tiny(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--admin-api-key",
+        "secret",
+    ])
+}
+
+fn ask(server: &Server, model: &str, adaptation: Value) -> Value {
+    let body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "temperature": 0, "max_tokens": 6, "logprobs": true,
+        "adaptation": adaptation,
+    });
+    let (status, r) = server.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    r
+}
+
+fn logprobs(r: &Value) -> Vec<f64> {
+    r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect()
+}
+
+fn admin_get(server: &Server, path: &str) -> ureq::Response {
+    ureq::get(&server.url(path))
+        .set("authorization", "Bearer secret")
+        .call()
+        .unwrap()
+}
+
+/// The adapter's tensors as exported (PEFT zip), by name.
+fn exported(server: &Server, name: &str) -> HashMap<String, Tensor> {
+    let mut bytes = Vec::new();
+    admin_get(server, &format!("/admin/adapters/{name}/export"))
+        .into_reader()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut st = Vec::new();
+    zip.by_name("adapter_model.safetensors")
+        .unwrap()
+        .read_to_end(&mut st)
+        .unwrap();
+    candle_core::safetensors::load_buffer(&st, &candle_core::Device::Cpu).unwrap()
+}
+
+#[test]
+fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persists() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let mut server = start(&data, "");
+    let base_before = logprobs(&ask(&server, "tiny-llama", Value::Null));
+
+    // Ephemeral adaptation: a report, and the base model is untouched afterwards.
+    let r = ask(
+        &server,
+        "tiny-llama",
+        json!({"enabled": true, "samples": 6, "rollout": "tree"}),
+    );
+    let a = &r["adaptation"];
+    assert_eq!(a["method"], "spine");
+    assert_eq!(a["rollout"], "tree");
+    assert_eq!(a["adapter"], Value::Null);
+    // samples 6 with N = B = 2: M = 2 roots, 2 * (1 + 4) = 10 leaves.
+    assert_eq!(a["rollouts"], 10);
+    assert!(a["rollout_tokens"].as_u64().unwrap() <= a["flat_equivalent_tokens"].as_u64().unwrap());
+    for field in [
+        "majority_answer",
+        "vote_share",
+        "forking_fraction",
+        "mean_entropy",
+        "loss",
+        "kl",
+        "duration_ms",
+        "adapter_version",
+        "steps",
+        "applied",
+    ] {
+        assert!(a.get(field).is_some(), "report lacks {field}: {a}");
+    }
+    assert_eq!(a["tree"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        logprobs(&ask(&server, "tiny-llama", Value::Null)),
+        base_before,
+        "ephemeral adaptation changed the base"
+    );
+
+    // A named adapter: versions go up, the adapter serves plain requests, the base stays.
+    let first = ask(
+        &server,
+        "tiny-llama",
+        json!({"enabled": true, "adapter": "team", "method": "ttrl", "rollout": "flat", "samples": 6}),
+    );
+    assert_eq!(first["adaptation"]["rollouts"], 6);
+    assert_eq!(
+        first["adaptation"]["rollout_tokens"],
+        first["adaptation"]["flat_equivalent_tokens"]
+    );
+    let v1 = first["adaptation"]["adapter_version"].as_u64().unwrap();
+    let second = ask(
+        &server,
+        "tiny-llama",
+        json!({"enabled": true, "adapter": "team", "samples": 6}),
+    );
+    let v2 = second["adaptation"]["adapter_version"].as_u64().unwrap();
+    assert!(
+        first["adaptation"]["applied"].as_bool().unwrap()
+            && second["adaptation"]["applied"].as_bool().unwrap(),
+        "{second}"
+    );
+    assert_eq!((v1, v2), (1, 2));
+    let with_adapter = logprobs(&ask(&server, "tiny-llama:team", Value::Null));
+    assert_ne!(
+        with_adapter, base_before,
+        "the adapter's change must show in plain requests"
+    );
+    assert_eq!(
+        logprobs(&ask(
+            &server,
+            "tiny-llama",
+            json!({"enabled": false, "adapter": "team"})
+        )),
+        with_adapter
+    );
+    assert_eq!(
+        logprobs(&ask(&server, "tiny-llama", Value::Null)),
+        base_before,
+        "a named adapter changed the base"
+    );
+    let list: Value = admin_get(&server, "/admin/adapters").into_json().unwrap();
+    assert_eq!(list["data"], json!([{"name": "team", "version": 2}]));
+    let metrics = server.get_text("/metrics");
+    assert!(
+        metrics.contains("ttrl_adapter_version{model=\"tiny-llama\",adapter=\"team\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ttrl_adaptation_batches_total{model=\"tiny-llama\"} 3"));
+
+    // A restart reloads the adapter bit for bit, with its version.
+    let saved = exported(&server, "team");
+    drop(server);
+    server = start(&data, "");
+    let reloaded = exported(&server, "team");
+    assert_eq!(saved.len(), reloaded.len());
+    for (name, t) in &saved {
+        let diff = (t - &reloaded[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name}");
+    }
+    assert_eq!(
+        logprobs(&ask(&server, "tiny-llama:team", Value::Null)),
+        with_adapter
+    );
+    let list: Value = admin_get(&server, "/admin/adapters").into_json().unwrap();
+    assert_eq!(list["data"][0]["version"], 2);
+
+    // Reset: back to version 0, which is the base model again.
+    let r = ureq::post(&server.url("/admin/adapters/team/reset"))
+        .set("authorization", "Bearer secret")
+        .call()
+        .unwrap();
+    assert_eq!(r.into_json::<Value>().unwrap()["version"], 0);
+    assert_eq!(
+        logprobs(&ask(&server, "tiny-llama:team", Value::Null)),
+        base_before
+    );
+}
+
+#[test]
+fn a_non_finite_loss_is_rolled_back_and_the_server_keeps_serving() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-nan-{}", std::process::id()));
+    let server = start(&data, "test_force_nonfinite_loss = true\n");
+    let base = logprobs(&ask(&server, "tiny-llama", Value::Null));
+    let r = ask(
+        &server,
+        "tiny-llama",
+        json!({"enabled": true, "adapter": "broken", "samples": 6}),
+    );
+    let a = &r["adaptation"];
+    assert_eq!(a["rolled_back"], true, "{a}");
+    assert_eq!(a["applied"], false);
+    assert_eq!(a["adapter_version"], 0);
+    assert!(a["note"].as_str().unwrap().contains("non-finite"));
+    assert_eq!(
+        logprobs(&r),
+        base,
+        "the answer came from the unadapted weights"
+    );
+    let metrics = server.get_text("/metrics");
+    assert!(
+        metrics.contains("ttrl_adaptation_rollbacks_total{model=\"tiny-llama\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(logprobs(&ask(&server, "tiny-llama", Value::Null)), base);
+}
+
+#[test]
+fn adaptation_fields_are_validated_with_their_names() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-val-{}", std::process::id()));
+    let server = start(&data, "");
+    let cases = [
+        (json!({"enabled": "yes"}), "adaptation.enabled"),
+        (
+            json!({"enabled": true, "method": "ppo"}),
+            "adaptation.method",
+        ),
+        (
+            json!({"enabled": true, "rollout": "beam"}),
+            "adaptation.rollout",
+        ),
+        (json!({"enabled": true, "samples": 1}), "adaptation.samples"),
+        (json!({"enabled": true, "steps": 99}), "adaptation.steps"),
+        (
+            json!({"enabled": true, "answer_format": "latex"}),
+            "adaptation.answer_format",
+        ),
+        (
+            json!({"enabled": true, "adapter": "../etc"}),
+            "adaptation.adapter",
+        ),
+        (json!({"enabled": true, "colour": 1}), "adaptation.colour"),
+        (json!(7), "adaptation"),
+    ];
+    for (adaptation, param) in cases {
+        let body =
+            json!({"messages": [{"role": "user", "content": "x"}], "adaptation": adaptation});
+        let (status, r) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 400, "{r}");
+        assert_eq!(r["error"]["param"], param, "{r}");
+    }
+    // The alias switches adaptation on for clients that cannot send extra fields.
+    let (status, r) = server.post("/v1/chat/completions", &json!({"model": "tiny-llama+ttrl", "messages": [{"role": "user", "content": "1+1?"}], "max_tokens": 2}));
+    assert_eq!(status, 200, "{r}");
+    assert!(r["adaptation"]["rollouts"].as_u64().unwrap() > 0);
+    // An adapter that does not exist cannot serve a plain request.
+    let (status, _) = server.post("/v1/chat/completions", &json!({"model": "tiny-llama:nobody", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}));
+    assert_ne!(status, 200);
+}
+
+#[test]
+fn an_episode_changes_only_lora_weights() {
+    let m = load_tiny("qwen2", DType::F32);
+    let base: Vec<Vec<f32>> = m
+        .model
+        .base_tensors()
+        .iter()
+        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let config = AdaptConfig {
+        max_tokens: 12,
+        samples: 6,
+        lr: 0.01,
+        kl_bound: 100.0,
+        ..Default::default()
+    };
+    let adapter = Adapter::new(
+        "e",
+        config.lora.clone(),
+        m.model.config(),
+        DType::F32,
+        m.model.device(),
+        0,
+    )
+    .unwrap();
+    let mut learner = Learner::new(adapter, &config, 0).unwrap();
+    let before: HashMap<String, Tensor> = learner.adapter.snapshot().unwrap();
+    let text = m
+        .tokenizer
+        .apply_chat_template(&[ChatMessage::user("2+2?")])
+        .unwrap();
+    let prompt = m.tokenizer.encode(&text).unwrap();
+    let q = Question::new("2+2?".into(), prompt, AnswerFormat::Text);
+    let report = run_episode(&m.model, &m.tokenizer, &mut learner, &[q], &config, 7).unwrap();
+    assert!(report.applied, "{report:?}");
+    assert_eq!(learner.version, 1);
+    let after_base: Vec<Vec<f32>> = m
+        .model
+        .base_tensors()
+        .iter()
+        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    assert_eq!(base, after_base, "a frozen weight changed");
+    let changed = learner
+        .adapter
+        .named_tensors()
+        .iter()
+        .filter(|(k, t)| {
+            (*t - &before[*k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+        .count();
+    assert!(changed > 0, "no LoRA tensor changed");
+}
