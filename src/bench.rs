@@ -79,10 +79,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut cache = model.new_cache();
     let t = Instant::now();
     model.forward(
-        &mut [SeqInput {
-            tokens: &prompt,
-            cache: Some(&mut cache),
-        }],
+        &mut [SeqInput::cached(&prompt, &mut cache)],
         None,
         LogitsFor::Last,
     )?;
@@ -155,10 +152,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let t = Instant::now();
     let mut inputs: Vec<SeqInput> = seqs
         .iter()
-        .map(|s| SeqInput {
-            tokens: s,
-            cache: None,
-        })
+        .map(|s| SeqInput::new(s))
         .collect();
     let logits = model.forward(&mut inputs, Some(&adapter), LogitsFor::All)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;

@@ -103,10 +103,7 @@ fn reported_entropy_and_logprob_equal_a_direct_computation_from_the_logits() {
     let logits = m
         .model
         .forward(
-            &mut [SeqInput {
-                tokens: &all,
-                cache: None,
-            }],
+            &mut [SeqInput::new(&all)],
             None,
             LogitsFor::All,
         )
@@ -163,10 +160,7 @@ fn a_forks_first_logits_equal_teacher_forcing_of_the_parents_prefix() {
         let logits = m
             .model
             .forward(
-                &mut [SeqInput {
-                    tokens: prefix,
-                    cache: None,
-                }],
+                &mut [SeqInput::new(prefix)],
                 None,
                 LogitsFor::Last,
             )

@@ -13,10 +13,7 @@ fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor
     for (seq, adv) in ids.iter().zip(advantages) {
         let logits = model
             .forward(
-                &mut [SeqInput {
-                    tokens: seq,
-                    cache: None,
-                }],
+                &mut [SeqInput::new(seq)],
                 adapter,
                 LogitsFor::All,
             )
@@ -152,10 +149,7 @@ fn one_adamw_step_changes_the_next_token_distribution_and_lora_off_is_the_base()
     let base = |adapter: Option<&Adapter>| {
         m.model
             .forward(
-                &mut [SeqInput {
-                    tokens: &ids[0],
-                    cache: None,
-                }],
+                &mut [SeqInput::new(&ids[0])],
                 adapter,
                 LogitsFor::All,
             )

@@ -10,10 +10,7 @@ fn full_sequence_logits_match_transformers_for_every_family() {
         let (ids, want) = expected(family);
         let mut inputs: Vec<SeqInput> = ids
             .iter()
-            .map(|s| SeqInput {
-                tokens: s,
-                cache: None,
-            })
+            .map(|s| SeqInput::new(s))
             .collect();
         let got = m.model.forward(&mut inputs, None, LogitsFor::All).unwrap();
         let got = got.reshape(want.dims()).unwrap();
@@ -33,10 +30,7 @@ fn kv_cache_path_reproduces_full_sequence_logits_at_every_position() {
             let prefill = m
                 .model
                 .forward(
-                    &mut [SeqInput {
-                        tokens: &seq[..5],
-                        cache: Some(&mut cache),
-                    }],
+                    &mut [SeqInput::cached(&seq[..5], &mut cache)],
                     None,
                     LogitsFor::All,
                 )
@@ -46,10 +40,7 @@ fn kv_cache_path_reproduces_full_sequence_logits_at_every_position() {
                 let step = m
                     .model
                     .forward(
-                        &mut [SeqInput {
-                            tokens: &seq[t..t + 1],
-                            cache: Some(&mut cache),
-                        }],
+                        &mut [SeqInput::cached(&seq[t..t + 1], &mut cache)],
                         None,
                         LogitsFor::Last,
                     )
@@ -76,10 +67,7 @@ fn gguf_of_the_same_weights_gives_the_same_logits() {
         let (ids, want) = expected(family);
         let mut inputs: Vec<SeqInput> = ids
             .iter()
-            .map(|s| SeqInput {
-                tokens: s,
-                cache: None,
-            })
+            .map(|s| SeqInput::new(s))
             .collect();
         let got = m
             .model
@@ -128,4 +116,28 @@ fn gguf_tokenizer_and_template_match_the_hf_files() {
     let ids = hf.tokenizer.encode(&rendered).unwrap();
     assert_eq!(ids[0], 1, "<|im_start|> is id 1 in the tiny vocabulary");
     assert_eq!(hf.tokenizer.stop_ids(), gguf.tokenizer.stop_ids());
+}
+
+#[test]
+fn responses_sharing_a_prompt_prefix_get_the_logits_of_full_sequences() {
+    for family in FAMILIES {
+        let m = load_tiny(family, DType::F32);
+        let (ids, _) = expected(family);
+        let prompt = &ids[0][..9];
+        let responses = [&ids[0][9..], &ids[1][3..11], &ids[1][..1]];
+        let mut shared = vec![SeqInput::new(prompt)];
+        shared.extend(responses.iter().map(|r| SeqInput::after(0, r)));
+        let got = m.model.forward(&mut shared, None, LogitsFor::All).unwrap();
+        let mut row = prompt.len();
+        for r in responses {
+            let full: Vec<u32> = [prompt, r].concat();
+            let want = m.model.forward(&mut [SeqInput::new(&full)], None, LogitsFor::All).unwrap();
+            let diff = max_abs_diff(&got.narrow(0, row, r.len()).unwrap(), &want.narrow(0, prompt.len(), r.len()).unwrap());
+            assert!(diff < 1e-4, "{family}: {diff}");
+            row += r.len();
+        }
+        // A prefix must be an earlier plain sequence.
+        let bad = m.model.forward(&mut [SeqInput::after(0, prompt)], None, LogitsFor::All);
+        assert!(bad.is_err());
+    }
 }

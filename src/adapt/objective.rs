@@ -62,24 +62,36 @@ pub(crate) fn token_logprobs(
     leaves: &[&TrainLeaf],
     temperature: f32,
 ) -> Result<Vec<(Tensor, Tensor)>> {
-    let sequences: Vec<Vec<u32>> = leaves
+    // Each distinct prompt runs once; its responses attend to its keys and values.
+    let mut prompts: Vec<&[u32]> = Vec::new();
+    let owner: Vec<usize> = leaves
         .iter()
-        .map(|l| [l.prompt.as_slice(), l.response.as_slice()].concat())
-        .collect();
-    let mut inputs: Vec<SeqInput<'_>> = sequences
-        .iter()
-        .map(|t| SeqInput {
-            tokens: t,
-            cache: None,
+        .map(|l| match prompts.iter().position(|p| *p == l.prompt.as_slice()) {
+            Some(i) => i,
+            None => {
+                prompts.push(&l.prompt);
+                prompts.len() - 1
+            }
         })
         .collect();
-    // Only the rows that predict response tokens: from the last prompt position on.
+    let mut inputs: Vec<SeqInput<'_>> = prompts.iter().map(|p| SeqInput::new(p)).collect();
+    inputs.extend(leaves.iter().zip(&owner).map(|(l, &p)| SeqInput::after(p, &l.response)));
+    // Packed row offsets of each input.
+    let starts: Vec<usize> = inputs
+        .iter()
+        .scan(0, |acc, s| {
+            let start = *acc;
+            *acc += s.tokens.len();
+            Some(start)
+        })
+        .collect();
+    // The rows that predict response tokens: the prompt's last row, then all but the
+    // response's last.
     let mut rows = Vec::new();
-    let mut start = 0;
-    for (leaf, seq) in leaves.iter().zip(&sequences) {
-        let first = start + leaf.prompt.len() - 1;
-        rows.extend((first..first + leaf.response.len()).map(|r| r as u32));
-        start += seq.len();
+    for (j, (leaf, &p)) in leaves.iter().zip(&owner).enumerate() {
+        rows.push((starts[p] + prompts[p].len() - 1) as u32);
+        let start = starts[prompts.len() + j];
+        rows.extend((start..start + leaf.response.len() - 1).map(|r| r as u32));
     }
     let logits = model.forward(&mut inputs, adapter, LogitsFor::Rows(rows))?;
     let mut out = Vec::with_capacity(leaves.len());

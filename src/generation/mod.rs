@@ -202,10 +202,7 @@ pub fn decode_step(
     let logits = {
         let mut inputs: Vec<SeqInput<'_>> = live
             .iter_mut()
-            .map(|s| SeqInput {
-                tokens: &s.pending,
-                cache: Some(&mut s.cache),
-            })
+            .map(|s| SeqInput::cached(&s.pending, &mut s.cache))
             .collect();
         model.forward(&mut inputs, adapter, LogitsFor::Last)?
     };

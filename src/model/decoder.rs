@@ -51,12 +51,35 @@ pub enum LogitsFor {
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub cache: Option<&'a mut KvCache>,
+    /// Index of an earlier sequence of the same batch (no cache, no prefix of its own) whose
+    /// tokens come before these: they attend to its keys and values, computed once and
+    /// differentiable. Training uses it to share one prompt among its responses.
+    pub prefix: Option<usize>,
+}
+
+impl<'a> SeqInput<'a> {
+    /// A sequence from position 0, no cache: the graph is kept (training, scoring).
+    pub fn new(tokens: &'a [u32]) -> Self {
+        Self { tokens, cache: None, prefix: None }
+    }
+
+    /// A sequence continuing from its cache (generation).
+    pub fn cached(tokens: &'a [u32], cache: &'a mut KvCache) -> Self {
+        Self { tokens, cache: Some(cache), prefix: None }
+    }
+
+    /// A sequence continuing batch sequence `prefix`.
+    pub fn after(prefix: usize, tokens: &'a [u32]) -> Self {
+        Self { tokens, cache: None, prefix: Some(prefix) }
+    }
 }
 
 /// Where a sequence's rows sit in the packed batch.
 struct Span {
     start: usize,
     len: usize,
+    /// The span whose keys and values come first (see [`SeqInput::prefix`]).
+    prefix: Option<usize>,
     /// Causal mask over (new tokens, all keys), built once per forward and shared by every
     /// layer; `None` for a single new token, which sees every key.
     mask: Option<Tensor>,
@@ -304,13 +327,24 @@ impl Model {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
-        for s in seqs.iter() {
+        for (i, s) in seqs.iter().enumerate() {
             if s.tokens.is_empty() {
                 return Err(Error::InvalidConfig(
                     "a sequence in the batch has no tokens".into(),
                 ));
             }
-            let offset = s.cache.as_ref().map_or(0, |c| c.len());
+            let offset = match s.prefix {
+                Some(p) => {
+                    let ok = p < i && s.cache.is_none() && seqs[p].cache.is_none() && seqs[p].prefix.is_none();
+                    if !ok {
+                        return Err(Error::InvalidConfig(format!(
+                            "sequence {i} names prefix {p}: it must be an earlier sequence, and neither may use a cache or a prefix"
+                        )));
+                    }
+                    seqs[p].tokens.len()
+                }
+                None => s.cache.as_ref().map_or(0, |c| c.len()),
+            };
             let end = offset + s.tokens.len();
             if end > self.rope.max_positions() {
                 return Err(Error::InvalidConfig(format!(
@@ -331,6 +365,7 @@ impl Model {
             spans.push(Span {
                 start: ids.len(),
                 len: s.tokens.len(),
+                prefix: s.prefix,
                 mask: self.causal_mask(s.tokens.len(), offset)?,
             });
             ids.extend_from_slice(s.tokens);
@@ -418,9 +453,15 @@ impl Model {
             let qi = q.narrow(0, span.start, span.len)?.transpose(0, 1)?;
             let ki = k.narrow(0, span.start, span.len)?.transpose(0, 1)?;
             let vi = v.narrow(0, span.start, span.len)?.transpose(0, 1)?;
-            let (ki, vi) = match seq.cache.as_deref_mut() {
-                Some(cache) => cache.append(index, &ki, &vi)?,
-                None => (ki, vi),
+            let (ki, vi) = match (seq.cache.as_deref_mut(), span.prefix) {
+                (Some(cache), _) => cache.append(index, &ki, &vi)?,
+                (None, Some(p)) => {
+                    let shared = &spans[p];
+                    let kp = k.narrow(0, shared.start, shared.len)?.transpose(0, 1)?;
+                    let vp = v.narrow(0, shared.start, shared.len)?.transpose(0, 1)?;
+                    (Tensor::cat(&[&kp, &ki], 1)?, Tensor::cat(&[&vp, &vi], 1)?)
+                }
+                (None, None) => (ki, vi),
             };
             outs.push(self.attention(&qi, &ki, &vi, span.mask.as_ref())?);
         }

@@ -150,7 +150,7 @@ pub fn extract_answer(text: &str, format: AnswerFormat) -> Option<String> {
             (!t.is_empty()).then(|| t.lines().last().unwrap_or(t).trim().to_string())
         }),
         AnswerFormat::Number | AnswerFormat::Auto => last_boxed(text)
-            .or_else(|| after_phrase(text).and_then(|t| last_number(&t).or(Some(t))))
+            .or_else(|| after_phrase(text).and_then(|t| last_number(&t)))
             .or_else(|| last_number(text)),
     }
 }
@@ -219,6 +219,14 @@ mod tests {
         assert_eq!(detect_format(arc), Choice);
         assert_eq!(detect_format("Put the final answer in \\boxed{}."), Boxed);
         assert_eq!(detect_format("What is 7 plus 5?"), Number);
+    }
+
+    /// Regression: "the answer is" followed by words, not a number, is no answer by itself
+    /// (seen on SmolLM2: "I think an answer is ..." voted as `ananswer`).
+    #[test]
+    fn a_phrase_without_a_number_falls_back_to_the_last_number() {
+        assert_eq!(extract_answer("7 + 5 = 12, so an answer is hard to doubt", Number).as_deref(), Some("12"));
+        assert_eq!(extract_answer("The answer is unclear", Number), None);
     }
 
     /// Regression: a decimal point inside the answer sentence does not end it.
