@@ -150,10 +150,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|i| tokens(args.train_tokens, vocab, 100 + i))
         .collect();
     let t = Instant::now();
-    let mut inputs: Vec<SeqInput> = seqs
-        .iter()
-        .map(|s| SeqInput::new(s))
-        .collect();
+    let mut inputs: Vec<SeqInput> = seqs.iter().map(|s| SeqInput::new(s)).collect();
     let logits = model.forward(&mut inputs, Some(&adapter), LogitsFor::All)?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let targets: Vec<u32> = seqs

@@ -102,11 +102,7 @@ fn reported_entropy_and_logprob_equal_a_direct_computation_from_the_logits() {
     let all = seq.tokens().to_vec();
     let logits = m
         .model
-        .forward(
-            &mut [SeqInput::new(&all)],
-            None,
-            LogitsFor::All,
-        )
+        .forward(&mut [SeqInput::new(&all)], None, LogitsFor::All)
         .unwrap();
     let rows = logits.to_vec2::<f32>().unwrap();
     for (k, tok) in seq.generated().iter().enumerate() {
@@ -159,11 +155,7 @@ fn a_forks_first_logits_equal_teacher_forcing_of_the_parents_prefix() {
         let prefix = &parent.tokens()[..parent.prompt_len() + at];
         let logits = m
             .model
-            .forward(
-                &mut [SeqInput::new(prefix)],
-                None,
-                LogitsFor::Last,
-            )
+            .forward(&mut [SeqInput::new(prefix)], None, LogitsFor::Last)
             .unwrap();
         let (logp, h) = log_softmax_entropy(&logits.to_vec2::<f32>().unwrap()[0], 1.0);
         assert!((first.entropy as f64 - h).abs() < 1e-4);

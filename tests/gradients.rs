@@ -12,11 +12,7 @@ fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor
     let mut terms = Vec::new();
     for (seq, adv) in ids.iter().zip(advantages) {
         let logits = model
-            .forward(
-                &mut [SeqInput::new(seq)],
-                adapter,
-                LogitsFor::All,
-            )
+            .forward(&mut [SeqInput::new(seq)], adapter, LogitsFor::All)
             .unwrap();
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let n = seq.len() - 1;
@@ -148,11 +144,7 @@ fn one_adamw_step_changes_the_next_token_distribution_and_lora_off_is_the_base()
     let (ids, want) = expected("qwen2");
     let base = |adapter: Option<&Adapter>| {
         m.model
-            .forward(
-                &mut [SeqInput::new(&ids[0])],
-                adapter,
-                LogitsFor::All,
-            )
+            .forward(&mut [SeqInput::new(&ids[0])], adapter, LogitsFor::All)
             .unwrap()
     };
     let before = base(None);

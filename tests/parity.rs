@@ -8,10 +8,7 @@ fn full_sequence_logits_match_transformers_for_every_family() {
     for family in FAMILIES {
         let m = load_tiny(family, DType::F32);
         let (ids, want) = expected(family);
-        let mut inputs: Vec<SeqInput> = ids
-            .iter()
-            .map(|s| SeqInput::new(s))
-            .collect();
+        let mut inputs: Vec<SeqInput> = ids.iter().map(|s| SeqInput::new(s)).collect();
         let got = m.model.forward(&mut inputs, None, LogitsFor::All).unwrap();
         let got = got.reshape(want.dims()).unwrap();
         let diff = max_abs_diff(&got, &want);
@@ -65,10 +62,7 @@ fn gguf_of_the_same_weights_gives_the_same_logits() {
         )
         .unwrap();
         let (ids, want) = expected(family);
-        let mut inputs: Vec<SeqInput> = ids
-            .iter()
-            .map(|s| SeqInput::new(s))
-            .collect();
+        let mut inputs: Vec<SeqInput> = ids.iter().map(|s| SeqInput::new(s)).collect();
         let got = m
             .model
             .forward(&mut inputs, None, LogitsFor::All)
@@ -131,13 +125,21 @@ fn responses_sharing_a_prompt_prefix_get_the_logits_of_full_sequences() {
         let mut row = prompt.len();
         for r in responses {
             let full: Vec<u32> = [prompt, r].concat();
-            let want = m.model.forward(&mut [SeqInput::new(&full)], None, LogitsFor::All).unwrap();
-            let diff = max_abs_diff(&got.narrow(0, row, r.len()).unwrap(), &want.narrow(0, prompt.len(), r.len()).unwrap());
+            let want = m
+                .model
+                .forward(&mut [SeqInput::new(&full)], None, LogitsFor::All)
+                .unwrap();
+            let diff = max_abs_diff(
+                &got.narrow(0, row, r.len()).unwrap(),
+                &want.narrow(0, prompt.len(), r.len()).unwrap(),
+            );
             assert!(diff < 1e-4, "{family}: {diff}");
             row += r.len();
         }
         // A prefix must be an earlier plain sequence.
-        let bad = m.model.forward(&mut [SeqInput::after(0, prompt)], None, LogitsFor::All);
+        let bad = m
+            .model
+            .forward(&mut [SeqInput::after(0, prompt)], None, LogitsFor::All);
         assert!(bad.is_err());
     }
 }

@@ -66,16 +66,23 @@ pub(crate) fn token_logprobs(
     let mut prompts: Vec<&[u32]> = Vec::new();
     let owner: Vec<usize> = leaves
         .iter()
-        .map(|l| match prompts.iter().position(|p| *p == l.prompt.as_slice()) {
-            Some(i) => i,
-            None => {
-                prompts.push(&l.prompt);
-                prompts.len() - 1
-            }
-        })
+        .map(
+            |l| match prompts.iter().position(|p| *p == l.prompt.as_slice()) {
+                Some(i) => i,
+                None => {
+                    prompts.push(&l.prompt);
+                    prompts.len() - 1
+                }
+            },
+        )
         .collect();
     let mut inputs: Vec<SeqInput<'_>> = prompts.iter().map(|p| SeqInput::new(p)).collect();
-    inputs.extend(leaves.iter().zip(&owner).map(|(l, &p)| SeqInput::after(p, &l.response)));
+    inputs.extend(
+        leaves
+            .iter()
+            .zip(&owner)
+            .map(|(l, &p)| SeqInput::after(p, &l.response)),
+    );
     // Packed row offsets of each input.
     let starts: Vec<usize> = inputs
         .iter()

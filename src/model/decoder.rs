@@ -60,17 +60,29 @@ pub struct SeqInput<'a> {
 impl<'a> SeqInput<'a> {
     /// A sequence from position 0, no cache: the graph is kept (training, scoring).
     pub fn new(tokens: &'a [u32]) -> Self {
-        Self { tokens, cache: None, prefix: None }
+        Self {
+            tokens,
+            cache: None,
+            prefix: None,
+        }
     }
 
     /// A sequence continuing from its cache (generation).
     pub fn cached(tokens: &'a [u32], cache: &'a mut KvCache) -> Self {
-        Self { tokens, cache: Some(cache), prefix: None }
+        Self {
+            tokens,
+            cache: Some(cache),
+            prefix: None,
+        }
     }
 
     /// A sequence continuing batch sequence `prefix`.
     pub fn after(prefix: usize, tokens: &'a [u32]) -> Self {
-        Self { tokens, cache: None, prefix: Some(prefix) }
+        Self {
+            tokens,
+            cache: None,
+            prefix: Some(prefix),
+        }
     }
 }
 
@@ -335,7 +347,10 @@ impl Model {
             }
             let offset = match s.prefix {
                 Some(p) => {
-                    let ok = p < i && s.cache.is_none() && seqs[p].cache.is_none() && seqs[p].prefix.is_none();
+                    let ok = p < i
+                        && s.cache.is_none()
+                        && seqs[p].cache.is_none()
+                        && seqs[p].prefix.is_none();
                     if !ok {
                         return Err(Error::InvalidConfig(format!(
                             "sequence {i} names prefix {p}: it must be an earlier sequence, and neither may use a cache or a prefix"
@@ -448,6 +463,19 @@ impl Model {
         let q = self.rope.apply(&q, positions)?;
         let k = self.rope.apply(&k, positions)?;
 
+        let single_token_decode = self.device.is_cpu()
+            && self.dtype == DType::F32
+            && spans.iter().all(|s| s.len == 1)
+            && seqs.iter().all(|s| s.cache.is_some());
+        if single_token_decode {
+            let attn = self.decode_attention_cpu(index, &q, &k, &v, seqs)?;
+            let x = (x + proj(&layer.o_proj, Projection::O, &attn)?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            let gate = proj(&layer.gate_proj, Projection::Gate, &h)?.silu()?;
+            let up = proj(&layer.up_proj, Projection::Up, &h)?;
+            let mlp = proj(&layer.down_proj, Projection::Down, &(gate * up)?)?;
+            return Ok((x + mlp)?);
+        }
         let mut outs = Vec::with_capacity(spans.len());
         for (span, seq) in spans.iter().zip(seqs.iter_mut()) {
             let qi = q.narrow(0, span.start, span.len)?.transpose(0, 1)?;
@@ -480,6 +508,69 @@ impl Model {
     ///
     /// Grouped queries are folded into the row dimension, (kv_heads, groups * n, d), so the
     /// keys are never copied per group.
+    /// Attention of one new token per sequence, on the CPU in f32, written out by hand: with
+    /// tensor ops each sequence costs ~20 tiny ops per layer, whose fixed overhead dominated
+    /// batched decoding. Keys and values are appended to each cache, then read in place.
+    /// `q`: (seqs, heads, d); `k`, `v`: (seqs, kv_heads, d). Returns (seqs, heads * d).
+    fn decode_attention_cpu(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, heads, d) = q.dims3()?;
+        let groups = c.kv_groups();
+        let scale = 1.0 / (d as f32).sqrt();
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; b * heads * d];
+        let mut scores = Vec::new();
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            let cache = seq.cache.as_deref_mut().expect("checked by the caller");
+            let ki = k.narrow(0, i, 1)?.transpose(0, 1)?;
+            let vi = v.narrow(0, i, 1)?.transpose(0, 1)?;
+            cache.append(layer, &ki, &vi)?;
+            let keys = cache.len() + 1;
+            let (kbuf, vbuf) = cache.buffers(layer).expect("appended just above");
+            let (ks, kl) = kbuf.storage_and_layout();
+            let (vs, vl) = vbuf.storage_and_layout();
+            let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*ks, &*vs)
+            else {
+                unreachable!("single-token decode runs on the CPU only")
+            };
+            let kd = &ks.as_slice::<f32>()?[kl.start_offset()..];
+            let vd = &vs.as_slice::<f32>()?[vl.start_offset()..];
+            let capacity = kbuf.dim(1)?;
+            for h in 0..heads {
+                let g = h / groups;
+                let qh = &q[(i * heads + h) * d..][..d];
+                let base = g * capacity * d;
+                scores.clear();
+                scores.extend((0..keys).map(|t| {
+                    let kt = &kd[base + t * d..][..d];
+                    qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
+                }));
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let oh = &mut out[(i * heads + h) * d..][..d];
+                for (t, p) in scores.iter().enumerate() {
+                    let vt = &vd[base + t * d..][..d];
+                    let w = p / sum;
+                    for (o, x) in oh.iter_mut().zip(vt) {
+                        *o += w * x;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (b, heads * d), &self.device)?)
+    }
+
     /// 0 where query row r (at position offset + r) may see key column c, -inf after it.
     fn causal_mask(&self, n: usize, offset: usize) -> Result<Option<Tensor>> {
         if n == 1 {

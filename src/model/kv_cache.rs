@@ -79,6 +79,12 @@ impl KvCache {
         Ok((buf.k.narrow(1, 0, needed)?, buf.v.narrow(1, 0, needed)?))
     }
 
+    /// The key and value buffers of `layer`, (kv_heads, capacity, head_dim); valid up to
+    /// the positions appended so far.
+    pub(crate) fn buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer)?.as_ref().map(|b| (&b.k, &b.v))
+    }
+
     /// Called once per forward, after every layer appended `n` positions.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;

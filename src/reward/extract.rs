@@ -225,7 +225,10 @@ mod tests {
     /// (seen on SmolLM2: "I think an answer is ..." voted as `ananswer`).
     #[test]
     fn a_phrase_without_a_number_falls_back_to_the_last_number() {
-        assert_eq!(extract_answer("7 + 5 = 12, so an answer is hard to doubt", Number).as_deref(), Some("12"));
+        assert_eq!(
+            extract_answer("7 + 5 = 12, so an answer is hard to doubt", Number).as_deref(),
+            Some("12")
+        );
         assert_eq!(extract_answer("The answer is unclear", Number), None);
     }
 
