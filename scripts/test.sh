@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
 # The whole test suite: what README.md's test command and .ci/run both call.
-# Installs what the tests need, then runs every unit and integration test.
+# Installs what the tests need, then runs every unit and integration test and the
+# browser test of the playground.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+CACHE="${TTRL_SERVE_CACHE:-$HOME/.cache/ttrl-serve}"
 
 # One warm build folder outside the clone, shared by every run on this machine.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ttrl-serve/target}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 
-# Python clients the server tests drive (the official openai SDK), in a venv outside the clone.
-VENV="${TTRL_TEST_VENV:-$HOME/.cache/ttrl-serve/test-venv}"
+# The official openai SDK, which the server tests drive, in a venv outside the clone.
+VENV="$CACHE/test-venv"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 >/dev/null
 export TTRL_TEST_PYTHON="$VENV/bin/python"
 
+# Debian's chromium and playwright-core from npm, for the browser test.
+if ! command -v chromium >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+fi
+BROWSER_DEPS="$CACHE/browser"
+if [ ! -d "$BROWSER_DEPS/node_modules/playwright-core" ]; then
+    mkdir -p "$BROWSER_DEPS"
+    (cd "$BROWSER_DEPS" && npm install --silent --no-audit --no-fund playwright-core@1.65 >/dev/null)
+fi
+
 cargo build --release --bins
 cargo test --release -- --test-threads=2
+
+TTRL_BIN="$CARGO_TARGET_DIR/release/ttrl-serve" NODE_PATH="$BROWSER_DEPS/node_modules" \
+    TTRL_ARTIFACTS="${TTRL_ARTIFACTS:-$CACHE/test-artifacts}" node tests/browser/playground.mjs

@@ -426,16 +426,7 @@ impl Scheduler {
                     tracing::error!("saving adapter `{key}`: {e}");
                 }
             }
-            // Sequences decoding with the old weights recompute their caches.
-            for a in self
-                .running
-                .iter_mut()
-                .filter(|a| a.job.adapter.as_deref() == Some(key.as_str()))
-            {
-                for s in &mut a.seqs {
-                    s.reset_cache(&self.model);
-                }
-            }
+            self.invalidate_caches(&key);
         }
         for (q, job) in jobs.iter_mut().enumerate() {
             let r = self.report_for(
@@ -633,17 +624,23 @@ impl Scheduler {
             name.clone(),
             Learner::new(adapter, &self.defaults, version)?,
         );
+        self.invalidate_caches(&name);
+        metrics::gauge!(m::ADAPTER_VERSION, "model" => self.model_label.clone(), "adapter" => name.clone()).set(version as f64);
+        Ok(AdapterInfo { name, version })
+    }
+
+    /// The adapter's weights changed: sequences decoding with it recompute their caches, so
+    /// no KV computed under one weight version is used under another.
+    fn invalidate_caches(&mut self, adapter: &str) {
         for a in self
             .running
             .iter_mut()
-            .filter(|a| a.job.adapter.as_deref() == Some(name.as_str()))
+            .filter(|a| a.job.adapter.as_deref() == Some(adapter))
         {
             for s in &mut a.seqs {
                 s.reset_cache(&self.model);
             }
         }
-        metrics::gauge!(m::ADAPTER_VERSION, "model" => self.model_label.clone(), "adapter" => name.clone()).set(version as f64);
-        Ok(AdapterInfo { name, version })
     }
 
     fn running_seqs(&self) -> usize {

@@ -112,6 +112,21 @@ struct Layer {
     post_attention_layernorm: Tensor,
 }
 
+impl Layer {
+    /// The seven projections, in checkpoint order.
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+}
+
 #[derive(Debug)]
 pub struct Model {
     config: ModelConfig,
@@ -271,15 +286,7 @@ impl Model {
             self.lm_head.clone(),
         ];
         for l in &self.layers {
-            for lin in [
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ] {
+            for lin in l.linears() {
                 out.push(lin.weight.clone());
                 out.extend(lin.bias.clone());
             }
@@ -301,18 +308,7 @@ impl Model {
             .layers
             .iter()
             .map(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
-                .into_iter()
-                .map(lin)
-                .sum::<usize>()
+                l.linears().into_iter().map(lin).sum::<usize>()
                     + bytes(&l.input_layernorm)
                     + bytes(&l.post_attention_layernorm)
             })
@@ -467,15 +463,31 @@ impl Model {
             && self.dtype == DType::F32
             && spans.iter().all(|s| s.len == 1)
             && seqs.iter().all(|s| s.cache.is_some());
-        if single_token_decode {
-            let attn = self.decode_attention_cpu(index, &q, &k, &v, seqs)?;
-            let x = (x + proj(&layer.o_proj, Projection::O, &attn)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            let gate = proj(&layer.gate_proj, Projection::Gate, &h)?.silu()?;
-            let up = proj(&layer.up_proj, Projection::Up, &h)?;
-            let mlp = proj(&layer.down_proj, Projection::Down, &(gate * up)?)?;
-            return Ok((x + mlp)?);
-        }
+        let attn = if single_token_decode {
+            self.decode_attention_cpu(index, &q, &k, &v, seqs)?
+        } else {
+            self.spans_attention(index, &q, &k, &v, spans, seqs)?
+        };
+        let x = (x + proj(&layer.o_proj, Projection::O, &attn)?)?;
+
+        let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+        let gate = proj(&layer.gate_proj, Projection::Gate, &h)?.silu()?;
+        let up = proj(&layer.up_proj, Projection::Up, &h)?;
+        let mlp = proj(&layer.down_proj, Projection::Down, &(gate * up)?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Attention sequence by sequence: each appends to its cache, or attends after its
+    /// prefix, or stands alone. Returns (rows, heads * d) in packed order.
+    fn spans_attention(
+        &self,
+        index: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        spans: &[Span],
+        seqs: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(spans.len());
         for (span, seq) in spans.iter().zip(seqs.iter_mut()) {
             let qi = q.narrow(0, span.start, span.len)?.transpose(0, 1)?;
@@ -493,14 +505,7 @@ impl Model {
             };
             outs.push(self.attention(&qi, &ki, &vi, span.mask.as_ref())?);
         }
-        let attn = Tensor::cat(&outs, 0)?;
-        let x = (x + proj(&layer.o_proj, Projection::O, &attn)?)?;
-
-        let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-        let gate = proj(&layer.gate_proj, Projection::Gate, &h)?.silu()?;
-        let up = proj(&layer.up_proj, Projection::Up, &h)?;
-        let mlp = proj(&layer.down_proj, Projection::Down, &(gate * up)?)?;
-        Ok((x + mlp)?)
+        Ok(Tensor::cat(&outs, 0)?)
     }
 
     /// Causal attention of one sequence. `q`: (heads, n, d) for positions offset..offset+n;

@@ -49,11 +49,7 @@ pub async fn completions(
         created: unix_now(),
         model: ready.model_name.clone(),
         choices,
-        usage: Some(Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        }),
+        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
         adaptation,
     })
     .into_response())
@@ -128,11 +124,7 @@ fn stream(
         }
         if valid.include_usage {
             let p = submitted.prompt_tokens;
-            let usage = Usage {
-                prompt_tokens: p,
-                completion_tokens,
-                total_tokens: p + completion_tokens,
-            };
+            let usage = Usage::new(p, completion_tokens);
             send_json(&tx, &chunk(Vec::new(), Some(usage))).await;
         }
     })

@@ -10,6 +10,7 @@ mod generate;
 mod info;
 mod logprobs;
 pub mod openai;
+mod ui;
 pub mod validation;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,7 +120,7 @@ pub struct HttpLimits {
 }
 
 /// Every route, for the router and for the test that holds the OpenAPI document to it.
-pub const ROUTES: [(&str, &str); 13] = [
+pub const ROUTES: [(&str, &str); 16] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("get", "/v1/models"),
@@ -133,6 +134,9 @@ pub const ROUTES: [(&str, &str); 13] = [
     ("post", "/admin/adapters/{name}/reset"),
     ("get", "/admin/adapters/{name}/export"),
     ("post", "/admin/adapters/{name}/import"),
+    ("get", "/"),
+    ("get", "/static/style.css"),
+    ("get", "/static/app.js"),
 ];
 
 /// Adapter imports carry full LoRA tensors: far above the default body limit.
@@ -150,6 +154,9 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/version", get(info::version))
         .route("/openapi.json", get(info::openapi))
         .route("/docs", get(info::openapi))
+        .route("/", get(ui::index))
+        .route("/static/style.css", get(ui::style))
+        .route("/static/app.js", get(ui::script))
         .route("/admin/adapters", get(admin::list))
         .route("/admin/adapters/{name}/reset", post(admin::reset))
         .route("/admin/adapters/{name}/export", get(admin::export))

@@ -121,6 +121,16 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TopLogprob {
     pub token: String,

@@ -1,0 +1,113 @@
+// Browser test of the playground: Debian's chromium, headless, driven by playwright-core,
+// against the real server on the default model. Asks a question with adaptation on, waits for
+// the answer, and checks that the tree, the vote chart and the step metrics show the values
+// the API returned. Saves desktop and phone screenshots. Prints "N passed, M failed".
+//
+//   TTRL_BIN=.../ttrl-serve NODE_PATH=.../node_modules node tests/browser/playground.mjs
+import { spawn } from "node:child_process";
+import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createRequire } from "node:module";
+
+const require = createRequire(import.meta.url);
+const { chromium } = require("playwright-core");
+const artifacts = process.env.TTRL_ARTIFACTS || "test-artifacts";
+mkdirSync(artifacts, { recursive: true });
+
+const port = await new Promise((resolve) => {
+  const s = createServer().listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
+});
+const work = mkdtempSync(join(tmpdir(), "ttrl-browser-"));
+writeFileSync(join(work, "config.toml"), "[adaptation]\nmax_tokens = 16\n");
+const server = spawn(process.env.TTRL_BIN, ["serve", "--port", String(port), "--config", join(work, "config.toml"), "--data-dir", join(work, "adapters")], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, RUST_LOG: "warn,tower_http=off" } });
+const base = `http://127.0.0.1:${port}`;
+
+let passed = 0, failed = 0;
+function check(name, ok, detail = "") {
+  if (ok) { passed++; console.log(`ok - ${name}`); } else { failed++; console.log(`FAILED - ${name} ${detail}`); }
+}
+
+let browser;
+try {
+  for (let i = 0; ; i++) {
+    try { if ((await fetch(`${base}/ready`)).ok) break; } catch (_) { /* not up yet */ }
+    if (i > 600) throw new Error("server not ready");
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const pageErrors = [];
+  page.on("pageerror", (e) => pageErrors.push(e.message));
+  await page.goto(base + "/");
+  await page.waitForFunction(() => document.querySelectorAll("#model option").length > 0);
+  check("the model picker is fed by /v1/models", (await page.locator("#model option").first().textContent()) === "SmolLM2-135M-Instruct");
+
+  await page.check("#adapt");
+  await page.fill("#samples", "4");
+  await page.fill("#adapter", "browser");
+  // Text answers: every leaf votes, so the chart is never empty.
+  await page.selectOption("#answer_format", "text");
+  await page.fill("#prompt", "What is 3 plus 4? Answer with just the number.");
+  const responsePromise = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
+  await page.press("#prompt", "Enter");
+  const response = await responsePromise;
+  const sse = await response.text();
+  await page.waitForFunction(() => document.body.dataset.answered, null, { timeout: 600000 });
+  const report = sse.split("\n").filter((l) => l.startsWith("data: {")).map((l) => JSON.parse(l.slice(6))).find((c) => c.adaptation).adaptation;
+  check("the API returned an adaptation report", !!report && report.tree.length > 0);
+
+  const leaves = await page.locator("#ep-tree li").count();
+  check("the tree shows every leaf", leaves === report.tree.length, `${leaves} vs ${report.tree.length}`);
+  const forks = await page.locator("#ep-tree .fork").count();
+  check("fork points are marked", forks === report.tree.filter((l) => l.fork_at !== null && l.fork_at < l.tokens.length).length, `${forks}`);
+  const firstTokens = await page.locator("#ep-tree li").first().locator(".tok").allTextContents();
+  check("tree tokens are the report's tokens", firstTokens.join("") === report.tree[0].tokens.join(""));
+
+  const bars = await page.locator("#ep-votes rect.vote-bar").evaluateAll((rs) => rs.map((r) => [r.dataset.answer, Number(r.dataset.votes), r.getAttribute("fill")]));
+  const votes = report.votes.slice(0, 12);
+  check("the vote chart has bars", bars.length > 0);
+  check("the vote chart has one bar per answer with its count", JSON.stringify(bars.map((b) => [b[0], b[1]])) === JSON.stringify(votes), JSON.stringify(bars));
+  check("the majority answer is highlighted", bars.filter((b) => b[2] === "#1a7f37").every((b) => b[0] === report.majority_answer));
+
+  const steps = await page.locator("#ep-steps tbody tr").evaluateAll((rows) => rows.map((r) => [...r.cells].map((c) => c.textContent)));
+  check("one step row per step", steps.length === report.step_metrics.length);
+  check("step loss and KL are the API's", steps.every((row, i) => row[1] === report.step_metrics[i].loss.toFixed(4) && row[2] === report.step_metrics[i].kl.toFixed(4)), JSON.stringify(steps));
+  const summary = await page.locator("#ep-summary").textContent();
+  check("adapter versions before and after are shown", summary.includes(`v${report.adapter_version_before} → v${report.adapter_version}`), summary);
+  const answer = await page.locator("#messages li.assistant").last().textContent();
+  check("the streamed answer is shown", answer.length > 0, answer);
+  await page.waitForFunction(() => document.getElementById("st-episodes").textContent === "1", null, { timeout: 10000 }).catch(() => {});
+  check("the status strip counts the episode", (await page.locator("#st-episodes").textContent()) === "1");
+
+  // Errors from the server are shown, not swallowed.
+  await page.uncheck("#adapt");
+  await page.fill("#temperature", "5");
+  await page.fill("#prompt", "hello");
+  await page.press("#prompt", "Enter");
+  await page.waitForSelector("#error:not([hidden])");
+  check("a server error is shown", (await page.locator("#error").textContent()).includes("temperature"));
+  check("the refused question is not left in the chat", (await page.locator("#messages li").count()) === 2);
+  check("no script errors", pageErrors.length === 0, pageErrors.join("; "));
+  await page.fill("#temperature", "0");
+  await page.screenshot({ path: join(artifacts, "playground-desktop.png"), fullPage: true });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.screenshot({ path: join(artifacts, "playground-phone.png"), fullPage: true });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+  const wide = await page.evaluate(() => [...document.querySelectorAll("body *")]
+    .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 1)
+    .slice(0, 5).map((el) => `${el.tagName}#${el.id}.${el.className}`));
+  check("no horizontal scrolling at phone width", !overflow, wide.join(", "));
+} catch (e) {
+  check("the browser run completed", false, e.stack || String(e));
+} finally {
+  if (browser) await browser.close();
+  server.kill("SIGTERM");
+}
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 ? 0 : 1);
