@@ -3,18 +3,20 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
+use std::sync::Arc;
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generate::{collect, request_id, send_json, sse_response, submit, unix_now, Submitted};
+use super::generate::{collect, request_id, stream, submit, unix_now, ChunkFormat};
 use super::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, Delta, Usage,
 };
-use super::validation::{validate_chat, ValidRequest};
+use super::validation::validate_chat;
 use super::{logprobs, AppState, Ready};
-use crate::engine::Event;
+use crate::engine::AdaptationReport;
+use crate::generation::FinishReason;
+use crate::sampling::SampledToken;
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -28,7 +30,13 @@ pub async fn chat_completions(
     let submitted = submit(&ready, &valid)?;
     let id = request_id("chatcmpl");
     if valid.stream {
-        return Ok(stream(ready, valid, submitted, id));
+        let format = ChatChunks {
+            ready,
+            id,
+            created: unix_now(),
+            logprobs: valid.logprobs.is_some(),
+        };
+        return Ok(stream(format, submitted, valid.include_usage));
     }
     let prompt_tokens = submitted.prompt_tokens;
     let (results, adaptation) = collect(submitted).await?;
@@ -60,93 +68,75 @@ pub async fn chat_completions(
     .into_response())
 }
 
-fn stream(
-    ready: std::sync::Arc<Ready>,
-    valid: ValidRequest,
-    mut submitted: Submitted,
+/// Chat chunks: the assistant role first, then one content delta per token.
+struct ChatChunks {
+    ready: Arc<Ready>,
     id: String,
-) -> Response {
-    sse_response(move |tx| async move {
-        let created = unix_now();
-        let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
-            id: id.clone(),
+    created: u64,
+    logprobs: bool,
+}
+
+impl ChunkFormat for ChatChunks {
+    type Choice = ChatChunkChoice;
+    type Chunk = ChatCompletionChunk;
+
+    fn token(&self, index: usize, token: &SampledToken, text: String) -> ChatChunkChoice {
+        ChatChunkChoice {
+            index,
+            logprobs: self
+                .logprobs
+                .then(|| logprobs::chat(&self.ready.tokenizer, std::slice::from_ref(token))),
+            delta: Delta {
+                role: None,
+                content: Some(text),
+            },
+            finish_reason: None,
+        }
+    }
+
+    fn finished(&self, index: usize, reason: FinishReason, text: String) -> ChatChunkChoice {
+        ChatChunkChoice {
+            index,
+            delta: Delta {
+                role: None,
+                content: (!text.is_empty()).then_some(text),
+            },
+            logprobs: None,
+            finish_reason: Some(reason.as_str()),
+        }
+    }
+
+    fn chunk(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        usage: Option<Usage>,
+        adaptation: Option<AdaptationReport>,
+    ) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
             object: "chat.completion.chunk",
-            created,
-            model: ready.model_name.clone(),
+            created: self.created,
+            model: self.ready.model_name.clone(),
             choices,
             usage,
-            adaptation: None,
-        };
-        for index in 0..submitted.choices {
-            let first = ChatChunkChoice {
-                index,
-                delta: Delta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                },
-                logprobs: None,
-                finish_reason: None,
-            };
-            if !send_json(&tx, &chunk(vec![first], None)).await {
-                return;
-            }
+            adaptation,
         }
-        let mut open = submitted.choices;
-        let mut completion_tokens = 0;
-        while open > 0 {
-            let Some((index, event)) = submitted.events.next().await else {
-                break;
-            };
-            let choice = match event {
-                Event::Token { token, text, .. } => {
-                    completion_tokens += 1;
-                    ChatChunkChoice {
-                        index,
-                        logprobs: valid.logprobs.map(|_| {
-                            logprobs::chat(&ready.tokenizer, std::slice::from_ref(&token))
-                        }),
-                        delta: Delta {
-                            role: None,
-                            content: Some(text),
-                        },
-                        finish_reason: None,
-                    }
-                }
-                Event::Finished { reason, text, .. } => {
-                    open -= 1;
-                    ChatChunkChoice {
-                        index,
-                        delta: Delta {
-                            role: None,
-                            content: (!text.is_empty()).then_some(text),
-                        },
-                        logprobs: None,
-                        finish_reason: Some(reason.as_str()),
-                    }
-                }
-                Event::Adapted(report) => {
-                    let note = ChatCompletionChunk {
-                        adaptation: Some(*report),
-                        ..chunk(Vec::new(), None)
-                    };
-                    if !send_json(&tx, &note).await {
-                        return;
-                    }
-                    continue;
-                }
-                Event::Error(message) => {
-                    send_json(&tx, &ApiError::Unavailable(message).body()).await;
-                    return;
-                }
-            };
-            if !send_json(&tx, &chunk(vec![choice], None)).await {
-                return;
-            }
-        }
-        if valid.include_usage {
-            let p = submitted.prompt_tokens;
-            let usage = Usage::new(p, completion_tokens);
-            send_json(&tx, &chunk(Vec::new(), Some(usage))).await;
-        }
-    })
+    }
+
+    fn opening(&self, choices: usize) -> Vec<ChatCompletionChunk> {
+        (0..choices)
+            .map(|index| {
+                let role = ChatChunkChoice {
+                    index,
+                    delta: Delta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                };
+                self.chunk(vec![role], None, None)
+            })
+            .collect()
+    }
 }

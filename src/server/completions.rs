@@ -3,15 +3,17 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::StreamExt;
+use std::sync::Arc;
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generate::{collect, request_id, send_json, sse_response, submit, unix_now, Submitted};
+use super::generate::{collect, request_id, stream, submit, unix_now, ChunkFormat};
 use super::openai::{Completion, CompletionChoice, CompletionRequest, Usage};
-use super::validation::{validate_completion, ValidRequest};
+use super::validation::validate_completion;
 use super::{logprobs, AppState, Ready};
-use crate::engine::Event;
+use crate::engine::AdaptationReport;
+use crate::generation::FinishReason;
+use crate::sampling::SampledToken;
 
 pub async fn completions(
     State(state): State<AppState>,
@@ -22,7 +24,13 @@ pub async fn completions(
     let submitted = submit(&ready, &valid)?;
     let id = request_id("cmpl");
     if valid.stream {
-        return Ok(stream(ready, valid, submitted, id));
+        let format = CompletionChunks {
+            ready,
+            id,
+            created: unix_now(),
+            logprobs: valid.logprobs.is_some(),
+        };
+        return Ok(stream(format, submitted, valid.include_usage));
     }
     let prompt_tokens = submitted.prompt_tokens;
     let (results, adaptation) = collect(submitted).await?;
@@ -55,77 +63,52 @@ pub async fn completions(
     .into_response())
 }
 
-fn stream(
-    ready: std::sync::Arc<Ready>,
-    valid: ValidRequest,
-    mut submitted: Submitted,
+/// Completion chunks: one text piece per token.
+struct CompletionChunks {
+    ready: Arc<Ready>,
     id: String,
-) -> Response {
-    sse_response(move |tx| async move {
-        let created = unix_now();
-        let chunk = |choices: Vec<CompletionChoice>, usage: Option<Usage>| Completion {
-            id: id.clone(),
+    created: u64,
+    logprobs: bool,
+}
+
+impl ChunkFormat for CompletionChunks {
+    type Choice = CompletionChoice;
+    type Chunk = Completion;
+
+    fn token(&self, index: usize, token: &SampledToken, text: String) -> CompletionChoice {
+        CompletionChoice {
+            index,
+            logprobs: self.logprobs.then(|| {
+                logprobs::completion(&self.ready.tokenizer, std::slice::from_ref(token), 0)
+            }),
+            text,
+            finish_reason: None,
+        }
+    }
+
+    fn finished(&self, index: usize, reason: FinishReason, text: String) -> CompletionChoice {
+        CompletionChoice {
+            index,
+            text,
+            logprobs: None,
+            finish_reason: Some(reason.as_str()),
+        }
+    }
+
+    fn chunk(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<Usage>,
+        adaptation: Option<AdaptationReport>,
+    ) -> Completion {
+        Completion {
+            id: self.id.clone(),
             object: "text_completion",
-            created,
-            model: ready.model_name.clone(),
+            created: self.created,
+            model: self.ready.model_name.clone(),
             choices,
             usage,
-            adaptation: None,
-        };
-        let mut open = submitted.choices;
-        let mut completion_tokens = 0;
-        while open > 0 {
-            let Some((index, event)) = submitted.events.next().await else {
-                break;
-            };
-            let choice = match event {
-                Event::Token { token, text, .. } => {
-                    completion_tokens += 1;
-                    CompletionChoice {
-                        index,
-                        logprobs: valid.logprobs.map(|_| {
-                            logprobs::completion(&ready.tokenizer, std::slice::from_ref(&token), 0)
-                        }),
-                        text,
-                        finish_reason: None,
-                    }
-                }
-                Event::Finished { reason, text, .. } => {
-                    open -= 1;
-                    CompletionChoice {
-                        index,
-                        text,
-                        logprobs: None,
-                        finish_reason: Some(reason.as_str()),
-                    }
-                }
-                Event::Adapted(report) => {
-                    if !send_json(
-                        &tx,
-                        &Completion {
-                            adaptation: Some(*report),
-                            ..chunk(Vec::new(), None)
-                        },
-                    )
-                    .await
-                    {
-                        return;
-                    }
-                    continue;
-                }
-                Event::Error(message) => {
-                    send_json(&tx, &ApiError::Unavailable(message).body()).await;
-                    return;
-                }
-            };
-            if !send_json(&tx, &chunk(vec![choice], None)).await {
-                return;
-            }
+            adaptation,
         }
-        if valid.include_usage {
-            let p = submitted.prompt_tokens;
-            let usage = Usage::new(p, completion_tokens);
-            send_json(&tx, &chunk(Vec::new(), Some(usage))).await;
-        }
-    })
+    }
 }

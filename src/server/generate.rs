@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::ApiError;
+use super::openai::Usage;
 use super::validation::ValidRequest;
 use super::Ready;
 use crate::engine::{AdaptationReport, Event, GenerateJob, SubmitError};
@@ -150,4 +151,67 @@ pub async fn send_json<T: serde::Serialize>(tx: &mpsc::Sender<SseItem>, value: &
     tx.send(Ok(axum::response::sse::Event::default().data(data)))
         .await
         .is_ok()
+}
+
+/// How one endpoint spells its streamed chunks; [`stream`] drives any of them.
+pub trait ChunkFormat: Send + Sync + 'static {
+    type Choice: Send + Sync;
+    type Chunk: serde::Serialize + Send + Sync;
+    fn token(&self, index: usize, token: &SampledToken, text: String) -> Self::Choice;
+    fn finished(&self, index: usize, reason: FinishReason, text: String) -> Self::Choice;
+    fn chunk(
+        &self,
+        choices: Vec<Self::Choice>,
+        usage: Option<Usage>,
+        adaptation: Option<AdaptationReport>,
+    ) -> Self::Chunk;
+    /// Chunks sent before any event (chat: the assistant role of each choice).
+    fn opening(&self, _choices: usize) -> Vec<Self::Chunk> {
+        Vec::new()
+    }
+}
+
+/// Streams a submitted request: one chunk per token, the adaptation report as its own chunk
+/// when the episode ends, usage last when asked, errors as an error chunk, then `[DONE]`.
+pub fn stream<F: ChunkFormat>(
+    format: F,
+    mut submitted: Submitted,
+    include_usage: bool,
+) -> axum::response::Response {
+    sse_response(move |tx| async move {
+        for opening in format.opening(submitted.choices) {
+            if !send_json(&tx, &opening).await {
+                return;
+            }
+        }
+        let mut open = submitted.choices;
+        let mut completion_tokens = 0;
+        while open > 0 {
+            let Some((index, event)) = submitted.events.next().await else {
+                break;
+            };
+            let chunk = match event {
+                Event::Token { token, text, .. } => {
+                    completion_tokens += 1;
+                    format.chunk(vec![format.token(index, &token, text)], None, None)
+                }
+                Event::Finished { reason, text, .. } => {
+                    open -= 1;
+                    format.chunk(vec![format.finished(index, reason, text)], None, None)
+                }
+                Event::Adapted(report) => format.chunk(Vec::new(), None, Some(*report)),
+                Event::Error(message) => {
+                    send_json(&tx, &ApiError::Unavailable(message).body()).await;
+                    return;
+                }
+            };
+            if !send_json(&tx, &chunk).await {
+                return;
+            }
+        }
+        if include_usage {
+            let usage = Usage::new(submitted.prompt_tokens, completion_tokens);
+            send_json(&tx, &format.chunk(Vec::new(), Some(usage), None)).await;
+        }
+    })
 }
