@@ -119,6 +119,9 @@ impl Active {
         let now = Instant::now();
         for (i, seq) in self.seqs.iter().enumerate() {
             let generated = seq.generated();
+            let new_tokens = generated.len() - self.sent_tokens[i];
+            metrics::counter!(m::GENERATION_TOKENS, "model" => model_label.to_string())
+                .increment(new_tokens as u64);
             for tok in &generated[self.sent_tokens[i]..] {
                 if !self.first_token_seen {
                     self.first_token_seen = true;
@@ -143,9 +146,6 @@ impl Active {
                     text,
                 });
             }
-            let new_tokens = generated.len() - self.sent_tokens[i];
-            metrics::counter!(m::GENERATION_TOKENS, "model" => model_label.to_string())
-                .increment(new_tokens as u64);
             self.sent_tokens[i] = generated.len();
             if let Some(reason) = seq.finish_reason().filter(|_| !self.reported[i]) {
                 let text = seq
@@ -727,20 +727,26 @@ impl Scheduler {
                 });
             }
         }
+        // A finished job's metrics are recorded before its last event goes out, so a client
+        // that reads /metrics right after its answer sees itself counted.
         for a in &mut self.running {
+            if a.is_done() {
+                let _enter = a.job.span.enter();
+                let label = self.model_label.clone();
+                metrics::histogram!(m::E2E_REQUEST_LATENCY, "model" => label.clone())
+                    .record(a.job.arrived.elapsed().as_secs_f64());
+                let reason = a
+                    .seqs
+                    .iter()
+                    .filter_map(Sequence::finish_reason)
+                    .next_back()
+                    .unwrap_or(FinishReason::Stop);
+                metrics::counter!(m::REQUEST_SUCCESS, "model" => label, "finished_reason" => reason.as_str())
+                    .increment(1);
+            }
             a.emit(&self.model_label);
         }
-        let label = self.model_label.clone();
-        self.running.retain(|a| {
-            if !a.is_done() {
-                return true;
-            }
-            let _enter = a.job.span.enter();
-            metrics::histogram!(m::E2E_REQUEST_LATENCY, "model" => label.clone()).record(a.job.arrived.elapsed().as_secs_f64());
-            let reason = a.seqs.iter().filter_map(Sequence::finish_reason).next_back().unwrap_or(FinishReason::Stop);
-            metrics::counter!(m::REQUEST_SUCCESS, "model" => label.clone(), "finished_reason" => reason.as_str()).increment(1);
-            false
-        });
+        self.running.retain(|a| !a.is_done());
         // Ephemeral adapters go when the last job answered with them has finished.
         let in_use: Vec<String> = self
             .running

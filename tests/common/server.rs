@@ -27,7 +27,7 @@ impl Server {
             .arg("serve")
             .args(["--port", &port.to_string()])
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,tower_http=off")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
