@@ -221,8 +221,6 @@ fn metrics_parse_as_prometheus_text_and_count_exactly() {
 
 #[test]
 fn bad_input_gets_openai_shaped_errors_and_never_downs_the_server() {
-    // A small body limit: the oversized body still fits the socket buffers, so the client
-    // reads the 413 instead of racing the server's close.
     let config = std::env::temp_dir().join(format!("ttrl-limits-{}.toml", std::process::id()));
     std::fs::write(&config, "[server]\nbody_limit_bytes = 65536\n").unwrap();
     let server = Server::tiny(&[
@@ -250,13 +248,7 @@ fn bad_input_gets_openai_shaped_errors_and_never_downs_the_server() {
             (s, v, None)
         },
         {
-            let (s, v) = raw(
-                &format!(
-                    "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
-                    "a".repeat(100_000)
-                ),
-                "application/json",
-            );
+            let (s, v) = post_one_byte_over_the_limit(&server);
             (s, v, None)
         },
         {
@@ -325,6 +317,24 @@ fn bad_input_gets_openai_shaped_errors_and_never_downs_the_server() {
     // Still serving.
     let (status, _) = server.post("/v1/completions", &json!({"prompt": "ok", "max_tokens": 2}));
     assert_eq!(status, 200);
+}
+
+/// A body one byte over the 64 KiB limit: the server has read all of it when it refuses,
+/// so the client reads the 413 instead of racing the server's close while still writing.
+fn post_one_byte_over_the_limit(server: &Server) -> (u16, Value) {
+    let prefix = "{\"messages\": [{\"role\": \"user\", \"content\": \"";
+    let suffix = "\"}]}";
+    let filler = "a".repeat(65_536 + 1 - prefix.len() - suffix.len());
+    let body = format!("{prefix}{filler}{suffix}");
+    assert_eq!(body.len(), 65_537);
+    match ureq::post(&server.url("/v1/chat/completions"))
+        .set("content-type", "application/json")
+        .send_string(&body)
+    {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
 }
 
 #[test]
