@@ -8,7 +8,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ttrl-serve/target}"
 VENV="${BENCH_VENV:-$HOME/.cache/ttrl-serve/bench-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet torch transformers gguf
+    "$VENV/bin/pip" install --quiet torch transformers gguf accelerate
 fi
 cargo build --release --bins
 BIN="$CARGO_TARGET_DIR/release/ttrl-serve"
