@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
 
-use ttrl_serve::generation::{decode_step, Sequence, StopRules};
+use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
 use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
 use ttrl_serve::sampling::{Sampler, Sampling};
 
@@ -115,16 +115,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             None,
         )?;
         let t = Instant::now();
-        let mut steps = 0;
-        while seqs.iter().any(|s| !s.is_finished()) {
-            decode_step(
-                &model,
-                &tokenizer,
-                &mut seqs.iter_mut().collect::<Vec<_>>(),
-                None,
-            )?;
-            steps += 1;
-        }
+        run_to_end(&model, &tokenizer, &mut seqs, None)?;
+        // Every step after the first added one token to each sequence.
+        let steps = args.new_tokens - 1;
         let secs = t.elapsed().as_secs_f64();
         println!(
             "| decode batch {b} | {:.1} tok/s ({:.1} ms/step) |",

@@ -1,5 +1,5 @@
 use candle_core::DType;
-use ttrl_serve::generation::{decode_step, Sequence, StopRules};
+use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
 use ttrl_serve::model::{LoadedModel, LogitsFor, SeqInput};
 use ttrl_serve::sampling::{log_softmax_entropy, Sampler, Sampling};
 
@@ -25,9 +25,7 @@ fn prompts() -> Vec<Vec<u32>> {
 fn run_alone(m: &LoadedModel, prompt: &[u32], seed: u64, max_tokens: usize) -> Vec<u32> {
     let sampler = Sampler::new(Sampling::new(0.9, None, 0.95), seed);
     let mut seq = Sequence::new(&m.model, prompt.to_vec(), sampler, rules(max_tokens), 0);
-    while !seq.is_finished() {
-        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
-    }
+    run_to_end(&m.model, &m.tokenizer, std::slice::from_mut(&mut seq), None).unwrap();
     seq.generated().iter().map(|t| t.id).collect()
 }
 
@@ -96,9 +94,7 @@ fn reported_entropy_and_logprob_equal_a_direct_computation_from_the_logits() {
         rules(10),
         0,
     );
-    while !seq.is_finished() {
-        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
-    }
+    run_to_end(&m.model, &m.tokenizer, std::slice::from_mut(&mut seq), None).unwrap();
     let all = seq.tokens().to_vec();
     let logits = m
         .model
@@ -129,9 +125,13 @@ fn a_forks_first_logits_equal_teacher_forcing_of_the_parents_prefix() {
         rules(12),
         8,
     );
-    while !parent.is_finished() {
-        decode_step(&m.model, &m.tokenizer, &mut [&mut parent], None).unwrap();
-    }
+    run_to_end(
+        &m.model,
+        &m.tokenizer,
+        std::slice::from_mut(&mut parent),
+        None,
+    )
+    .unwrap();
     for at in [0usize, 4, 9] {
         let mut child = parent
             .fork(
@@ -193,9 +193,7 @@ fn stop_strings_and_stop_tokens_end_a_sequence() {
         },
         0,
     );
-    while !seq.is_finished() {
-        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
-    }
+    run_to_end(&m.model, &m.tokenizer, std::slice::from_mut(&mut seq), None).unwrap();
     let n = free.iter().position(|&t| t == stop_id).unwrap() + 1;
     assert_eq!(seq.generated().len(), n);
     assert_eq!(seq.finish_reason().map(|f| f.as_str()), Some("stop"));
@@ -213,9 +211,7 @@ fn stop_strings_and_stop_tokens_end_a_sequence() {
         },
         0,
     );
-    while !seq.is_finished() {
-        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
-    }
+    run_to_end(&m.model, &m.tokenizer, std::slice::from_mut(&mut seq), None).unwrap();
     assert!(
         !seq.text().contains(&stop),
         "{:?} still holds {stop:?}",

@@ -1,5 +1,5 @@
 use candle_core::{DType, Device};
-use ttrl_serve::generation::{decode_step, Sequence, StopRules};
+use ttrl_serve::generation::{run_to_end, Sequence, StopRules};
 use ttrl_serve::model::{assets, loader, ChatMessage};
 use ttrl_serve::sampling::{Sampler, Sampling};
 
@@ -26,8 +26,6 @@ fn smollm2_greedily_names_paris_as_the_capital_of_france() {
         rules,
         0,
     );
-    while !seq.is_finished() {
-        decode_step(&m.model, &m.tokenizer, &mut [&mut seq], None).unwrap();
-    }
+    run_to_end(&m.model, &m.tokenizer, std::slice::from_mut(&mut seq), None).unwrap();
     assert!(seq.text().contains("Paris"), "{:?}", seq.text());
 }

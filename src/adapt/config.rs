@@ -16,6 +16,15 @@ pub enum Method {
     Ttrl,
 }
 
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Spine => "spine",
+            Method::Ttrl => "ttrl",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdaptConfig {

@@ -17,7 +17,7 @@ use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{canonical, detect_format, extract_answer, majority_vote, AnswerFormat};
-use crate::rollout::{self, RolloutConfig, RolloutKind, Rollouts, TreeShape};
+use crate::rollout::{self, RolloutConfig, Rollouts, TreeShape};
 
 /// An adapter with its optimizer state and version (+1 per applied step).
 pub struct Learner {
@@ -400,12 +400,4 @@ pub fn run_episode(
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
-}
-
-/// The rollout kind a request asked for, for reports.
-pub fn rollout_name(kind: RolloutKind) -> &'static str {
-    match kind {
-        RolloutKind::Tree => "tree",
-        RolloutKind::Flat => "flat",
-    }
 }

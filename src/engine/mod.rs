@@ -11,12 +11,12 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 pub use job::{AdaptRequest, AdaptationReport, Event, GenerateJob, TreeLeaf};
-pub use scheduler::{AdapterInfo, Load};
+pub use scheduler::AdapterInfo;
 
 use crate::adapt::store::AdapterStore;
 use crate::adapt::AdaptConfig;
 use crate::model::{Model, TextTokenizer};
-use scheduler::{AdminCommand, Command, Scheduler};
+use scheduler::{AdminCommand, Command, Load, Scheduler};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
@@ -76,10 +76,6 @@ impl Engine {
             max_waiting: config.max_waiting,
             thread: Arc::new(Mutex::new(Some(thread))),
         }
-    }
-
-    pub fn load(&self) -> &Load {
-        &self.load
     }
 
     /// Queues a job, or refuses it when the queue is full.

@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::job::{AdaptationReport, Event, GenerateJob, TreeLeaf};
 use crate::adapt::store::AdapterStore;
-use crate::adapt::{run_episode, AdaptConfig, EpisodeReport, Learner, Method};
+use crate::adapt::{run_episode, AdaptConfig, EpisodeReport, Learner};
 use crate::generation::{decode_step, FinishReason, Sequence};
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{canonical, extract_answer, majority_vote};
-use crate::rollout::RolloutKind;
 use crate::sampling::Sampler;
 use crate::telemetry as m;
 
@@ -54,11 +53,10 @@ pub struct AdapterInfo {
     pub version: u64,
 }
 
-/// Counts shared with the handle, so the server can refuse work without asking the loop.
+/// The queue length, shared with the handle so it can refuse work without asking the loop.
 #[derive(Debug, Default)]
 pub struct Load {
     pub waiting: AtomicUsize,
-    pub running: AtomicUsize,
 }
 
 /// A job being decoded: its sequences and what has been sent of each.
@@ -528,14 +526,8 @@ impl Scheduler {
             .collect();
         AdaptationReport {
             applied: report.applied,
-            method: match config.method {
-                Method::Spine => "spine",
-                Method::Ttrl => "ttrl",
-            },
-            rollout: match config.rollout {
-                RolloutKind::Tree => "tree",
-                RolloutKind::Flat => "flat",
-            },
+            method: config.method.as_str(),
+            rollout: config.rollout.as_str(),
             adapter: adapter.clone(),
             adapter_version_before: version_before,
             adapter_version: version,
@@ -785,9 +777,6 @@ impl Scheduler {
     }
 
     fn publish_load(&self) {
-        self.load
-            .running
-            .store(self.running.len(), Ordering::SeqCst);
         metrics::gauge!(m::REQUESTS_RUNNING, "model" => self.model_label.clone())
             .set(self.running.len() as f64);
         metrics::gauge!(m::REQUESTS_WAITING, "model" => self.model_label.clone())

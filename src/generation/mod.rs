@@ -118,10 +118,6 @@ impl Sequence {
         self.pending = self.tokens.clone();
     }
 
-    pub fn cache_bytes(&self) -> usize {
-        self.cache.bytes()
-    }
-
     /// A branch that keeps the first `at` generated tokens and re-draws token `at` with its
     /// own sampler, never choosing the parent's token there. The prefix is copied from the
     /// parent's cache, not recomputed; only the last prefix token is fed again to get the
@@ -214,6 +210,20 @@ pub fn decode_step(
             .sampler
             .sample_excluding(&row, exclude, seq.top_logprobs);
         seq.accept(token, tok, max_context)?;
+    }
+    Ok(())
+}
+
+/// Decodes every sequence, all in one batch, until each has finished.
+pub fn run_to_end(
+    model: &Model,
+    tok: &TextTokenizer,
+    seqs: &mut [Sequence],
+    adapter: Option<&Adapter>,
+) -> Result<()> {
+    while seqs.iter().any(|s| !s.is_finished()) {
+        let mut batch: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        decode_step(model, tok, &mut batch, adapter)?;
     }
     Ok(())
 }

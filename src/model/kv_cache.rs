@@ -119,13 +119,4 @@ impl KvCache {
             .collect::<Result<Vec<_>>>()?;
         Ok(KvCache { layers, len: k })
     }
-
-    /// Bytes held by the buffers (capacity, not just the used part).
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|b| 2 * b.k.elem_count() * b.k.dtype().size_in_bytes())
-            .sum()
-    }
 }

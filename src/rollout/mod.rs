@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::generation::{decode_step, Sequence, StopRules};
+use crate::generation::{run_to_end, Sequence, StopRules};
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::sampling::{Sampler, Sampling};
 
@@ -17,6 +17,15 @@ pub enum RolloutKind {
     #[default]
     Tree,
     Flat,
+}
+
+impl RolloutKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutKind::Tree => "tree",
+            RolloutKind::Flat => "flat",
+        }
+    }
 }
 
 /// The tree's shape: M roots, N forks per root, B branches per fork.
@@ -93,19 +102,6 @@ fn leaf_of(question: usize, fork: Option<(usize, usize)>, seq: &Sequence) -> Lea
         entropies: seq.generated().iter().map(|t| t.entropy).collect(),
         text: seq.text().to_string(),
     }
-}
-
-fn run_to_end(
-    model: &Model,
-    tok: &TextTokenizer,
-    seqs: &mut [Sequence],
-    adapter: Option<&Adapter>,
-) -> Result<()> {
-    while seqs.iter().any(|s| !s.is_finished()) {
-        let mut batch: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        decode_step(model, tok, &mut batch, adapter)?;
-    }
-    Ok(())
 }
 
 /// Samples leaves for every prompt, all questions decoding together.

@@ -80,9 +80,6 @@ impl Sampler {
         }
     }
 
-    pub fn sampling(&self) -> Sampling {
-        self.sampling
-    }
 
     /// Chooses the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> SampledToken {

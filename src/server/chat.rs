@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generate::{collect, request_id, stream, submit, unix_now, ChunkFormat};
+use super::generate::{
+    collect, log_ignored_fields, request_id, stream, submit, unix_now, ChunkFormat,
+};
 use super::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, Delta, Usage,
@@ -23,9 +25,7 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let ready = state.ready()?;
-    if !req.extra.is_empty() {
-        tracing::debug!(fields = ?req.extra.keys().collect::<Vec<_>>(), "ignoring unknown request fields");
-    }
+    log_ignored_fields(&req.extra);
     let valid = validate_chat(&req, &ready.limits())?;
     let submitted = submit(&ready, &valid)?;
     let id = request_id("chatcmpl");

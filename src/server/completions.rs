@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generate::{collect, request_id, stream, submit, unix_now, ChunkFormat};
+use super::generate::{
+    collect, log_ignored_fields, request_id, stream, submit, unix_now, ChunkFormat,
+};
 use super::openai::{Completion, CompletionChoice, CompletionRequest, Usage};
 use super::validation::validate_completion;
 use super::{logprobs, AppState, Ready};
@@ -20,6 +22,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let ready = state.ready()?;
+    log_ignored_fields(&req.extra);
     let valid = validate_completion(&req, &ready.limits())?;
     let submitted = submit(&ready, &valid)?;
     let id = request_id("cmpl");

@@ -110,6 +110,13 @@ pub async fn collect(
     Ok((choices, report))
 }
 
+/// Unknown top-level fields are logged and ignored, as vLLM does.
+pub fn log_ignored_fields(extra: &std::collections::HashMap<String, serde_json::Value>) {
+    if !extra.is_empty() {
+        tracing::debug!(fields = ?extra.keys().collect::<Vec<_>>(), "ignoring unknown request fields");
+    }
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
