@@ -694,7 +694,6 @@ impl Scheduler {
         }
         let mut keys: Vec<Option<String>> =
             self.running.iter().map(|a| a.job.adapter.clone()).collect();
-        keys.dedup();
         keys.sort();
         keys.dedup();
         for key in keys {
