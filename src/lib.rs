@@ -10,6 +10,7 @@ pub mod adapt;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generation;
 pub mod model;
 pub mod reward;

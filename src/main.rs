@@ -11,6 +11,7 @@ use ttrl_serve::model::{ChatMessage, LoadedModel, ModelSource};
 use ttrl_serve::sampling::{Sampler, Sampling};
 
 mod bench;
+mod eval_command;
 mod serve;
 
 #[derive(Parser)]
@@ -32,6 +33,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Measure decode, prefill and training speed on the model.
     Bench(bench::BenchArgs),
+    /// Compare base and adapted arms on a question set: accuracy, cost and charts.
+    Eval(eval_command::EvalArgs),
 }
 
 /// Which model to run and where.
@@ -141,5 +144,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Eval(args) => eval_command::run(args),
     }
 }

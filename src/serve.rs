@@ -1,6 +1,7 @@
 //! `ttrl-serve serve`: settings resolved once (flags > file > defaults), the listener bound
 //! first so /health answers while weights load, then the engine started.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +47,7 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn settings(&self) -> Result<Settings> {
+    pub fn settings(&self) -> Result<Settings> {
         let mut s = match &self.config {
             Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
@@ -89,20 +90,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 async fn serve(settings: Settings) -> Result<()> {
+    let addr = format!("{}:{}", settings.server.host, settings.server.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
+    serve_on(listener, settings, move |state| {
+        server::shutdown_signal(state, grace)
+    })
+    .await
+}
+
+/// Serves on a bound listener until `shutdown` (given the app state) resolves and the
+/// connections drain.
+pub async fn serve_on<F>(
+    listener: tokio::net::TcpListener,
+    settings: Settings,
+    shutdown: impl FnOnce(AppState) -> F,
+) -> Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let prometheus = telemetry::install_recorder()?;
     let state = AppState::new(prometheus, settings.server.admin_api_key.clone());
     let limits = HttpLimits {
         body_limit_bytes: settings.server.body_limit_bytes,
     };
     let app = server::router(state.clone(), limits);
-    let addr = format!("{}:{}", settings.server.host, settings.server.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!("listening on http://{}", listener.local_addr()?);
-
-    let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
-    let shutdown = server::shutdown_signal(state.clone(), grace);
+    let shutdown = shutdown(state.clone());
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)

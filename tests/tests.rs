@@ -18,3 +18,5 @@ mod server;
 mod openapi;
 // Test-time adaptation over HTTP and in-process on tiny models.
 mod adaptation;
+// `ttrl-serve eval`: arms, files, resume, remote servers, bad rows.
+mod eval;

@@ -80,7 +80,6 @@ impl Sampler {
         }
     }
 
-
     /// Chooses the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> SampledToken {
         self.sample_excluding(logits, None, top_logprobs)

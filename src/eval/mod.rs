@@ -1,0 +1,432 @@
+//! `ttrl-serve eval`: does test-time adaptation pay off on these questions, and at what
+//! cost? Arms are compared over HTTP on the transductive TTRL protocol: an adapted arm
+//! adapts its own named adapter on unlabeled batches of the questions, then answers them;
+//! gold answers only score. Every finished unit is saved, so a rerun resumes.
+
+pub mod charts;
+pub mod client;
+pub mod data;
+pub mod results;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::adapt::advantage::forking_threshold;
+use crate::adapt::Method;
+use crate::model::assets::sha256_file;
+use crate::reward::majority_vote;
+use crate::rollout::RolloutKind;
+use client::{AdaptationSummary, ChatRequest, Client};
+use data::Item;
+use results::{histogram, Batch, Evaluation, Results, Setup};
+
+/// One side of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arm {
+    /// The served model as is: greedy, pass@1 and maj@k.
+    Base,
+    Adapted(Method, RolloutKind),
+}
+
+impl Arm {
+    pub const ALL: [Arm; 5] = [
+        Arm::Base,
+        Arm::Adapted(Method::Spine, RolloutKind::Tree),
+        Arm::Adapted(Method::Spine, RolloutKind::Flat),
+        Arm::Adapted(Method::Ttrl, RolloutKind::Tree),
+        Arm::Adapted(Method::Ttrl, RolloutKind::Flat),
+    ];
+
+    pub fn name(self) -> String {
+        match self {
+            Arm::Base => "base".into(),
+            Arm::Adapted(m, r) => format!("{}-{}", m.as_str(), r.as_str()),
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Arm> {
+        Arm::ALL.into_iter().find(|a| a.name() == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// A JSONL path or a built-in set name.
+    pub data: String,
+    /// Folder for results.json, results.md, the charts and (in-process) the adapters.
+    pub out: PathBuf,
+    pub arms: Vec<Arm>,
+    pub episodes: usize,
+    pub k: usize,
+    pub temperature: f32,
+    pub max_tokens: usize,
+    /// Questions per adaptation batch.
+    pub batch: usize,
+    /// Leaves per question per adaptation step.
+    pub samples: usize,
+    pub steps: usize,
+    pub seed: u64,
+    /// Use only the first `limit` questions.
+    pub limit: Option<usize>,
+    /// Requests in flight at once while evaluating.
+    pub concurrency: usize,
+    /// The server's forking share, to pick forking tokens out of the reported entropies.
+    pub rho: f32,
+}
+
+impl EvalOptions {
+    pub fn results_json(&self) -> PathBuf {
+        self.out.join("results.json")
+    }
+
+    pub fn results_markdown(&self) -> PathBuf {
+        self.out.join("results.md")
+    }
+}
+
+/// Runs (or resumes) the eval against the server at `client`, serving `model`.
+pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Result<Results> {
+    let (path, mut items) = data::load(&options.data)?;
+    if let Some(limit) = options.limit {
+        items.truncate(limit);
+    }
+    std::fs::create_dir_all(&options.out)?;
+    let setup = Setup {
+        data: options.data.clone(),
+        data_sha256: sha256_file(&path)?,
+        questions: items.len(),
+        model: model.to_string(),
+        k: options.k,
+        temperature: options.temperature,
+        max_tokens: options.max_tokens,
+        batch: options.batch,
+        samples: options.samples,
+        steps: options.steps,
+        seed: options.seed,
+    };
+    let json_path = options.results_json();
+    let mut results = match Results::load(&json_path)? {
+        Some(previous) if previous.setup == setup => previous,
+        Some(previous) => anyhow::bail!(
+            "{} holds a different eval ({:?}); use another --out or delete it",
+            json_path.display(),
+            previous.setup
+        ),
+        None => Results::new(setup.clone()),
+    };
+
+    let batches: Vec<usize> = (0..items.len()).step_by(options.batch.max(1)).collect();
+    let units = options
+        .arms
+        .iter()
+        .map(|arm| match arm {
+            Arm::Base => 1,
+            Arm::Adapted(..) => options.episodes * (batches.len() + 1),
+        })
+        .sum::<usize>();
+    let bars = MultiProgress::new();
+    let overall = bars.add(ProgressBar::new(units as u64));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} units, {elapsed} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    overall.set_prefix("eval");
+    let requests = bars.add(ProgressBar::new(0));
+    requests.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} requests")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let run = Runner {
+        options,
+        client,
+        model,
+        items: &items,
+        requests: &requests,
+        adapter_tag: &setup.data_sha256[..8],
+    };
+    let mut skipped = 0;
+    let save = |results: &mut Results| results.save(&json_path, &options.results_markdown());
+    for &arm in &options.arms {
+        let name = arm.name();
+        let first = match arm {
+            Arm::Base => 0,
+            Arm::Adapted(..) => 1,
+        };
+        let last = match arm {
+            Arm::Base => 0,
+            Arm::Adapted(..) => options.episodes,
+        };
+        for episode in first..=last {
+            if let Arm::Adapted(method, rollout) = arm {
+                for &start in &batches {
+                    overall.set_message(format!("{name}: episode {episode}, adapting"));
+                    if results.arm_mut(&name).has_batch(episode, start) {
+                        skipped += 1;
+                    } else {
+                        let end = (start + options.batch).min(items.len());
+                        let batch = run.adapt(method, rollout, episode, start..end)?;
+                        results.arm_mut(&name).batches.push(batch);
+                        save(&mut results)?;
+                    }
+                    overall.inc(1);
+                }
+            }
+            overall.set_message(format!("{name}: episode {episode}, answering"));
+            if results.arm_mut(&name).evaluation(episode).is_some() {
+                skipped += 1;
+            } else {
+                let evaluation = run.evaluate(arm, episode)?;
+                results.arm_mut(&name).evaluations.push(evaluation);
+                save(&mut results)?;
+            }
+            overall.inc(1);
+        }
+    }
+    overall.finish_and_clear();
+    requests.finish_and_clear();
+    save(&mut results)?;
+    charts::draw_all(&results, &options.out)?;
+    tracing::info!(
+        "{} units run, {skipped} resumed from {}",
+        units - skipped,
+        json_path.display()
+    );
+    Ok(results)
+}
+
+struct Runner<'a> {
+    options: &'a EvalOptions,
+    client: &'a Client,
+    model: &'a str,
+    items: &'a [Item],
+    requests: &'a ProgressBar,
+    /// Keeps adapters of different data apart on a shared server.
+    adapter_tag: &'a str,
+}
+
+impl Runner<'_> {
+    fn adapter(&self, arm: Arm) -> String {
+        format!("eval-{}-{}", arm.name(), self.adapter_tag)
+    }
+
+    /// Runs `f` on every index with `concurrency` requests in flight, in order of results.
+    fn parallel<T: Send>(
+        &self,
+        indices: std::ops::Range<usize>,
+        concurrency: usize,
+        f: impl Fn(usize) -> anyhow::Result<T> + Sync,
+    ) -> anyhow::Result<Vec<T>> {
+        let start = indices.start;
+        let slots: Vec<Mutex<Option<anyhow::Result<T>>>> =
+            indices.clone().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        self.requests.reset();
+        self.requests.set_length(slots.len() as u64);
+        std::thread::scope(|scope| {
+            for _ in 0..concurrency.clamp(1, slots.len().max(1)) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(slot) = slots.get(i) else { break };
+                    *slot.lock().expect("no panics while held") = Some(f(start + i));
+                    self.requests.inc(1);
+                });
+            }
+        });
+        slots
+            .into_iter()
+            .map(|s| s.into_inner().expect("no panics").expect("every slot ran"))
+            .collect()
+    }
+
+    /// k samples and a greedy answer for every question, with `arm`'s weights.
+    fn evaluate(&self, arm: Arm, episode: usize) -> anyhow::Result<Evaluation> {
+        let o = self.options;
+        let model = match arm {
+            Arm::Base => self.model.to_string(),
+            Arm::Adapted(..) => format!("{}:{}", self.model, self.adapter(arm)),
+        };
+        let started = Instant::now();
+        let rows = self.parallel(0..self.items.len(), o.concurrency, |i| {
+            let item = &self.items[i];
+            let sampled = self.client.chat(
+                &model,
+                &ChatRequest {
+                    messages: &item.messages,
+                    n: o.k,
+                    temperature: o.temperature,
+                    max_tokens: o.max_tokens,
+                    seed: o.seed + i as u64,
+                    adaptation: None,
+                },
+            )?;
+            let greedy = self.client.chat(
+                &model,
+                &ChatRequest {
+                    messages: &item.messages,
+                    n: 1,
+                    temperature: 0.0,
+                    max_tokens: o.max_tokens,
+                    seed: o.seed,
+                    adaptation: None,
+                },
+            )?;
+            let answers: Vec<Option<String>> =
+                sampled.texts.iter().map(|t| item.answer(t)).collect();
+            let correct = answers
+                .iter()
+                .filter(|a| item.is_gold(a.as_deref()))
+                .count();
+            let majority = majority_vote(&answers).label;
+            let greedy_answer = greedy.texts.first().and_then(|t| item.answer(t));
+            Ok((
+                correct as f64 / answers.len().max(1) as f64,
+                f64::from(u8::from(item.is_gold(majority.as_deref()))),
+                f64::from(u8::from(item.is_gold(greedy_answer.as_deref()))),
+                sampled.completion_tokens,
+                greedy.completion_tokens,
+                answers.len(),
+            ))
+        })?;
+        let n = rows.len() as f64;
+        let sampled_tokens: usize = rows.iter().map(|r| r.3).sum();
+        let samples: usize = rows.iter().map(|r| r.5).sum();
+        Ok(Evaluation {
+            episode,
+            pass_at_1: rows.iter().map(|r| r.0).sum::<f64>() / n,
+            maj_at_k: rows.iter().map(|r| r.1).sum::<f64>() / n,
+            greedy: rows.iter().map(|r| r.2).sum::<f64>() / n,
+            mean_length: sampled_tokens as f64 / samples.max(1) as f64,
+            completion_tokens: sampled_tokens + rows.iter().map(|r| r.4).sum::<usize>(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Sends a batch of questions with adaptation on, together, so the server runs them as
+    /// one episode, and reads its reports.
+    fn adapt(
+        &self,
+        method: Method,
+        rollout: RolloutKind,
+        episode: usize,
+        questions: std::ops::Range<usize>,
+    ) -> anyhow::Result<Batch> {
+        let o = self.options;
+        let adapter = self.adapter(Arm::Adapted(method, rollout));
+        let started = Instant::now();
+        let first = questions.start;
+        let count = questions.len();
+        let responses = self.parallel(questions, count, |i| {
+            let item = &self.items[i];
+            let format = serde_json::to_value(item.format)?;
+            let response = self.client.chat(
+                self.model,
+                &ChatRequest {
+                    messages: &item.messages,
+                    n: 1,
+                    temperature: 0.0,
+                    max_tokens: o.max_tokens,
+                    seed: o.seed,
+                    adaptation: Some(json!({
+                        "enabled": true,
+                        "method": method.as_str(),
+                        "rollout": rollout.as_str(),
+                        "adapter": adapter,
+                        "samples": o.samples,
+                        "steps": o.steps,
+                        "answer_format": format,
+                    })),
+                },
+            )?;
+            let report = response.adaptation.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the server answered without an adaptation report: is it ttrl-serve?"
+                )
+            })?;
+            Ok((i, report, response.completion_tokens))
+        })?;
+        Ok(self.batch(episode, first, &responses, started))
+    }
+
+    fn batch(
+        &self,
+        episode: usize,
+        first: usize,
+        responses: &[(usize, AdaptationSummary, usize)],
+        started: Instant,
+    ) -> Batch {
+        // Requests of one server episode share its totals; count each episode once.
+        let mut episodes: Vec<&AdaptationSummary> = Vec::new();
+        for (_, r, _) in responses {
+            let key = (r.adapter_version_before, r.adapter_version, r.duration_ms);
+            if !episodes
+                .iter()
+                .any(|e| (e.adapter_version_before, e.adapter_version, e.duration_ms) == key)
+            {
+                episodes.push(r);
+            }
+        }
+        let entropies: Vec<f32> = responses
+            .iter()
+            .flat_map(|(_, r, _)| r.tree.iter().flat_map(|l| l.entropies.iter().copied()))
+            .collect();
+        let threshold = forking_threshold(&entropies, self.options.rho);
+        let forking: Vec<f32> = entropies.into_iter().filter(|&h| h >= threshold).collect();
+        let has_gold = responses
+            .iter()
+            .all(|(i, ..)| self.items[*i].gold.is_some());
+        let label_accuracy = has_gold.then(|| {
+            let right = responses
+                .iter()
+                .filter(|(i, r, _)| self.items[*i].is_gold(r.majority_answer.as_deref()))
+                .count();
+            right as f64 / responses.len() as f64
+        });
+        let reward_accuracy = has_gold.then(|| {
+            let (agree, leaves) = responses.iter().fold((0, 0), |(agree, leaves), (i, r, _)| {
+                let item = &self.items[*i];
+                let same = r
+                    .tree
+                    .iter()
+                    .filter(|l| (l.reward > 0.5) == item.is_gold(l.answer.as_deref()))
+                    .count();
+                (agree + same, leaves + r.tree.len())
+            });
+            agree as f64 / leaves.max(1) as f64
+        });
+        let n = episodes.len().max(1) as f64;
+        Batch {
+            episode,
+            first_question: first,
+            questions: responses.len(),
+            applied: episodes.iter().any(|e| e.applied),
+            adapter_version: episodes
+                .iter()
+                .map(|e| e.adapter_version)
+                .max()
+                .unwrap_or(0),
+            vote_share: responses
+                .iter()
+                .map(|(_, r, _)| r.vote_share as f64)
+                .sum::<f64>()
+                / responses.len().max(1) as f64,
+            label_accuracy,
+            reward_accuracy,
+            forking_entropy: forking.iter().map(|&h| h as f64).sum::<f64>()
+                / forking.len().max(1) as f64,
+            forking_histogram: histogram(&forking),
+            kl: episodes.iter().map(|e| e.kl as f64).sum::<f64>() / n,
+            loss: episodes.iter().map(|e| e.loss as f64).sum::<f64>() / n,
+            rollout_tokens: episodes.iter().map(|e| e.rollout_tokens).sum(),
+            flat_equivalent_tokens: episodes.iter().map(|e| e.flat_equivalent_tokens).sum(),
+            answer_tokens: responses.iter().map(|(.., t)| t).sum(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}

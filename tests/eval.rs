@@ -1,0 +1,244 @@
+//! `ttrl-serve eval` end to end on the tiny llama: every arm, the files it writes, resuming,
+//! a remote server, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::common::fixture_dir;
+use crate::common::server::Server;
+
+const QUESTIONS: &str = r#"{"question": "What is 2 plus 3? Answer with just the number.", "answer": "5"}
+{"question": "What is 4 times 2? Answer with just the number.", "answer": 8}
+
+{"messages": [{"role": "user", "content": "Which is a colour?"}], "choices": ["red", "dog", "car"], "answer": "red"}
+"#;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ttrl-eval-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn eval(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ttrl-serve"))
+        .arg("eval")
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--k",
+            "2",
+            "--max-tokens",
+            "6",
+            "--samples",
+            "4",
+            "--batch",
+            "2",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info,tower_http=off")
+        .output()
+        .expect("the binary runs")
+}
+
+fn in_process(data: &Path, out: &Path, extra: &[&str]) -> Output {
+    let model = fixture_dir("llama");
+    let mut args = vec!["--model", model.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    eval(data, out, &args)
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The share of pixels that are not white.
+fn ink(path: &Path) -> f64 {
+    let image = image::open(path).expect("a valid PNG").to_rgb8();
+    assert_eq!(image.dimensions(), (900, 540), "{}", path.display());
+    let inked = image.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+    inked as f64 / (900.0 * 540.0)
+}
+
+#[test]
+fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
+    let dir = scratch("arms");
+    let data = dir.join("questions.jsonl");
+    std::fs::write(&data, QUESTIONS).unwrap();
+    let out = dir.join("out");
+
+    let first = in_process(&data, &out, &["--episodes", "1"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let results = read_json(&out.join("results.json"));
+    assert_eq!(results["setup"]["questions"], 3);
+    let arms: Vec<&str> = results["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["arm"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        arms,
+        ["base", "spine-tree", "spine-flat", "ttrl-tree", "ttrl-flat"]
+    );
+    for arm in results["arms"].as_array().unwrap() {
+        let episodes: Vec<u64> = arm["evaluations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["episode"].as_u64().unwrap())
+            .collect();
+        if arm["arm"] == "base" {
+            assert_eq!(episodes, [0]);
+            continue;
+        }
+        assert_eq!(episodes, [1]);
+        // 3 questions in batches of 2: two adaptation batches, each with real rollouts.
+        let batches = arm["batches"].as_array().unwrap();
+        assert_eq!(batches.len(), 2, "{}", arm["arm"]);
+        for b in batches {
+            assert!(b["rollout_tokens"].as_u64().unwrap() > 0);
+            assert!(b["flat_equivalent_tokens"].as_u64() >= b["rollout_tokens"].as_u64());
+            assert!(b["label_accuracy"].is_number() && b["reward_accuracy"].is_number());
+            assert!(b["forking_histogram"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c != 0));
+        }
+    }
+
+    // Every summary row appears, with the same numbers, in the Markdown table.
+    let markdown = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert_eq!(results["summary"].as_array().unwrap().len(), 5);
+    for s in results["summary"].as_array().unwrap() {
+        let f = |key: &str, digits: usize| format!("{:.digits$}", s[key].as_f64().unwrap());
+        let row = format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            s["arm"].as_str().unwrap(),
+            s["episodes"],
+            f("greedy", 3),
+            f("pass_at_1", 3),
+            f("maj_at_k", 3),
+            f("mean_length", 1),
+            s["rollout_tokens"],
+            s["flat_equivalent_tokens"],
+        );
+        assert!(markdown.contains(&row), "{row} not in\n{markdown}");
+    }
+    for e in results["episodes"].as_array().unwrap() {
+        let row = format!(
+            "| {} | {} | {:.3} |",
+            e["arm"].as_str().unwrap(),
+            e["episode"],
+            e["pass_at_1"].as_f64().unwrap()
+        );
+        assert!(markdown.contains(&row), "{row} not in\n{markdown}");
+    }
+    for chart in ["accuracy.png", "length.png", "entropy.png", "tokens.png"] {
+        let share = ink(&out.join(chart));
+        assert!(share > 0.01, "{chart} is nearly blank ({share})");
+    }
+
+    // A second episode resumes: episode 1 is kept as it was (timings included), only the
+    // new work runs.
+    let second = in_process(&data, &out, &["--episodes", "2"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("12 units run, 13 resumed"),
+        "{}",
+        stderr(&second)
+    );
+    let extended = read_json(&out.join("results.json"));
+    for (before, after) in results["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(extended["arms"].as_array().unwrap())
+    {
+        assert_eq!(before["evaluations"][0], after["evaluations"][0]);
+        let kept = before["batches"].as_array().unwrap();
+        assert_eq!(kept[..], after["batches"].as_array().unwrap()[..kept.len()]);
+    }
+    assert_eq!(extended["arms"][1]["evaluations"][1]["episode"], 2);
+
+    // Asked again, there is nothing left to do.
+    let third = in_process(&data, &out, &["--episodes", "2"]);
+    assert!(third.status.success(), "{}", stderr(&third));
+    assert!(
+        stderr(&third).contains("0 units run, 25 resumed"),
+        "{}",
+        stderr(&third)
+    );
+    assert_eq!(
+        read_json(&out.join("results.json"))["arms"],
+        extended["arms"]
+    );
+
+    // A different setup is not mixed into these results.
+    let other = in_process(&data, &out, &["--episodes", "2", "--seed", "7"]);
+    assert!(!other.status.success());
+    assert!(
+        stderr(&other).contains("holds a different eval"),
+        "{}",
+        stderr(&other)
+    );
+}
+
+#[test]
+fn eval_against_a_running_server_uses_its_api() {
+    let server = Server::tiny(&[]);
+    let dir = scratch("against");
+    let data = dir.join("questions.jsonl");
+    std::fs::write(&data, QUESTIONS).unwrap();
+    let out = dir.join("out");
+    let output = eval(
+        &data,
+        &out,
+        &["--against", &server.base, "--arms", "base,ttrl-flat"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let results = read_json(&out.join("results.json"));
+    assert_eq!(results["setup"]["model"], "tiny-llama");
+    assert_eq!(results["summary"].as_array().unwrap().len(), 2);
+    // The adapter lives on that server now, under the eval's name.
+    let (status, models) = {
+        let r = ureq::get(&server.url("/v1/models")).call().unwrap();
+        (r.status(), r.into_json::<Value>().unwrap())
+    };
+    assert_eq!(status, 200);
+    assert!(models.to_string().contains("eval-ttrl-flat-"), "{models}");
+}
+
+#[test]
+fn eval_names_the_line_of_a_malformed_row() {
+    let dir = scratch("malformed");
+    let data = dir.join("questions.jsonl");
+    std::fs::write(
+        &data,
+        "{\"question\": \"What is 1 plus 1?\", \"answer\": \"2\"}\n\n{\"answer\": \"3\"}\n",
+    )
+    .unwrap();
+    let output = in_process(&data, &dir.join("out"), &[]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("line 3") && err.contains("missing `question`"),
+        "{err}"
+    );
+
+    std::fs::write(&data, "{\"question\": \"ok\"}\n{\"question\": \"cut off\n").unwrap();
+    let err = stderr(&in_process(&data, &dir.join("out"), &[]));
+    assert!(
+        err.contains("line 2") && err.contains("not a JSON row"),
+        "{err}"
+    );
+}
