@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
 
 use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
+use ttrl_serve::model::lora::lora_dtype;
 use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
 use ttrl_serve::sampling::{Sampler, Sampling};
 
@@ -135,7 +136,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "bench",
         lora,
         model.config(),
-        model.dtype(),
+        lora_dtype(model.dtype()),
         model.device(),
         0,
     )?;

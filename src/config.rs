@@ -74,6 +74,13 @@ pub struct EngineSettings {
     /// Where named adapters are saved (one folder each) and reloaded from at start;
     /// unset = `$XDG_DATA_HOME/ttrl-serve/adapters` (or `~/.local/share/...`).
     pub data_dir: Option<String>,
+    /// KV-cache bytes running requests may reserve (n x (prompt + max_tokens) positions);
+    /// one that would go over waits. Unset: on a GPU `kv_cache_gpu_fraction` of the memory
+    /// free after loading, on the CPU no budget beyond `max_batch`.
+    pub kv_cache_bytes: Option<usize>,
+    /// Share of free GPU memory (after the weights load) given to the KV cache when
+    /// `kv_cache_bytes` is unset; the rest is left to adaptation (rollouts, graph, optimizer).
+    pub kv_cache_gpu_fraction: f64,
 }
 
 impl Default for EngineSettings {
@@ -82,6 +89,8 @@ impl Default for EngineSettings {
             max_batch: 32,
             max_waiting: 256,
             data_dir: None,
+            kv_cache_bytes: None,
+            kv_cache_gpu_fraction: 0.5,
         }
     }
 }

@@ -12,6 +12,7 @@ use clap::Args;
 use ttrl_serve::adapt::store::LocalDirStore;
 use ttrl_serve::config::Settings;
 use ttrl_serve::engine::{Engine, EngineConfig};
+use ttrl_serve::model::memory;
 use ttrl_serve::server::{self, AppState, HttpLimits, Ready};
 use ttrl_serve::telemetry;
 
@@ -36,6 +37,9 @@ pub struct ServeArgs {
     max_batch: Option<usize>,
     #[arg(long, env = "TTRL_MAX_WAITING")]
     max_waiting: Option<usize>,
+    /// KV-cache bytes running requests may reserve; default: a share of free GPU memory.
+    #[arg(long, env = "TTRL_KV_CACHE_BYTES")]
+    kv_cache_bytes: Option<usize>,
     #[arg(long, env = "TTRL_SHUTDOWN_GRACE_SECONDS")]
     shutdown_grace_seconds: Option<u64>,
     /// Folder for named adapters.
@@ -71,6 +75,7 @@ impl ServeArgs {
             .unwrap_or(s.server.shutdown_grace_seconds);
         s.engine.max_batch = self.max_batch.unwrap_or(s.engine.max_batch);
         s.engine.max_waiting = self.max_waiting.unwrap_or(s.engine.max_waiting);
+        s.engine.kv_cache_bytes = self.kv_cache_bytes.or(s.engine.kv_cache_bytes);
         if let Some(v) = &self.data_dir {
             s.engine.data_dir = Some(v.clone());
         }
@@ -138,9 +143,25 @@ where
     let context = loaded.model.config().max_position_embeddings;
     let max_model_len = settings.model.max_model_len.unwrap_or(context).min(context);
     let tokenizer = Arc::new(loaded.tokenizer);
+    let weights = loaded.model.weight_bytes();
+    let device = loaded.model.device();
+    let kv_cache_bytes = settings.engine.kv_cache_bytes.or_else(|| {
+        memory::free_on_gpu(device)
+            .map(|free| (free as f64 * settings.engine.kv_cache_gpu_fraction) as usize)
+    });
+    tracing::info!(
+        "{}: weights {:.1} MiB, KV-cache budget {}",
+        memory::device_label(device),
+        weights as f64 / (1 << 20) as f64,
+        kv_cache_bytes.map_or("none (max_batch only)".into(), |b| format!(
+            "{:.1} MiB",
+            b as f64 / (1 << 20) as f64
+        ))
+    );
     let engine_config = EngineConfig {
         max_batch: settings.engine.max_batch,
         max_waiting: settings.engine.max_waiting,
+        kv_cache_bytes,
     };
     let adapters_dir = settings.engine.adapters_dir();
     let store = LocalDirStore::new(adapters_dir.clone(), &name)

@@ -22,6 +22,9 @@ pub const ADAPTATION_LOSS: &str = "ttrl_adaptation_loss";
 pub const ADAPTATION_KL: &str = "ttrl_adaptation_kl";
 pub const ADAPTATION_ROLLBACKS: &str = "ttrl_adaptation_rollbacks_total";
 pub const ADAPTER_VERSION: &str = "ttrl_adapter_version";
+/// Device memory by `kind`: weights, kv_cache, adaptation_peak (the name the GPU build is
+/// watched by; on the CPU the same accounting in host memory).
+pub const GPU_MEMORY: &str = "ttrl_gpu_memory_bytes";
 
 /// Taken from vLLM's Prometheus exporter (seconds).
 pub const TTFT_BUCKETS: [f64; 22] = [
@@ -65,6 +68,12 @@ fn describe() {
     );
     describe_histogram!(E2E_REQUEST_LATENCY, Unit::Seconds, "Arrival to last token.");
     describe_counter!(PROMPT_TOKENS, "Prompt tokens prefilled.");
+    describe_gauge!(
+        GPU_MEMORY,
+        Unit::Bytes,
+        "Memory on the model's device: weights, live KV caches, and the highest use above \
+         the start of an adaptation episode."
+    );
     describe_counter!(GENERATION_TOKENS, "Tokens generated.");
     describe_counter!(REQUEST_SUCCESS, "Requests finished, by finish reason.");
     describe_counter!(

@@ -181,6 +181,12 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
         "{metrics}"
     );
     assert!(metrics.contains("ttrl_adaptation_batches_total{model=\"tiny-llama\"} 3"));
+    // The episodes' memory peak above their start is measured (host memory on the CPU).
+    let peak = metrics
+        .lines()
+        .find(|l| l.starts_with("ttrl_gpu_memory_bytes{kind=\"adaptation_peak\",device=\"cpu\"}"))
+        .unwrap_or_else(|| panic!("no adaptation_peak in\n{metrics}"));
+    assert!(peak.rsplit(' ').next().unwrap().parse::<f64>().unwrap() >= 0.0);
 
     // A restart reloads the adapter bit for bit, with its version.
     let saved = exported(&server, "team");

@@ -348,3 +348,59 @@ fn request_ids_are_echoed_or_generated() {
     let r = ureq::get(&server.url("/health")).call().unwrap();
     assert!(r.header("x-request-id").is_some_and(|id| id.len() >= 16));
 }
+
+#[test]
+fn the_kv_cache_budget_queues_requests_instead_of_overcommitting() {
+    // SmolLM2 in f32 takes 2 x 30 layers x 3 KV heads x 64 x 4 bytes = 46080 bytes a
+    // position: room for one request of a few hundred positions, not two.
+    let budget = (46080 * 600).to_string();
+    let server = Server::start(&["--kv-cache-bytes", &budget]);
+    let long = chat(
+        "hi",
+        json!({"stream": true, "max_tokens": 400, "ignore_eos": true}),
+    );
+    let mut first = ureq::post(&server.url("/v1/chat/completions"))
+        .send_json(long.clone())
+        .unwrap()
+        .into_reader();
+    let mut buf = [0u8; 2048];
+    std::io::Read::read(&mut first, &mut buf).unwrap();
+    wait_for_running(&server, 1.0);
+
+    let second = std::thread::spawn({
+        let url = server.url("/v1/chat/completions");
+        move || {
+            ureq::post(&url)
+                .send_json(long)
+                .unwrap()
+                .into_string()
+                .unwrap()
+        }
+    });
+    let metrics = || server.get_text("/metrics");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&metrics(), "ttrl_requests_waiting", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric(&metrics(), "ttrl_requests_running", &[]), 1.0);
+    let kv = metric(&metrics(), "ttrl_gpu_memory_bytes", &[("kind", "kv_cache")]);
+    assert!(kv > 0.0 && kv <= 46080.0 * 600.0, "{kv}");
+    assert!(metric(&metrics(), "ttrl_gpu_memory_bytes", &[("kind", "weights")]) > 100e6);
+
+    // The first client leaves; the queued request gets the room and finishes.
+    drop(first);
+    let text = second.join().unwrap();
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+
+    // One request that could never fit is refused, not run out of memory.
+    let (status, body) = server.post(
+        "/v1/chat/completions",
+        &chat("hi", json!({"n": 2, "max_tokens": 400})),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("engine.kv_cache_bytes"));
+}

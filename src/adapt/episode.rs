@@ -15,6 +15,7 @@ use super::objective::{
 };
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
+use crate::model::memory::PeakMemory;
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{canonical, detect_format, extract_answer, majority_vote, AnswerFormat};
 use crate::rollout::{self, RolloutConfig, Rollouts, TreeShape};
@@ -107,6 +108,9 @@ pub struct EpisodeReport {
     #[serde(skip)]
     pub last_rollouts: Rollouts,
     pub duration_ms: u64,
+    /// Highest device memory in use above the episode's start (rollout caches, the update's
+    /// graph), where the device can be read.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// Everything about a step's leaves that the update needs.
@@ -240,6 +244,7 @@ pub fn run_episode(
     seed: u64,
 ) -> Result<EpisodeReport> {
     let started = Instant::now();
+    let mut memory = PeakMemory::start(model.device());
     let prompts: Vec<Vec<u32>> = questions.iter().map(|q| q.prompt.clone()).collect();
     let objective = ObjectiveConfig {
         temperature: config.temperature,
@@ -265,6 +270,7 @@ pub fn run_episode(
         questions: Vec::new(),
         last_rollouts: Rollouts::default(),
         duration_ms: 0,
+        peak_memory_bytes: None,
     };
     for step in 0..config.steps.max(1) {
         let rollout_config = RolloutConfig {
@@ -285,6 +291,7 @@ pub fn run_episode(
             &rollout_config,
         )?;
         let rollout_ms = rollout_started.elapsed().as_millis() as u64;
+        memory.sample();
         let update_started = Instant::now();
         report.rollouts += rollouts.leaves.len();
         report.rollout_tokens += rollouts.generated_tokens;
@@ -339,6 +346,7 @@ pub fn run_episode(
             stats.selected_entropy_sum += s.selected_entropy_sum;
             stats.selected_tokens += s.selected_tokens;
             let store = loss.backward()?;
+            memory.sample();
             for (acc, g) in grads.iter_mut().zip(learner.optimizer.gradients(&store)) {
                 *acc = match (acc.take(), g) {
                     (Some(a), Some(g)) => Some((a + g)?),
@@ -399,5 +407,6 @@ pub fn run_episode(
         report.steps.push(step_report);
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
+    report.peak_memory_bytes = memory.above_start();
     Ok(report)
 }

@@ -9,9 +9,12 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::job::{AdaptationReport, Event, GenerateJob, TreeLeaf};
+use super::EngineConfig;
 use crate::adapt::store::AdapterStore;
 use crate::adapt::{run_episode, AdaptConfig, EpisodeReport, Learner};
 use crate::generation::{decode_step, FinishReason, Sequence};
+use crate::model::lora::lora_dtype;
+use crate::model::memory::{device_label, kv_bytes_per_token};
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{canonical, extract_answer, majority_vote};
 use crate::sampling::Sampler;
@@ -192,6 +195,7 @@ pub struct Scheduler {
     tokenizer: Arc<TextTokenizer>,
     model_label: String,
     max_batch: usize,
+    kv_cache_bytes: Option<usize>,
     load: Arc<Load>,
     waiting: VecDeque<GenerateJob>,
     running: Vec<Active>,
@@ -201,6 +205,8 @@ pub struct Scheduler {
     store: Option<Box<dyn AdapterStore>>,
     defaults: AdaptConfig,
     episodes: u64,
+    /// Highest memory use above an episode's start, over all episodes.
+    adaptation_peak: u64,
 }
 
 /// Ephemeral adapters live under names no request can spell.
@@ -211,14 +217,14 @@ impl Scheduler {
         model: Model,
         tokenizer: Arc<TextTokenizer>,
         model_label: String,
-        max_batch: usize,
+        config: EngineConfig,
         load: Arc<Load>,
         store: Option<Box<dyn AdapterStore>>,
         defaults: AdaptConfig,
     ) -> Self {
         let mut learners = HashMap::new();
         if let Some(store) = &store {
-            match store.load_all(model.config(), model.dtype(), model.device()) {
+            match store.load_all(model.config(), lora_dtype(model.dtype()), model.device()) {
                 Ok(stored) => {
                     for s in stored {
                         tracing::info!("loaded adapter `{}` version {}", s.name, s.version);
@@ -234,11 +240,14 @@ impl Scheduler {
                 Err(e) => tracing::error!("loading adapters: {e}"),
             }
         }
+        metrics::gauge!(m::GPU_MEMORY, "kind" => "weights", "device" => device_label(model.device()))
+            .set(model.weight_bytes() as f64);
         Self {
             model,
             tokenizer,
             model_label,
-            max_batch: max_batch.max(1),
+            max_batch: config.max_batch.max(1),
+            kv_cache_bytes: config.kv_cache_bytes,
             load,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -247,6 +256,7 @@ impl Scheduler {
             store,
             defaults,
             episodes: 0,
+            adaptation_peak: 0,
         }
     }
 
@@ -376,7 +386,7 @@ impl Scheduler {
                 &key,
                 config.lora.clone(),
                 self.model.config(),
-                self.model.dtype(),
+                lora_dtype(self.model.dtype()),
                 self.model.device(),
                 self.episodes,
             )
@@ -456,8 +466,13 @@ impl Scheduler {
         }
     }
 
-    fn record_episode(&self, report: &EpisodeReport, adapter: Option<&str>, version: u64) {
+    fn record_episode(&mut self, report: &EpisodeReport, adapter: Option<&str>, version: u64) {
         let label = self.model_label.clone();
+        if let Some(peak) = report.peak_memory_bytes {
+            self.adaptation_peak = self.adaptation_peak.max(peak);
+            metrics::gauge!(m::GPU_MEMORY, "kind" => "adaptation_peak", "device" => device_label(self.model.device()))
+                .set(self.adaptation_peak as f64);
+        }
         metrics::counter!(m::ADAPTATION_BATCHES, "model" => label.clone()).increment(1);
         metrics::counter!(m::ADAPTATION_ROLLOUT_TOKENS, "model" => label.clone())
             .increment(report.rollout_tokens as u64);
@@ -571,7 +586,7 @@ impl Scheduler {
                     &name,
                     self.defaults.lora.clone(),
                     self.model.config(),
-                    self.model.dtype(),
+                    lora_dtype(self.model.dtype()),
                     self.model.device(),
                     0,
                 );
@@ -582,7 +597,7 @@ impl Scheduler {
                     &name,
                     &dir,
                     self.model.config(),
-                    self.model.dtype(),
+                    lora_dtype(self.model.dtype()),
                     self.model.device(),
                 );
                 let _ = reply.send(loaded.and_then(|a| self.install(a, 0)));
@@ -642,16 +657,47 @@ impl Scheduler {
             .sum()
     }
 
-    /// Moves queued jobs into the batch while their sequences fit.
+    /// KV-cache bytes a job's unfinished sequences may grow to (prompt + max_tokens each).
+    fn kv_reservation(&self, job: &GenerateJob, sequences: usize) -> usize {
+        let positions = job.prompt.len() + job.rules.max_tokens;
+        sequences * positions * kv_bytes_per_token(self.model.config(), self.model.dtype())
+    }
+
+    fn kv_reserved(&self) -> usize {
+        self.running
+            .iter()
+            .map(|a| {
+                self.kv_reservation(&a.job, a.seqs.iter().filter(|s| !s.is_finished()).count())
+            })
+            .sum()
+    }
+
+    /// Moves queued jobs into the batch while their sequences fit the batch and the
+    /// KV-cache budget.
     fn admit(&mut self) {
         while let Some(job) = self.waiting.front() {
             let busy = self.running_seqs();
             if busy > 0 && busy + job.n > self.max_batch {
                 break;
             }
+            let needed = self.kv_reservation(job, job.n);
+            let over_budget = self
+                .kv_cache_bytes
+                .is_some_and(|budget| self.kv_reserved() + needed > budget);
+            if busy > 0 && over_budget {
+                break;
+            }
             let job = self.waiting.pop_front().expect("front() was Some");
             self.load.waiting.fetch_sub(1, Ordering::SeqCst);
             if job.events.is_closed() {
+                continue;
+            }
+            if over_budget {
+                let budget = self.kv_cache_bytes.unwrap_or_default();
+                let _ = job.events.send(Event::Error(format!(
+                    "the request needs {needed} bytes of KV cache (n x (prompt + max_tokens)); \
+                     the budget is {budget} bytes (engine.kv_cache_bytes)"
+                )));
                 continue;
             }
             if let Some(name) = job
@@ -776,6 +822,13 @@ impl Scheduler {
     }
 
     fn publish_load(&self) {
+        let kv_bytes: usize = self
+            .running
+            .iter()
+            .flat_map(|a| a.seqs.iter().map(Sequence::cache_bytes))
+            .sum();
+        metrics::gauge!(m::GPU_MEMORY, "kind" => "kv_cache", "device" => device_label(self.model.device()))
+            .set(kv_bytes as f64);
         metrics::gauge!(m::REQUESTS_RUNNING, "model" => self.model_label.clone())
             .set(self.running.len() as f64);
         metrics::gauge!(m::REQUESTS_WAITING, "model" => self.model_label.clone())

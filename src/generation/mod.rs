@@ -103,6 +103,11 @@ impl Sequence {
         self.finish
     }
 
+    /// Bytes of this sequence's KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
     pub fn is_finished(&self) -> bool {
         self.finish.is_some()
     }

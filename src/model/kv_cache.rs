@@ -41,6 +41,15 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Bytes of the allocated buffers (capacity, not just the positions filled).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|b| 2 * b.k.elem_count() * b.k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Writes `n` new positions for `layer` after the cached ones and returns views of all
     /// `len + n` keys and values. `k`, `v`: (kv_heads, n, head_dim).
     pub(crate) fn append(

@@ -153,6 +153,15 @@ fn peft_key(layer: usize, p: Projection, which: &str) -> String {
     )
 }
 
+/// The dtype LoRA weights (and so the optimizer state) are kept in: f32 under a
+/// half-precision base, whose 8-bit mantissa would round small updates away.
+pub fn lora_dtype(base: DType) -> DType {
+    match base {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
 impl Adapter {
     /// PEFT's initialisation: A kaiming-uniform (bound 1/sqrt(in)), B zero, so a fresh adapter
     /// leaves the model unchanged.
@@ -248,8 +257,9 @@ impl Adapter {
         } else {
             (pair.a.as_detached_tensor(), pair.b.as_detached_tensor())
         };
-        let low = x.matmul(&a.t()?)?;
-        Ok(Some((low.matmul(&b.t()?)? * self.config.scale())?))
+        let low = x.to_dtype(a.dtype())?.matmul(&a.t()?)?;
+        let delta = (low.matmul(&b.t()?)? * self.config.scale())?;
+        Ok(Some(delta.to_dtype(x.dtype())?))
     }
 
     /// Tensors under their PEFT names.

@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod kv_cache;
 pub mod loader;
 pub mod lora;
+pub mod memory;
 pub mod ops;
 pub mod tokenizer;
 
