@@ -7,9 +7,11 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
 
+use ttrl_serve::adapt::{run_episode, AdaptConfig, Learner, Question};
 use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
 use ttrl_serve::model::lora::lora_dtype;
 use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
+use ttrl_serve::reward::AnswerFormat;
 use ttrl_serve::sampling::{Sampler, Sampling};
 
 use crate::ModelArgs;
@@ -34,6 +36,14 @@ pub struct BenchArgs {
     train_tokens: usize,
     #[arg(long, default_value_t = 16)]
     lora_rank: usize,
+    /// Questions of the timed adaptation episode (0 skips it).
+    #[arg(long, default_value_t = 8)]
+    episode_questions: usize,
+    /// Leaves per question and rollout length of that episode.
+    #[arg(long, default_value_t = 16)]
+    episode_samples: usize,
+    #[arg(long, default_value_t = 64)]
+    episode_max_tokens: usize,
 }
 
 /// Peak resident memory of this process, from the kernel (Linux); 0 elsewhere.
@@ -167,6 +177,44 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "| forward+backward {}x{} tokens, LoRA r={} | {total:.2} s (forward {forward:.2} s; {with_grad} LoRA tensors with gradients) |",
         args.train_sequences, args.train_tokens, args.lora_rank
     );
+    drop((grads, loss, logits, logp));
+
+    if args.episode_questions > 0 {
+        // One SPINE episode on tree rollouts, end to end: rollouts, votes, update.
+        let config = AdaptConfig {
+            samples: args.episode_samples,
+            max_tokens: args.episode_max_tokens,
+            ..Default::default()
+        };
+        let questions: Vec<Question> = (0..args.episode_questions)
+            .map(|i| {
+                Question::new(
+                    String::new(),
+                    tokens(32, vocab, 500 + i),
+                    AnswerFormat::Number,
+                )
+            })
+            .collect();
+        let mut learner = Learner::new(adapter, &config, 0)?;
+        let report = run_episode(&model, &tokenizer, &mut learner, &questions, &config, 7)?;
+        let (rollout_ms, update_ms) = report
+            .steps
+            .iter()
+            .fold((0, 0), |(r, u), s| (r + s.rollout_ms, u + s.update_ms));
+        println!(
+            "| adaptation episode, {} questions x {} leaves, up to {} tokens | {:.2} s (rollouts {:.2} s, {} tokens; update {:.2} s; peak {} above start) |",
+            args.episode_questions,
+            args.episode_samples,
+            args.episode_max_tokens,
+            report.duration_ms as f64 / 1e3,
+            rollout_ms as f64 / 1e3,
+            report.rollout_tokens,
+            update_ms as f64 / 1e3,
+            report
+                .peak_memory_bytes
+                .map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
+        );
+    }
     println!(
         "| peak resident memory | {:.2} GB |",
         peak_rss_bytes() as f64 / 1e9

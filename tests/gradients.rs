@@ -2,9 +2,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use ttrl_serve::adapt::{AdamW, AdamWConfig};
+use ttrl_serve::model::lora::lora_dtype;
 use ttrl_serve::model::{Adapter, LogitsFor, LoraConfig, Model, SeqInput};
 
-use crate::common::{expected, load_tiny, max_abs_diff, FAMILIES};
+use crate::common::{expected, half_dtype, load_tiny, load_tiny_on, max_abs_diff, FAMILIES};
 
 /// -mean_t A_seq * log p(token_t+1 | prefix), the shape of a policy-gradient loss.
 fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor {
@@ -14,10 +15,12 @@ fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor
         let logits = model
             .forward(&mut [SeqInput::new(seq)], adapter, LogitsFor::All)
             .unwrap();
+        // Log-probs in f32 under a half-precision model, as the adaptation objective takes them.
+        let logits = logits.to_dtype(lora_dtype(logits.dtype())).unwrap();
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let n = seq.len() - 1;
         let next: Vec<u32> = seq[1..].to_vec();
-        let next = Tensor::new(next.as_slice(), &Device::Cpu)
+        let next = Tensor::new(next.as_slice(), model.device())
             .unwrap()
             .reshape((n, 1))
             .unwrap();
@@ -37,7 +40,7 @@ fn randomized_adapter(model: &Model, dtype: DType) -> Adapter {
         },
         model.config(),
         dtype,
-        &Device::Cpu,
+        model.device(),
         1,
     )
     .unwrap();
@@ -121,7 +124,7 @@ fn finite_differences_agree_with_autograd_in_f64() {
             let loss_at = |delta: f64| {
                 let mut v = original.clone();
                 v[elem] += delta;
-                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(v, var.dims(), var.device()).unwrap())
                     .unwrap();
                 pg_loss(&m.model, Some(&adapter), &ids)
                     .to_scalar::<f64>()
@@ -153,7 +156,7 @@ fn one_adamw_step_changes_the_next_token_distribution_and_lora_off_is_the_base()
         LoraConfig::default(),
         m.model.config(),
         DType::F32,
-        &Device::Cpu,
+        m.model.device(),
         0,
     )
     .unwrap();
@@ -175,4 +178,61 @@ fn one_adamw_step_changes_the_next_token_distribution_and_lora_off_is_the_base()
     // LoRA off reproduces the base logits bit for bit.
     assert_eq!(max_abs_diff(&base(None), &before), 0.0);
     assert!(max_abs_diff(&before, &want.get(0).unwrap()) < 1e-4);
+}
+
+/// Cosine similarity and norm ratio of two gradients, on the CPU in f64.
+fn agreement(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (a, b) = (host(a), host(b));
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    (dot / (norm(&a) * norm(&b)), norm(&a) / norm(&b))
+}
+
+#[test]
+fn lora_gradients_under_a_half_precision_base_on_the_test_device_match_f32_on_the_cpu() {
+    for family in FAMILIES {
+        let reference = load_tiny_on(family, DType::F32, &Device::Cpu);
+        let adapter = randomized_adapter(&reference.model, DType::F32);
+        let (ids, _) = expected(family);
+        let want = pg_loss(&reference.model, Some(&adapter), &ids)
+            .backward()
+            .unwrap();
+
+        // The serving setup: 16-bit weights on the device, LoRA kept in f32 beside them.
+        let half = load_tiny(family, half_dtype());
+        let on_device = Adapter::new(
+            "t",
+            adapter.config().clone(),
+            half.model.config(),
+            lora_dtype(half_dtype()),
+            half.model.device(),
+            1,
+        )
+        .unwrap();
+        on_device.set_tensors(&adapter.named_tensors()).unwrap();
+        let got = pg_loss(&half.model, Some(&on_device), &ids)
+            .backward()
+            .unwrap();
+        for (i, (w, g)) in adapter.vars().iter().zip(on_device.vars()).enumerate() {
+            assert_eq!(g.dtype(), DType::F32);
+            let (cosine, ratio) = agreement(
+                want.get(w.as_tensor()).unwrap(),
+                got.get(g.as_tensor()).unwrap(),
+            );
+            assert!(
+                cosine > 0.99 && (0.95..1.05).contains(&ratio),
+                "{family} LoRA tensor {i}: cosine {cosine}, norm ratio {ratio}"
+            );
+        }
+    }
 }

@@ -1,7 +1,7 @@
 use candle_core::{DType, Device, Tensor};
 use ttrl_serve::model::{loader, LogitsFor, SeqInput};
 
-use crate::common::{expected, fixture_dir, load_tiny, max_abs_diff, FAMILIES};
+use crate::common::{expected, fixture_dir, half_dtype, load_tiny, max_abs_diff, FAMILIES};
 
 #[test]
 fn full_sequence_logits_match_transformers_for_every_family() {
@@ -141,5 +141,30 @@ fn responses_sharing_a_prompt_prefix_get_the_logits_of_full_sequences() {
             .model
             .forward(&mut [SeqInput::after(0, prompt)], None, LogitsFor::All);
         assert!(bad.is_err());
+    }
+}
+
+#[test]
+fn half_precision_logits_on_the_test_device_match_transformers_within_bf16_tolerance() {
+    for family in FAMILIES {
+        let m = load_tiny(family, half_dtype());
+        let (ids, want) = expected(family);
+        let mut inputs: Vec<SeqInput> = ids.iter().map(|s| SeqInput::new(s)).collect();
+        let got = m.model.forward(&mut inputs, None, LogitsFor::All).unwrap();
+        assert_eq!(got.dtype(), half_dtype());
+        let got = got.reshape(want.dims()).unwrap();
+        // bf16 keeps 8 bits of mantissa: allow a few ulps of the largest logit.
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff < 0.03 * scale,
+            "{family}: max |diff| {diff} (logits up to {scale})"
+        );
     }
 }

@@ -144,6 +144,9 @@ pub struct WeightSource {
     tensors: HashMap<String, Tensor>,
     dtype: DType,
     device: Device,
+    /// Draw every tensor instead (N(0, 0.02), norms at 1): for speed and memory checks of
+    /// a shape whose checkpoint is not at hand.
+    random: bool,
 }
 
 impl WeightSource {
@@ -152,6 +155,14 @@ impl WeightSource {
             tensors,
             dtype,
             device: device.clone(),
+            random: false,
+        }
+    }
+
+    pub fn random(dtype: DType, device: &Device) -> Self {
+        Self {
+            random: true,
+            ..Self::new(HashMap::new(), dtype, device)
         }
     }
 
@@ -160,6 +171,14 @@ impl WeightSource {
     }
 
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if self.random {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape, DType::F32, &self.device)?
+            } else {
+                Tensor::randn(0f32, 0.02, shape, &self.device)?
+            };
+            return Ok(t.to_dtype(self.dtype)?);
+        }
         let t = self
             .tensors
             .remove(name)

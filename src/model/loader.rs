@@ -31,11 +31,17 @@ pub enum ModelSource {
     HfDir(PathBuf),
     Gguf(PathBuf),
     Hub(String),
+    /// `random:<config.json>`: the architecture of an HF config with random weights and a
+    /// placeholder vocabulary, for speed checks (values do not change speed).
+    Random(PathBuf),
 }
 
 impl ModelSource {
     /// A path to an existing directory or `.gguf` file is local; `org/name` otherwise is a hub id.
     pub fn parse(spec: &str) -> Self {
+        if let Some(config) = spec.strip_prefix("random:") {
+            return ModelSource::Random(config.into());
+        }
         let path = Path::new(spec);
         if path
             .extension()
@@ -59,6 +65,7 @@ impl ModelSource {
             ModelSource::HfDir(dir) => load_hf_dir(dir, dtype, device),
             ModelSource::Gguf(path) => load_gguf(path, dtype, device),
             ModelSource::Hub(id) => load_hf_dir(&download_hub(id)?, dtype, device),
+            ModelSource::Random(config) => load_random(config, dtype, device),
         }
     }
 }
@@ -90,6 +97,36 @@ fn model_name(path: &Path) -> String {
 
 /// An HF directory: config.json, tokenizer.json, tokenizer_config.json and safetensors
 /// (one file or shards listed in model.safetensors.index.json).
+/// Random weights in the shape `config_path` describes, with a word-level vocabulary
+/// `<0>`, `<1>`, ... of the model's size, so every sampled id decodes.
+pub fn load_random(config_path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let config = ModelConfig::from_hf_json(&read_text(config_path, "config.json")?)?;
+    let vocab: HashMap<String, u32> = (0..config.vocab_size as u32)
+        .map(|i| (format!("<{i}>"), i))
+        .collect();
+    let model = tokenizers::models::wordlevel::WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<0>".into())
+        .build()
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(model);
+    inner.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+    let tokenizer = TextTokenizer::new(inner, None, None, None);
+    let name = format!(
+        "random-{}",
+        config_path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    );
+    let model = Model::new(config, WeightSource::random(dtype, device))?;
+    Ok(LoadedModel {
+        name,
+        model,
+        tokenizer,
+    })
+}
+
 pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     if !dir.is_dir() {
         return Err(Error::MissingFile {

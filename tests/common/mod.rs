@@ -11,14 +11,46 @@ use ttrl_serve::model::{loader, LoadedModel};
 
 pub const FAMILIES: [&str; 3] = ["llama", "qwen2", "qwen3"];
 
+/// `$TTRL_FIXTURES_DIR` (for a test binary run away from its checkout, as on a GPU
+/// machine), else the checkout's tests/fixtures.
 pub fn fixture_dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    std::env::var_os("TTRL_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
         .join(format!("tiny-{family}"))
 }
 
+/// `$TTRL_TEST_DEVICE` (`cpu` or `cuda:N`, for scripts/device-check.sh), default cpu.
+pub fn test_device() -> Device {
+    match std::env::var("TTRL_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => Device::Cpu,
+        Ok(spec) => {
+            let ordinal = spec
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("TTRL_TEST_DEVICE={spec}: use cpu or cuda:N"));
+            Device::new_cuda(ordinal).expect("the CUDA device opens")
+        }
+    }
+}
+
+/// The half precision the test device serves in: bf16 on a GPU; f16 on the CPU, whose
+/// matmul has no bf16 kernel (same 16-bit path, more mantissa).
+pub fn half_dtype() -> DType {
+    if test_device().is_cuda() {
+        DType::BF16
+    } else {
+        DType::F16
+    }
+}
+
+/// A tiny checkpoint on the test device.
 pub fn load_tiny(family: &str, dtype: DType) -> LoadedModel {
-    loader::load_hf_dir(&fixture_dir(family), dtype, &Device::Cpu).expect("tiny checkpoint loads")
+    load_tiny_on(family, dtype, &test_device())
+}
+
+pub fn load_tiny_on(family: &str, dtype: DType, device: &Device) -> LoadedModel {
+    loader::load_hf_dir(&fixture_dir(family), dtype, device).expect("tiny checkpoint loads")
 }
 
 /// (input ids per sequence, HF logits of shape (batch, seq, vocab)).
@@ -36,8 +68,15 @@ pub fn expected(family: &str) -> (Vec<Vec<u32>>, Tensor) {
     (ids, t["logits"].clone())
 }
 
+/// Across devices and dtypes (both are brought to f64 on the CPU).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+    let host = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    (host(a) - host(b))
         .unwrap()
         .abs()
         .unwrap()
