@@ -110,16 +110,7 @@ impl EvalArgs {
     }
 
     fn settings(&self) -> Result<Settings> {
-        let mut s = match &self.config {
-            Some(path) => Settings::from_file(path)?,
-            None => Settings::default(),
-        };
-        if let Some(v) = &self.model.model {
-            s.model.source = Some(v.clone());
-        }
-        if let Some(v) = &self.model.device {
-            s.model.device = v.clone();
-        }
+        let mut s = self.model.settings(self.config.as_deref())?;
         // Adapters beside the results, so a resumed eval finds them.
         s.engine.data_dir = Some(self.out.join("adapters").display().to_string());
         s.adaptation.max_questions = s.adaptation.max_questions.max(self.batch);

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
+use ttrl_serve::config::Settings;
 use ttrl_serve::generation::{decode_step, Sequence, StopRules};
 use ttrl_serve::model::{ChatMessage, LoadedModel, ModelSource};
 use ttrl_serve::sampling::{Sampler, Sampling};
@@ -49,6 +50,21 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The settings file (or the defaults) with this model and device applied.
+    pub fn settings(&self, file: Option<&std::path::Path>) -> Result<Settings> {
+        let mut s = match file {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        if let Some(v) = &self.model {
+            s.model.source = Some(v.clone());
+        }
+        if let Some(v) = &self.device {
+            s.model.device = v.clone();
+        }
+        Ok(s)
+    }
+
     pub fn load(&self) -> Result<LoadedModel> {
         let device = parse_device(self.device.as_deref().unwrap_or("cpu"))?;
         // bf16 on a GPU, f32 on the CPU (candle's CPU bf16 matmul is far slower than f32).

@@ -52,16 +52,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn settings(&self) -> Result<Settings> {
-        let mut s = match &self.config {
-            Some(path) => Settings::from_file(path)?,
-            None => Settings::default(),
-        };
-        if let Some(v) = &self.model.model {
-            s.model.source = Some(v.clone());
-        }
-        if let Some(v) = &self.model.device {
-            s.model.device = v.clone();
-        }
+        let mut s = self.model.settings(self.config.as_deref())?;
         if let Some(v) = &self.served_model_name {
             s.model.served_model_name = Some(v.clone());
         }

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
@@ -33,9 +34,37 @@ fn color(i: usize) -> RGBColor {
 }
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
+type Plot<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 type Chart = fn(&Results, &Path) -> DrawResult;
 /// A bar per arm: legend, colour, offset from the arm's slot, and the value.
 type Bar = (&'static str, RGBColor, f64, fn(&ArmSummary) -> usize);
+
+/// A chart's caption and margins; the caller sets the ranges.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    y_label_area: u32,
+) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(caption, (FONT, 24))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(y_label_area);
+    builder
+}
+
+fn legend<'a: 'b, 'b>(chart: &mut Plot<'b, 'a>, position: SeriesLabelPosition) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .position(position)
+        .draw()?;
+    Ok(())
+}
 
 /// accuracy.png, length.png, entropy.png and tokens.png in `dir`.
 pub fn draw_all(results: &Results, dir: &Path) -> anyhow::Result<()> {
@@ -91,12 +120,8 @@ fn line_chart(
             .fold(1.0, f64::max);
         (0.0, top * 1.1)
     });
-    let mut chart = ChartBuilder::on(&root)
-        .caption(caption, (FONT, 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.1..x_max + 0.1, y_min..y_max)?;
+    let mut chart =
+        frame(&root, caption, 60).build_cartesian_2d(-0.1..x_max + 0.1, y_min..y_max)?;
     chart
         .configure_mesh()
         .x_desc("episode")
@@ -113,13 +138,7 @@ fn line_chart(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FONT, 15))
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present()?;
     Ok(())
 }
@@ -185,11 +204,7 @@ fn entropy(results: &Results, path: &Path) -> DrawResult {
         .iter()
         .flat_map(|(_, _, p): &(String, String, Vec<(f64, f64)>)| p.iter().map(|p| p.1))
         .fold(0.1, f64::max);
-    let mut chart = ChartBuilder::on(&root)
-        .caption("forking-token entropy, first vs last episode", (FONT, 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(60)
+    let mut chart = frame(&root, "forking-token entropy, first vs last episode", 60)
         .build_cartesian_2d(
             0.0..(ENTROPY_BINS as f32 * ENTROPY_BIN) as f64,
             0.0..top * 1.1,
@@ -218,13 +233,7 @@ fn entropy(results: &Results, path: &Path) -> DrawResult {
                 PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
             });
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FONT, 14))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present()?;
     Ok(())
 }
@@ -242,11 +251,7 @@ fn tokens(results: &Results, path: &Path) -> DrawResult {
         .unwrap_or(1)
         .max(1) as f64;
     let names: Vec<String> = arms.iter().map(|a| a.arm.clone()).collect();
-    let mut chart = ChartBuilder::on(&root)
-        .caption("adaptation tokens per arm", (FONT, 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(80)
+    let mut chart = frame(&root, "adaptation tokens per arm", 80)
         .build_cartesian_2d(-0.5..names.len().max(1) as f64 - 0.5, 0.0..top * 1.15)?;
     chart
         .configure_mesh()
@@ -272,13 +277,7 @@ fn tokens(results: &Results, path: &Path) -> DrawResult {
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FONT, 15))
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present()?;
     Ok(())
 }

@@ -201,6 +201,16 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
     Ok(results)
 }
 
+/// One question's evaluation: k samples and a greedy answer.
+struct QuestionScore {
+    pass_at_1: f64,
+    majority_correct: bool,
+    greedy_correct: bool,
+    samples: usize,
+    sampled_tokens: usize,
+    greedy_tokens: usize,
+}
+
 struct Runner<'a> {
     options: &'a EvalOptions,
     client: &'a Client,
@@ -253,30 +263,23 @@ impl Runner<'_> {
             Arm::Adapted(..) => format!("{}:{}", self.model, self.adapter(arm)),
         };
         let started = Instant::now();
-        let rows = self.parallel(0..self.items.len(), o.concurrency, |i| {
+        let scores = self.parallel(0..self.items.len(), o.concurrency, |i| {
             let item = &self.items[i];
-            let sampled = self.client.chat(
-                &model,
-                &ChatRequest {
-                    messages: &item.messages,
-                    n: o.k,
-                    temperature: o.temperature,
-                    max_tokens: o.max_tokens,
-                    seed: o.seed + i as u64,
-                    adaptation: None,
-                },
-            )?;
-            let greedy = self.client.chat(
-                &model,
-                &ChatRequest {
-                    messages: &item.messages,
-                    n: 1,
-                    temperature: 0.0,
-                    max_tokens: o.max_tokens,
-                    seed: o.seed,
-                    adaptation: None,
-                },
-            )?;
+            let ask = |n, temperature, seed| {
+                self.client.chat(
+                    &model,
+                    &ChatRequest {
+                        messages: &item.messages,
+                        n,
+                        temperature,
+                        max_tokens: o.max_tokens,
+                        seed,
+                        adaptation: None,
+                    },
+                )
+            };
+            let sampled = ask(o.k, o.temperature, o.seed + i as u64)?;
+            let greedy = ask(1, 0.0, o.seed)?;
             let answers: Vec<Option<String>> =
                 sampled.texts.iter().map(|t| item.answer(t)).collect();
             let correct = answers
@@ -285,25 +288,28 @@ impl Runner<'_> {
                 .count();
             let majority = majority_vote(&answers).label;
             let greedy_answer = greedy.texts.first().and_then(|t| item.answer(t));
-            Ok((
-                correct as f64 / answers.len().max(1) as f64,
-                f64::from(u8::from(item.is_gold(majority.as_deref()))),
-                f64::from(u8::from(item.is_gold(greedy_answer.as_deref()))),
-                sampled.completion_tokens,
-                greedy.completion_tokens,
-                answers.len(),
-            ))
+            Ok(QuestionScore {
+                pass_at_1: correct as f64 / answers.len().max(1) as f64,
+                majority_correct: item.is_gold(majority.as_deref()),
+                greedy_correct: item.is_gold(greedy_answer.as_deref()),
+                samples: answers.len(),
+                sampled_tokens: sampled.completion_tokens,
+                greedy_tokens: greedy.completion_tokens,
+            })
         })?;
-        let n = rows.len() as f64;
-        let sampled_tokens: usize = rows.iter().map(|r| r.3).sum();
-        let samples: usize = rows.iter().map(|r| r.5).sum();
+        let n = scores.len() as f64;
+        let share =
+            |hit: fn(&QuestionScore) -> bool| scores.iter().filter(|s| hit(s)).count() as f64 / n;
+        let sampled_tokens: usize = scores.iter().map(|s| s.sampled_tokens).sum();
+        let samples: usize = scores.iter().map(|s| s.samples).sum();
         Ok(Evaluation {
             episode,
-            pass_at_1: rows.iter().map(|r| r.0).sum::<f64>() / n,
-            maj_at_k: rows.iter().map(|r| r.1).sum::<f64>() / n,
-            greedy: rows.iter().map(|r| r.2).sum::<f64>() / n,
+            pass_at_1: scores.iter().map(|s| s.pass_at_1).sum::<f64>() / n,
+            maj_at_k: share(|s| s.majority_correct),
+            greedy: share(|s| s.greedy_correct),
             mean_length: sampled_tokens as f64 / samples.max(1) as f64,
-            completion_tokens: sampled_tokens + rows.iter().map(|r| r.4).sum::<usize>(),
+            completion_tokens: sampled_tokens
+                + scores.iter().map(|s| s.greedy_tokens).sum::<usize>(),
             seconds: started.elapsed().as_secs_f64(),
         })
     }

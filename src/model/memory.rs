@@ -27,19 +27,17 @@ pub fn device_label(device: &Device) -> String {
 pub fn in_use(device: &Device) -> Option<u64> {
     match device {
         Device::Cpu => resident_set_bytes(),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d
-            .cuda_stream()
-            .context()
-            .mem_get_info()
-            .ok()
-            .map(|(free, total)| (total - free) as u64),
-        _ => None,
+        _ => gpu_memory(device).map(|(free, total)| total - free),
     }
 }
 
 /// Free bytes on a GPU; `None` on the CPU, where the KV cache has no budget by default.
 pub fn free_on_gpu(device: &Device) -> Option<u64> {
+    gpu_memory(device).map(|(free, _)| free)
+}
+
+/// (free, total) bytes of a CUDA device.
+fn gpu_memory(device: &Device) -> Option<(u64, u64)> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => d
@@ -47,7 +45,7 @@ pub fn free_on_gpu(device: &Device) -> Option<u64> {
             .context()
             .mem_get_info()
             .ok()
-            .map(|(free, _)| free as u64),
+            .map(|(free, total)| (free as u64, total as u64)),
         _ => None,
     }
 }
