@@ -149,6 +149,8 @@ where
             b as f64 / (1 << 20) as f64
         ))
     );
+    let per_position = memory::kv_bytes_per_token(loaded.model.config(), loaded.model.dtype());
+    let kv_cache_positions = kv_cache_bytes.map(|b| b / per_position);
     let engine_config = EngineConfig {
         max_batch: settings.engine.max_batch,
         max_waiting: settings.engine.max_waiting,
@@ -171,6 +173,7 @@ where
         tokenizer,
         model_name: name.clone(),
         max_model_len,
+        kv_cache_positions,
         adapt_defaults: settings.adaptation.clone(),
     });
     tracing::info!("ready: serving `{name}` (context {max_model_len} tokens)");

@@ -353,12 +353,13 @@ fn request_ids_are_echoed_or_generated() {
 fn the_kv_cache_budget_queues_requests_instead_of_overcommitting() {
     // SmolLM2 in f32 takes 2 x 30 layers x 3 KV heads x 64 x 4 bytes = 46080 bytes a
     // position: room for one request of a few hundred positions, not two.
-    let budget = (46080 * 600).to_string();
+    let budget = (46080 * 360).to_string();
     let server = Server::start(&["--kv-cache-bytes", &budget]);
     let long = chat(
         "hi",
-        json!({"stream": true, "max_tokens": 400, "ignore_eos": true}),
+        json!({"stream": true, "max_tokens": 300, "ignore_eos": true}),
     );
+    let short = chat("hi", json!({"max_tokens": 50, "ignore_eos": true}));
     let mut first = ureq::post(&server.url("/v1/chat/completions"))
         .send_json(long.clone())
         .unwrap()
@@ -385,7 +386,7 @@ fn the_kv_cache_budget_queues_requests_instead_of_overcommitting() {
     }
     assert_eq!(metric(&metrics(), "ttrl_requests_running", &[]), 1.0);
     let kv = metric(&metrics(), "ttrl_gpu_memory_bytes", &[("kind", "kv_cache")]);
-    assert!(kv > 0.0 && kv <= 46080.0 * 600.0, "{kv}");
+    assert!(kv > 0.0 && kv <= 46080.0 * 360.0, "{kv}");
     assert!(metric(&metrics(), "ttrl_gpu_memory_bytes", &[("kind", "weights")]) > 100e6);
 
     // The first client leaves; the queued request gets the room and finishes.
@@ -393,14 +394,24 @@ fn the_kv_cache_budget_queues_requests_instead_of_overcommitting() {
     let text = second.join().unwrap();
     assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
 
-    // One request that could never fit is refused, not run out of memory.
+    // One request that could never fit is refused up front; without max_tokens, the budget
+    // caps the default.
     let (status, body) = server.post(
         "/v1/chat/completions",
-        &chat("hi", json!({"n": 2, "max_tokens": 400})),
+        &chat("hi", json!({"n": 2, "max_tokens": 300})),
     );
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "max_tokens");
     assert!(body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("engine.kv_cache_bytes"));
+    let (status, body) = server.post(
+        "/v1/chat/completions",
+        &chat("hi", json!({"n": 4, "ignore_eos": true})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let used = body["usage"]["prompt_tokens"].as_u64().unwrap()
+        + body["usage"]["completion_tokens"].as_u64().unwrap() / 4;
+    assert!(4 * used <= 360, "{body}");
 }

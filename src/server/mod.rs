@@ -43,6 +43,8 @@ pub struct Ready {
     pub tokenizer: Arc<TextTokenizer>,
     pub model_name: String,
     pub max_model_len: usize,
+    /// Positions the KV-cache budget holds (`engine.kv_cache_bytes`), if there is one.
+    pub kv_cache_positions: Option<usize>,
     pub adapt_defaults: AdaptConfig,
 }
 
@@ -51,6 +53,7 @@ impl Ready {
         Limits {
             model_name: &self.model_name,
             max_model_len: self.max_model_len,
+            kv_cache_positions: self.kv_cache_positions,
             tokenizer: &self.tokenizer,
             adapt_defaults: &self.adapt_defaults,
         }

@@ -54,6 +54,7 @@ struct AdaptChoice {
 pub struct Limits<'a> {
     pub model_name: &'a str,
     pub max_model_len: usize,
+    pub kv_cache_positions: Option<usize>,
     pub tokenizer: &'a TextTokenizer,
     pub adapt_defaults: &'a AdaptConfig,
 }
@@ -269,6 +270,13 @@ fn range_i(param: &str, v: Option<i64>, lo: i64, hi: i64, default: i64) -> Resul
     Ok(v)
 }
 
+/// Completion tokens the KV-cache budget leaves each of `n` choices after the prompt.
+fn kv_room(limits: &Limits<'_>, n: usize, prompt: usize) -> usize {
+    limits
+        .kv_cache_positions
+        .map_or(usize::MAX, |cap| (cap / n).saturating_sub(prompt))
+}
+
 /// Validates the shared fields; `max_tokens` defaults to `default_max_tokens` or, when that
 /// is `None`, to whatever context the longest prompt leaves (vLLM's chat default).
 fn common(
@@ -333,8 +341,24 @@ fn common(
             )))
         }
         Some(m) => m as usize,
-        None => default_max_tokens.unwrap_or(room).min(room),
+        // Without a limit, as much as the context and the KV-cache budget leave.
+        None => default_max_tokens
+            .unwrap_or(room)
+            .min(room)
+            .min(kv_room(limits, n, longest).max(1)),
     };
+    // The engine reserves n x (prompt + max_tokens) positions; a request that could never
+    // fit would wait forever.
+    if let Some(cap) = limits.kv_cache_positions {
+        if n * (longest + max_tokens) > cap {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "n x (prompt + max_tokens) = {n} x ({longest} + {max_tokens}) positions is more than the KV-cache budget of {cap} positions (engine.kv_cache_bytes)"
+                ),
+            ));
+        }
+    }
     let stop_ids = if s.ignore_eos {
         Vec::new()
     } else {
