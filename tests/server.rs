@@ -372,7 +372,7 @@ fn the_kv_cache_budget_queues_requests_instead_of_overcommitting() {
         let url = server.url("/v1/chat/completions");
         move || {
             ureq::post(&url)
-                .send_json(long)
+                .send_json(short)
                 .unwrap()
                 .into_string()
                 .unwrap()
