@@ -219,3 +219,38 @@ fn stop_strings_and_stop_tokens_end_a_sequence() {
     );
     assert!(text.starts_with(seq.text()));
 }
+
+#[test]
+fn random_weights_of_any_config_build_a_model_that_decodes_every_id() {
+    use ttrl_serve::model::{ModelConfig, ModelSource};
+    let config = crate::common::fixture_dir("qwen3").join("config.json");
+    let spec = format!("random:{}", config.display());
+    let LoadedModel {
+        model, tokenizer, ..
+    } = ModelSource::parse(&spec)
+        .load(DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(tokenizer.vocab_size(), model.config().vocab_size);
+    let mut seq = Sequence::new(
+        &model,
+        vec![1, 2, 3],
+        Sampler::new(Sampling::new(1.0, None, 1.0), 0),
+        rules(8),
+        0,
+    );
+    run_to_end(&model, &tokenizer, std::slice::from_mut(&mut seq), None).unwrap();
+    assert_eq!(seq.generated().len(), 8);
+    assert!(seq.text().starts_with('<'), "{}", seq.text());
+
+    // The shipped shapes parse as the architectures they name.
+    let shapes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shapes");
+    for (shape, layers, vocab) in [("smollm2-135m", 30, 49152), ("qwen2.5-1.5b", 28, 151936)] {
+        let text = std::fs::read_to_string(shapes.join(shape).join("config.json")).unwrap();
+        let c = ModelConfig::from_hf_json(&text).unwrap();
+        assert_eq!(
+            (c.num_hidden_layers, c.vocab_size),
+            (layers, vocab),
+            "{shape}"
+        );
+    }
+}
