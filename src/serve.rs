@@ -154,7 +154,7 @@ where
     let engine_config = EngineConfig {
         max_batch: settings.engine.max_batch,
         max_waiting: settings.engine.max_waiting,
-        kv_cache_bytes,
+        kv_cache_positions,
     };
     let adapters_dir = settings.engine.adapters_dir();
     let store = LocalDirStore::new(adapters_dir.clone(), &name)

@@ -24,9 +24,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Jobs allowed to queue for a slot; one more is refused (HTTP 429).
     pub max_waiting: usize,
-    /// KV-cache bytes the running sequences may reserve (prompt + max_tokens each); a job
-    /// that would go over waits. `None`: bounded by `max_batch` only.
-    pub kv_cache_bytes: Option<usize>,
+    /// KV-cache positions the running sequences may reserve (prompt + max_tokens each); a
+    /// job that would go over waits. `None`: bounded by `max_batch` only.
+    pub kv_cache_positions: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use crate::adapt::store::AdapterStore;
 use crate::adapt::{run_episode, AdaptConfig, EpisodeReport, Learner};
 use crate::generation::{decode_step, FinishReason, Sequence};
 use crate::model::lora::lora_dtype;
-use crate::model::memory::{device_label, kv_bytes_per_token};
+use crate::model::memory::device_label;
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{canonical, extract_answer, majority_vote};
 use crate::sampling::Sampler;
@@ -195,7 +195,7 @@ pub struct Scheduler {
     tokenizer: Arc<TextTokenizer>,
     model_label: String,
     max_batch: usize,
-    kv_cache_bytes: Option<usize>,
+    kv_cache_positions: Option<usize>,
     load: Arc<Load>,
     waiting: VecDeque<GenerateJob>,
     running: Vec<Active>,
@@ -247,7 +247,7 @@ impl Scheduler {
             tokenizer,
             model_label,
             max_batch: config.max_batch.max(1),
-            kv_cache_bytes: config.kv_cache_bytes,
+            kv_cache_positions: config.kv_cache_positions,
             load,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -657,17 +657,16 @@ impl Scheduler {
             .sum()
     }
 
-    /// KV-cache bytes a job's unfinished sequences may grow to (prompt + max_tokens each).
-    fn kv_reservation(&self, job: &GenerateJob, sequences: usize) -> usize {
-        let positions = job.prompt.len() + job.rules.max_tokens;
-        sequences * positions * kv_bytes_per_token(self.model.config(), self.model.dtype())
+    /// KV-cache positions a job's unfinished sequences may grow to (prompt + max_tokens each).
+    fn kv_reservation(job: &GenerateJob, sequences: usize) -> usize {
+        sequences * (job.prompt.len() + job.rules.max_tokens)
     }
 
     fn kv_reserved(&self) -> usize {
         self.running
             .iter()
             .map(|a| {
-                self.kv_reservation(&a.job, a.seqs.iter().filter(|s| !s.is_finished()).count())
+                Self::kv_reservation(&a.job, a.seqs.iter().filter(|s| !s.is_finished()).count())
             })
             .sum()
     }
@@ -680,9 +679,9 @@ impl Scheduler {
             if busy > 0 && busy + job.n > self.max_batch {
                 break;
             }
-            let needed = self.kv_reservation(job, job.n);
+            let needed = Self::kv_reservation(job, job.n);
             let over_budget = self
-                .kv_cache_bytes
+                .kv_cache_positions
                 .is_some_and(|budget| self.kv_reserved() + needed > budget);
             if busy > 0 && over_budget {
                 break;
@@ -693,10 +692,10 @@ impl Scheduler {
                 continue;
             }
             if over_budget {
-                let budget = self.kv_cache_bytes.unwrap_or_default();
+                let budget = self.kv_cache_positions.unwrap_or_default();
                 let _ = job.events.send(Event::Error(format!(
-                    "the request needs {needed} bytes of KV cache (n x (prompt + max_tokens)); \
-                     the budget is {budget} bytes (engine.kv_cache_bytes)"
+                    "the request needs {needed} KV-cache positions (n x (prompt + max_tokens)); \
+                     the budget holds {budget} (engine.kv_cache_bytes)"
                 )));
                 continue;
             }

@@ -130,19 +130,15 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
         })
         .sum::<usize>();
     let bars = MultiProgress::new();
-    let overall = bars.add(ProgressBar::new(units as u64));
-    overall.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} units, {elapsed} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    overall.set_prefix("eval");
-    let requests = bars.add(ProgressBar::new(0));
-    requests.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} requests")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let bar = |len: usize, template: &str| {
+        bars.add(ProgressBar::new(len as u64)).with_style(
+            ProgressStyle::with_template(template)
+                .expect("static template")
+                .progress_chars("=> "),
+        )
+    };
+    let overall = bar(units, "[{bar:30}] {pos}/{len} units, {elapsed} {msg}");
+    let requests = bar(0, "[{bar:30}] {pos}/{len} requests");
     let run = Runner {
         options,
         client,
@@ -155,15 +151,11 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
     let save = |results: &mut Results| results.save(&json_path, &options.results_markdown());
     for &arm in &options.arms {
         let name = arm.name();
-        let first = match arm {
-            Arm::Base => 0,
-            Arm::Adapted(..) => 1,
+        let episodes = match arm {
+            Arm::Base => 0..=0,
+            Arm::Adapted(..) => 1..=options.episodes,
         };
-        let last = match arm {
-            Arm::Base => 0,
-            Arm::Adapted(..) => options.episodes,
-        };
-        for episode in first..=last {
+        for episode in episodes {
             if let Arm::Adapted(method, rollout) = arm {
                 for &start in &batches {
                     overall.set_message(format!("{name}: episode {episode}, adapting"));

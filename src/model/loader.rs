@@ -95,8 +95,6 @@ fn model_name(path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-/// An HF directory: config.json, tokenizer.json, tokenizer_config.json and safetensors
-/// (one file or shards listed in model.safetensors.index.json).
 /// Random weights in the shape `config_path` describes, with a word-level vocabulary
 /// `<0>`, `<1>`, ... of the model's size, so every sampled id decodes.
 pub fn load_random(config_path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
@@ -127,6 +125,8 @@ pub fn load_random(config_path: &Path, dtype: DType, device: &Device) -> Result<
     })
 }
 
+/// An HF directory: config.json, tokenizer.json, tokenizer_config.json and safetensors
+/// (one file or shards listed in model.safetensors.index.json).
 pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     if !dir.is_dir() {
         return Err(Error::MissingFile {
