@@ -7,8 +7,8 @@ use ttrl_serve::adapt::{run_episode, AdaptConfig, Learner, Question};
 use ttrl_serve::model::{Adapter, ChatMessage};
 use ttrl_serve::reward::AnswerFormat;
 
-use crate::common::load_tiny;
 use crate::common::server::Server;
+use crate::common::{load_tiny, max_abs_diff};
 
 /// Small rollouts so an episode on the tiny model takes well under a second.
 fn config_file(extra: &str) -> std::path::PathBuf {
@@ -195,15 +195,7 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     let reloaded = exported(&server, "team");
     assert_eq!(saved.len(), reloaded.len());
     for (name, t) in &saved {
-        let diff = (t - &reloaded[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{name}");
+        assert_eq!(max_abs_diff(t, &reloaded[name]), 0.0, "{name}");
     }
     assert_eq!(
         logprobs(&ask(&server, "tiny-llama:team", Value::Null)),
@@ -342,17 +334,7 @@ fn an_episode_changes_only_lora_weights() {
         .adapter
         .named_tensors()
         .iter()
-        .filter(|(k, t)| {
-            (*t - &before[*k])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        })
+        .filter(|(k, t)| max_abs_diff(t, &before[*k]) > 0.0)
         .count();
     assert!(changed > 0, "no LoRA tensor changed");
 }
