@@ -113,10 +113,10 @@ fn last_number(text: &str) -> Option<String> {
     best
 }
 
-/// The last standalone option letter A-E ("(B)", "B)", "answer is C", "**D**").
-fn last_choice(text: &str) -> Option<String> {
+/// Standalone option letters A-E ("(B)", "B)", "answer is C", "**D**"), in order.
+fn choices(text: &str) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
-    let mut best = None;
+    let mut found = Vec::new();
     for (i, &c) in chars.iter().enumerate() {
         if !('A'..='E').contains(&c) {
             continue;
@@ -130,18 +130,23 @@ fn last_choice(text: &str) -> Option<String> {
                 && after == Some(' ')
                 && chars.get(i + 2).is_some_and(|x| x.is_lowercase());
             if !article {
-                best = Some(c.to_string());
+                found.push(c.to_string());
             }
         }
     }
-    best
+    found
+}
+
+fn last_choice(text: &str) -> Option<String> {
+    choices(text).pop()
 }
 
 /// The answer a response gives in `format`, or `None` when it gives none.
 pub fn extract_answer(text: &str, format: AnswerFormat) -> Option<String> {
     match format {
+        // "The answer is B, not D" answers B: the first letter after the phrase.
         AnswerFormat::Choice => after_phrase(text)
-            .and_then(|t| last_choice(&t))
+            .and_then(|t| choices(&t).into_iter().next())
             .or_else(|| last_boxed(text).and_then(|t| last_choice(&t)))
             .or_else(|| last_choice(text)),
         AnswerFormat::Boxed => last_boxed(text),
@@ -153,6 +158,20 @@ pub fn extract_answer(text: &str, format: AnswerFormat) -> Option<String> {
             .or_else(|| after_phrase(text).and_then(|t| last_number(&t)))
             .or_else(|| last_number(text)),
     }
+}
+
+/// Byte offset where the final answer span begins: the last `\\boxed`, an answer phrase
+/// ("the answer is"), or the answer itself, whichever comes first. `None` without an answer.
+/// Rollouts never fork at or after it (TreeRL's EPTree masks the answer the same way).
+pub fn answer_start(text: &str, format: AnswerFormat) -> Option<usize> {
+    let answer = extract_answer(text, format)?;
+    let at = text.rfind(answer.as_str()).unwrap_or(0);
+    let lower = text.to_ascii_lowercase();
+    let cue = ["\\boxed", "answer is", "answer:"]
+        .iter()
+        .filter_map(|p| lower[..at].rfind(p))
+        .max();
+    Some(cue.map_or(at, |c| c.min(at)))
 }
 
 #[cfg(test)]
@@ -230,6 +249,23 @@ mod tests {
             Some("12")
         );
         assert_eq!(extract_answer("The answer is unclear", Number), None);
+    }
+
+    #[test]
+    fn the_first_letter_after_the_answer_phrase_is_the_choice() {
+        assert_eq!(
+            extract_answer("The answer is B, not D.", Choice).as_deref(),
+            Some("B")
+        );
+    }
+
+    #[test]
+    fn the_answer_span_starts_at_its_cue_or_at_the_answer() {
+        let text = "7 plus 4 makes 11, so the answer is 11.";
+        assert_eq!(answer_start(text, Number), text.find("answer is"));
+        assert_eq!(answer_start("It is 11.", Number), Some(6));
+        assert_eq!(answer_start("So \\boxed{3}", Boxed), Some(3));
+        assert_eq!(answer_start("no answer here", Number), None);
     }
 
     /// Regression: a decimal point inside the answer sentence does not end it.

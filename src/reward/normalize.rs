@@ -11,34 +11,39 @@ pub struct Rational {
     pub den: i128,
 }
 
-fn gcd(a: i128, b: i128) -> i128 {
-    if b == 0 {
-        a.abs()
-    } else {
-        gcd(b, a % b)
+fn gcd(mut a: i128, mut b: i128) -> i128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
     }
+    a
 }
 
 impl Rational {
+    /// `None` for a zero denominator or when a value does not fit in i128 (then the answer
+    /// is compared as text).
     fn new(num: i128, den: i128) -> Option<Self> {
         if den == 0 {
             return None;
         }
-        let g = gcd(num, den).max(1);
+        let g = gcd(num, den).checked_abs()?.max(1);
         let sign = if den < 0 { -1 } else { 1 };
         Some(Self {
-            num: sign * num / g,
-            den: sign * den / g,
+            num: num.checked_div(g)?.checked_mul(sign)?,
+            den: den.checked_div(g)?.checked_mul(sign)?,
         })
     }
 
-    /// "12", "-3.25", "007", "1/2".
+    /// "12", "-3.25", "007", "1/2" (a chain "a/b/c" is not a number).
     pub fn parse(s: &str) -> Option<Self> {
         if let Some((a, b)) = s.split_once('/') {
-            let a = Rational::parse(a)?;
-            let b = Rational::parse(b)?;
-            return Rational::new(a.num * b.den, a.den * b.num);
+            let a = Rational::parse_decimal(a)?;
+            let b = Rational::parse_decimal(b)?;
+            return Rational::new(a.num.checked_mul(b.den)?, a.den.checked_mul(b.num)?);
         }
+        Rational::parse_decimal(s)
+    }
+
+    fn parse_decimal(s: &str) -> Option<Self> {
         let (neg, digits) = match s.strip_prefix('-') {
             Some(rest) => (true, rest),
             None => (false, s.strip_prefix('+').unwrap_or(s)),
@@ -75,6 +80,9 @@ fn strip(s: &str) -> String {
         ("\\!", ""),
         ("\\,", ""),
         ("\\%", ""),
+        ("\\$", ""),
+        ("{,}", ","),
+        ("\\displaystyle", ""),
         ("%", ""),
         ("$", ""),
         ("\\dfrac", "\\frac"),
@@ -130,6 +138,64 @@ fn frac_to_slash(s: &str) -> String {
     }
 }
 
+/// `\sqrt2` becomes `\sqrt{2}`, so both spellings share a key.
+fn brace_sqrt(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    let mut rest = s;
+    while let Some(i) = rest.find("\\sqrt") {
+        out.push_str(&rest[..i + 5]);
+        rest = &rest[i + 5..];
+        match rest.chars().next() {
+            Some(c) if c != '{' && c != '[' && !c.is_alphabetic() => {
+                out.push('{');
+                out.push(c);
+                out.push('}');
+                rest = &rest[c.len_utf8()..];
+            }
+            _ => {}
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// "x=5", "k=\frac12", "x\in[2,5)": the value after a single variable's `=` or `\in`.
+fn without_assignment(s: &str) -> &str {
+    for op in ["=", "\\in"] {
+        if let Some((lhs, rhs)) = s.split_once(op) {
+            let variable = !lhs.is_empty()
+                && lhs.len() <= 8
+                && lhs.starts_with(|c: char| c.is_alphabetic() || c == '\\')
+                && lhs
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || matches!(c, '\\' | '_' | '{' | '}'));
+            if variable && !rhs.is_empty() && !rhs.contains(op) {
+                return rhs;
+            }
+        }
+    }
+    s
+}
+
+/// Commas outside brackets split a tuple or interval's elements.
+fn top_level_split(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut from) = (0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&s[from..i]);
+                from = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[from..]);
+    parts
+}
+
 /// The key two equivalent answers share.
 pub fn canonical(answer: &str, format: AnswerFormat) -> String {
     if format == AnswerFormat::Choice {
@@ -138,11 +204,36 @@ pub fn canonical(answer: &str, format: AnswerFormat) -> String {
             .trim_matches(|c: char| !c.is_alphanumeric())
             .to_uppercase();
     }
-    let stripped = frac_to_slash(&strip(answer));
-    let no_commas = if stripped.contains(',') && stripped.split(',').skip(1).all(|g| g.len() == 3) {
-        stripped.replace(',', "")
+    let stripped = brace_sqrt(&frac_to_slash(&strip(answer)));
+    let value = without_assignment(&stripped);
+    // A tuple or an interval: element by element, brackets kept ("[2, 5)" is not "(2, 5)").
+    let bracketed = value.len() >= 2
+        && value.starts_with(['(', '['])
+        && value.ends_with([')', ']'])
+        && value.is_char_boundary(value.len() - 1);
+    if bracketed {
+        let body = &value[1..value.len() - 1];
+        let parts = top_level_split(body);
+        if parts.len() > 1 {
+            let inner: Vec<String> = parts.iter().map(|p| canonical_scalar(p)).collect();
+            return format!(
+                "{}{}{}",
+                &value[..1],
+                inner.join(","),
+                &value[value.len() - 1..]
+            );
+        }
+    }
+    canonical_scalar(value)
+}
+
+/// One value: an exact reduced fraction when it is a number (units dropped), else its
+/// lowercased text.
+fn canonical_scalar(value: &str) -> String {
+    let no_commas = if value.contains(',') && value.split(',').skip(1).all(|g| g.len() == 3) {
+        value.replace(',', "")
     } else {
-        stripped.clone()
+        value.to_string()
     };
     // A number followed by a unit word ("72 clips" was stripped of spaces: "72clips").
     let numeric: String = no_commas
@@ -183,6 +274,14 @@ mod tests {
             ("90^\\circ", "90", Boxed),
             ("\\frac12", "1/2", Boxed),
             ("(b)", "B", Choice),
+            ("x = 5", "5", Number),
+            ("\\$18", "18", Boxed),
+            ("\\sqrt2", "\\sqrt{2}", Boxed),
+            ("\\frac{\\sqrt3}{2}", "\\dfrac{\\sqrt{3}}{2}", Boxed),
+            ("2\\pi", "2 \\pi", Boxed),
+            ("(1, \\frac{1}{2})", "(1,0.5)", Boxed),
+            ("x \\in [2, 5)", "[2,5)", Boxed),
+            ("1{,}000", "1000", Boxed),
             (" Paris ", "paris", Text),
         ];
         for (a, b, f) in same {
@@ -194,6 +293,9 @@ mod tests {
             ("1,23", "123", Number),
             ("A", "B", Choice),
             ("\\sqrt{2}", "2", Boxed),
+            ("[2,5)", "(2,5)", Boxed),
+            ("(1,2)", "(2,1)", Boxed),
+            ("\\pi", "3.14", Boxed),
         ];
         for (a, b, f) in different {
             assert_ne!(canonical(a, *f), canonical(b, *f), "{a:?} vs {b:?}");
@@ -206,5 +308,15 @@ mod tests {
         assert_eq!(Rational::parse("-6/4"), Some(Rational { num: -3, den: 2 }));
         assert_eq!(Rational::parse("1/0"), None);
         assert_eq!(Rational::parse("abc"), None);
+    }
+
+    /// Regression: a long chain of fractions in model output overflowed i128 and panicked.
+    #[test]
+    fn huge_or_chained_fractions_are_text_not_a_panic() {
+        let chain = vec!["99999999999999999999"; 40].join("/");
+        assert_eq!(Rational::parse(&chain), None);
+        let big = format!("{}/{}", "9".repeat(30), "0.".to_string() + &"9".repeat(18));
+        assert_eq!(Rational::parse(&big), None);
+        assert_eq!(canonical(&chain, Number), chain);
     }
 }
