@@ -12,7 +12,7 @@ use ttrl_serve::config::Settings;
 use ttrl_serve::eval::client::Client;
 use ttrl_serve::eval::data::BUILTIN;
 use ttrl_serve::eval::results::Results;
-use ttrl_serve::eval::{self, Arm, EvalOptions};
+use ttrl_serve::eval::{self, Arm, EvalOptions, Protocol};
 
 use crate::ModelArgs;
 
@@ -36,6 +36,11 @@ pub struct EvalArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
+    /// online: each question once with ephemeral adaptation, in concurrent waves of --batch;
+    /// transductive: a named adapter adapts on all questions for --episodes passes, then
+    /// answers them; heldout: adapts on the first half, answers the second.
+    #[arg(long, default_value = "transductive")]
+    protocol: String,
     /// Comma-separated: base, spine-tree, spine-flat, ttrl-tree, ttrl-flat.
     #[arg(long, default_value = "base,spine-tree,spine-flat,ttrl-tree,ttrl-flat")]
     arms: String,
@@ -52,9 +57,9 @@ pub struct EvalArgs {
     /// Questions per adaptation batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Leaves per question per adaptation step.
-    #[arg(long, default_value_t = 16)]
-    samples: usize,
+    /// Leaves voted on per question per adaptation step (default: the server's).
+    #[arg(long)]
+    samples: Option<usize>,
     /// Adaptation steps per batch.
     #[arg(long, default_value_t = 1)]
     steps: usize,
@@ -81,9 +86,18 @@ impl EvalArgs {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let protocol = Protocol::parse(&self.protocol).with_context(|| {
+            format!(
+                "unknown protocol `{}` (online, transductive, heldout)",
+                self.protocol
+            )
+        })?;
         anyhow::ensure!(self.k >= 1, "--k must be at least 1");
         anyhow::ensure!(self.batch >= 1, "--batch must be at least 1");
-        anyhow::ensure!(self.samples >= 2, "--samples must be at least 2");
+        anyhow::ensure!(
+            self.samples.is_none_or(|n| n >= 2),
+            "--samples must be at least 2"
+        );
         let known = BUILTIN.map(|(name, _)| name);
         anyhow::ensure!(
             known.contains(&self.data.as_str()) || PathBuf::from(&self.data).is_file(),
@@ -92,6 +106,7 @@ impl EvalArgs {
             known.join(", ")
         );
         Ok(EvalOptions {
+            protocol,
             data: self.data.clone(),
             out: self.out.clone(),
             arms,

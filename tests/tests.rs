@@ -16,7 +16,9 @@ mod real_model;
 mod server;
 // The OpenAPI document against the router and real responses.
 mod openapi;
-// Test-time adaptation over HTTP and in-process on tiny models.
+// Test-time adaptation over HTTP and in-process on the default model.
 mod adaptation;
+// Answer equivalence against math-verify on MATH-500's answers.
+mod reward;
 // `ttrl-serve eval`: arms, files, resume, remote servers, bad rows.
 mod eval;

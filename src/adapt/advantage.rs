@@ -15,8 +15,9 @@ pub fn grpo(rewards: &[f32]) -> Option<Vec<f32>> {
     Some(rewards.iter().map(|r| (r - mean) / (std + 1e-6)).collect())
 }
 
-/// EAR: A'_i = (1 + (mu - Hbar_i) / mu) A_i, where Hbar_i is leaf i's mean token entropy and
-/// mu the group mean of those: confident leaves get larger updates.
+/// EAR: A'_i = Y_i A_i with Y_i = 1 + (mu - Hbar_i) / mu clamped to [0, 2], where Hbar_i is
+/// leaf i's mean token entropy and mu the group mean: confident leaves get larger updates,
+/// and a very uncertain leaf (Hbar_i > 2 mu) gets none instead of a flipped sign.
 pub fn ear(advantages: &[f32], mean_entropies: &[f32]) -> Vec<f32> {
     let mu = mean_entropies.iter().sum::<f32>() / mean_entropies.len().max(1) as f32;
     if mu <= 0.0 {
@@ -25,7 +26,7 @@ pub fn ear(advantages: &[f32], mean_entropies: &[f32]) -> Vec<f32> {
     advantages
         .iter()
         .zip(mean_entropies)
-        .map(|(a, h)| a * (1.0 + (mu - h) / mu))
+        .map(|(a, h)| a * (1.0 + (mu - h) / mu).clamp(0.0, 2.0))
         .collect()
 }
 
@@ -47,19 +48,13 @@ pub fn forking_threshold(entropies: &[f32], rho: f32) -> f32 {
     quantile(entropies, 1.0 - rho)
 }
 
-/// SPINE's band for one sample's forking entropies: mean of
-/// max(0, H - H_high) + max(0, H_low - H), with H_low, H_high its quantiles.
-pub fn band_penalty(forking: &[f32], low_q: f32, high_q: f32) -> f32 {
-    if forking.is_empty() {
-        return 0.0;
-    }
-    let lo = quantile(forking, low_q);
-    let hi = quantile(forking, high_q);
-    forking
-        .iter()
-        .map(|&h| (h - hi).max(0.0) + (lo - h).max(0.0))
-        .sum::<f32>()
-        / forking.len() as f32
+/// SPINE's band bounds: the `low_q` and `high_q` quantiles of the base model's forking
+/// entropies, pooled over the batch. Fixed for the step, so the band acts only on outliers.
+pub fn band_bounds(base_forking: &[f32], low_q: f32, high_q: f32) -> (f32, f32) {
+    (
+        quantile(base_forking, low_q),
+        quantile(base_forking, high_q),
+    )
 }
 
 #[cfg(test)]
@@ -91,6 +86,8 @@ mod tests {
         // Hbar = (0.5, 1.5): mu = 1, Y = (1.5, 0.5).
         close(&ear(&[1.0, -1.0], &[0.5, 1.5]), &[1.5, -0.5]);
         close(&ear(&[2.0, 3.0], &[0.0, 0.0]), &[2.0, 3.0]);
+        // Hbar = (0.2, 0.2, 2.6): mu = 1, Y = (1.8, 1.8, -0.6 clamped to 0).
+        close(&ear(&[1.0, 1.0, -1.0], &[0.2, 0.2, 2.6]), &[1.8, 1.8, 0.0]);
     }
 
     #[test]
@@ -105,9 +102,12 @@ mod tests {
     }
 
     #[test]
-    fn band_by_hand() {
-        // forking H = (1, 2, 3, 4, 5): Q.10 = 1.4, Q.50 = 3. Penalties: 0.4, 0, 0, 1, 2 -> mean 0.68.
-        assert!((band_penalty(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.1, 0.5) - 0.68).abs() < 1e-6);
-        assert_eq!(band_penalty(&[], 0.1, 0.5), 0.0);
+    fn band_bounds_are_base_quantiles() {
+        assert_eq!(
+            band_bounds(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.0, 1.0),
+            (1.0, 5.0)
+        );
+        let (lo, hi) = band_bounds(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.1, 0.5);
+        assert!((lo - 1.4).abs() < 1e-6 && (hi - 3.0).abs() < 1e-6);
     }
 }

@@ -30,32 +30,44 @@ impl Method {
 pub struct AdaptConfig {
     pub method: Method,
     pub rollout: RolloutKind,
-    /// Leaves voted on per question (TTRL votes over 64, SPINE trains on 8).
+    /// Leaves voted on per question (TTRL votes over 64 and trains on 32).
     pub samples: usize,
+    /// Leaves per question the update trains on, a spread-out subset of the voters.
+    pub train_samples: usize,
     /// ETMR forks per root (N) and branches per fork (B); roots M = ceil(samples / (1 + N B)).
     pub tree_forks: usize,
     pub tree_branches: usize,
     /// Rollout sampling temperature (TTRL: 0.6 for general models, 1.0 for math-tuned).
     pub temperature: f32,
     pub top_p: f32,
-    /// Longest rollout response, in tokens.
+    /// Rollout budget in tokens; a leaf that reaches it abstains from the vote and the loss.
     pub max_tokens: usize,
+    /// A question trains only when its top answer has at least this many votes...
+    pub min_majority_votes: usize,
+    /// ...and at least this share of all its leaves, and no tie.
+    pub min_majority_share: f32,
     /// Share of tokens that count as forking (top-rho entropy over the batch).
     pub rho: f32,
-    /// SPINE's entropy band: quantiles of each sample's forking entropies.
+    /// SPINE's entropy band, anchored to these quantiles of the base model's forking
+    /// entropies (LoRA off, once per step); it acts only on forks outside them.
     pub band_low_quantile: f32,
     pub band_high_quantile: f32,
     pub lambda_kl: f32,
+    /// 0 turns the band off.
     pub lambda_band: f32,
     pub clip_epsilon: f32,
     pub lr: f64,
+    /// Optimizer steps over which the learning rate ramps up from lr / warmup_steps.
+    pub warmup_steps: u32,
     pub weight_decay: f64,
     pub grad_clip: f64,
     /// Rollout + update rounds per episode.
     pub steps: usize,
-    /// Entropy-based advantage reshaping (ETTRL).
+    /// Questions per optimizer step within a round (TTRL's PPO mini-batch is one prompt).
+    pub questions_per_update: usize,
+    /// Entropy-based advantage reshaping (ETTRL), its factor clamped to [0, 2].
     pub ear: bool,
-    /// A step whose mean k3 KL to the base model exceeds this is rolled back.
+    /// A round whose mean k3 KL to the base model exceeds this is rolled back.
     pub kl_bound: f64,
     /// Leaves per forward/backward pass during the update (memory against speed).
     pub micro_batch: usize,
@@ -72,24 +84,29 @@ impl Default for AdaptConfig {
         Self {
             method: Method::Spine,
             rollout: RolloutKind::Tree,
-            samples: 16,
-            tree_forks: 2,
-            tree_branches: 2,
+            samples: 32,
+            train_samples: 16,
+            tree_forks: 3,
+            tree_branches: 1,
             temperature: 0.8,
             top_p: 1.0,
             max_tokens: 96,
+            min_majority_votes: 3,
+            min_majority_share: 0.3,
             rho: 0.2,
-            band_low_quantile: 0.10,
-            band_high_quantile: 0.50,
+            band_low_quantile: 0.05,
+            band_high_quantile: 0.95,
             lambda_kl: 0.001,
-            lambda_band: 0.1,
+            lambda_band: 0.0,
             clip_epsilon: 0.2,
-            lr: 5e-5,
+            lr: 1e-4,
+            warmup_steps: 4,
             weight_decay: 0.01,
             grad_clip: 1.0,
             steps: 1,
+            questions_per_update: 1,
             ear: false,
-            kl_bound: 1.0,
+            kl_bound: 0.1,
             micro_batch: 8,
             batch_window_ms: 50,
             max_questions: 8,

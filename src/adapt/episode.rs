@@ -1,24 +1,28 @@
 //! One adaptation episode: rollouts, majority-vote rewards, advantages, and an update of
-//! the active LoRA only, repeated `steps` times. A step with a non-finite loss or gradient,
-//! or a KL to the base model above the bound, is undone (adapter and optimizer state).
+//! the active LoRA only, repeated `steps` times. Leaves cut off by the rollout budget
+//! abstain; a question trains only when its majority is real; the update trains on a
+//! subset of the voters, one optimizer step per `questions_per_update` questions. A round
+//! with a non-finite loss or gradient, or a KL to the base model above the bound, is undone
+//! (adapter and optimizer state).
 
-use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-use super::advantage::{ear, forking_threshold, grpo};
+use super::advantage::{band_bounds, ear, forking_threshold, grpo};
 use super::config::{AdaptConfig, Method};
 use super::objective::{
-    k3, leaves_loss, token_logprobs, Denominators, ObjectiveConfig, ObjectiveStats, TrainLeaf,
+    k3, leaves_loss, reference, token_logprobs, Denominators, ObjectiveConfig, ObjectiveStats,
+    TrainLeaf,
 };
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
 use crate::model::memory::PeakMemory;
 use crate::model::{Adapter, Model, TextTokenizer};
-use crate::reward::{canonical, detect_format, extract_answer, majority_vote, AnswerFormat};
-use crate::rollout::{self, RolloutConfig, Rollouts, TreeShape};
+use crate::reward::{canonical, detect_format, extract_answer, majority_vote, AnswerFormat, Vote};
+use crate::rollout::{self, Prompt, RolloutConfig, Rollouts, TreeShape};
 
 /// An adapter with its optimizer state and version (+1 per applied step).
 pub struct Learner {
@@ -35,6 +39,7 @@ impl Learner {
                 lr: config.lr,
                 weight_decay: config.weight_decay,
                 max_grad_norm: Some(config.grad_clip),
+                warmup_steps: config.warmup_steps,
                 ..Default::default()
             },
         )?;
@@ -76,6 +81,16 @@ pub struct QuestionOutcome {
     pub vote_share: f32,
     /// (answer, votes) over all leaves of the last step.
     pub votes: Vec<(String, usize)>,
+    /// Leaves that hit the rollout budget (they abstained).
+    pub truncated: usize,
+    /// Why the question gave no learning signal, when it gave none.
+    pub no_signal: Option<String>,
+    /// Per leaf of this question, in rollout order: its canonical answer (none when it
+    /// abstained or gave none) and its reward.
+    #[serde(skip)]
+    pub leaf_answers: Vec<Option<String>>,
+    #[serde(skip)]
+    pub leaf_rewards: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -85,8 +100,13 @@ pub struct StepReport {
     pub mean_forking_entropy: f32,
     pub forking_fraction: f32,
     pub vote_share: f32,
+    /// Largest global gradient norm over the round's optimizer steps.
     pub grad_norm: f32,
     pub applied: bool,
+    /// Questions that trained, optimizer steps taken, and leaves that hit the budget.
+    pub trained_questions: usize,
+    pub optimizer_steps: usize,
+    pub truncated_leaves: usize,
     /// Wall time of the rollouts and of the update (loss, backward, step, KL check).
     pub rollout_ms: u64,
     pub update_ms: u64,
@@ -97,7 +117,7 @@ pub struct EpisodeReport {
     /// At least one step changed the adapter (and was kept).
     pub applied: bool,
     pub rolled_back: bool,
-    /// Why nothing was applied, when nothing was.
+    /// Why nothing was applied when nothing was, and warnings (mostly truncated leaves).
     pub note: Option<String>,
     pub steps: Vec<StepReport>,
     pub rollouts: usize,
@@ -115,107 +135,160 @@ pub struct EpisodeReport {
 
 /// Everything about a step's leaves that the update needs.
 struct Scored {
+    /// Leaves to train on, grouped by question (`groups` are ranges into it).
     train: Vec<TrainLeaf>,
+    groups: Vec<Range<usize>>,
     outcomes: Vec<QuestionOutcome>,
     forking_fraction: f32,
 }
 
+/// Why a vote is not a pseudo-label worth training on, if it is not.
+fn weak_majority(vote: &Vote, leaves: usize, config: &AdaptConfig) -> Option<String> {
+    let Some((_, top)) = vote.counts.first() else {
+        return Some("no leaf gave an answer".into());
+    };
+    if vote.counts.get(1).is_some_and(|(_, second)| second == top) {
+        return Some(format!("a tie at {top} votes"));
+    }
+    if *top < config.min_majority_votes.max(2) {
+        return Some(format!(
+            "the top answer has {top} votes (min_majority_votes = {})",
+            config.min_majority_votes.max(2)
+        ));
+    }
+    let share = *top as f32 / leaves.max(1) as f32;
+    if share < config.min_majority_share {
+        return Some(format!(
+            "the top answer has {share:.2} of the votes (min_majority_share = {})",
+            config.min_majority_share
+        ));
+    }
+    None
+}
+
+/// `k` indices spread evenly over `0..n` (all of them when k >= n).
+fn spread(n: usize, k: usize) -> Vec<usize> {
+    if k >= n {
+        return (0..n).collect();
+    }
+    (0..k).map(|j| j * n / k).collect()
+}
+
 fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> Scored {
     let mut train = Vec::new();
+    let mut groups = Vec::new();
+    let mut entropies: Vec<&[f32]> = Vec::new();
     let mut outcomes = Vec::new();
     for (q, question) in questions.iter().enumerate() {
         let leaves: Vec<_> = rollouts.leaves.iter().filter(|l| l.question == q).collect();
         let answers: Vec<Option<String>> = leaves
             .iter()
             .map(|l| {
+                if l.truncated() {
+                    return None;
+                }
                 extract_answer(&l.text, question.format).map(|a| canonical(&a, question.format))
             })
             .collect();
         let vote = majority_vote(&answers);
+        let mut no_signal = weak_majority(&vote, leaves.len(), config);
+        let rewards = if no_signal.is_some() {
+            vec![0.0; leaves.len()]
+        } else {
+            vote.rewards.clone()
+        };
+        if no_signal.is_none() {
+            let voters: Vec<usize> = (0..leaves.len())
+                .filter(|&i| !leaves[i].truncated())
+                .collect();
+            let chosen: Vec<usize> = spread(voters.len(), config.train_samples)
+                .into_iter()
+                .map(|j| voters[j])
+                .collect();
+            let chosen_rewards: Vec<f32> = chosen.iter().map(|&i| rewards[i]).collect();
+            match grpo(&chosen_rewards) {
+                None => no_signal = Some("every trained leaf got the same reward".into()),
+                Some(mut adv) => {
+                    if config.ear {
+                        let mean_h: Vec<f32> = chosen
+                            .iter()
+                            .map(|&i| {
+                                let h = &leaves[i].entropies;
+                                h.iter().sum::<f32>() / h.len().max(1) as f32
+                            })
+                            .collect();
+                        adv = ear(&adv, &mean_h);
+                    }
+                    let start = train.len();
+                    for (&i, a) in chosen.iter().zip(adv) {
+                        let leaf = leaves[i];
+                        entropies.push(&leaf.entropies);
+                        train.push(TrainLeaf {
+                            prompt: question.prompt.clone(),
+                            response: leaf.response.clone(),
+                            old_logprobs: leaf.logprobs.clone(),
+                            ref_logprobs: Vec::new(),
+                            mask: vec![true; leaf.response.len()],
+                            advantage: a,
+                        });
+                    }
+                    groups.push(start..train.len());
+                }
+            }
+        }
         outcomes.push(QuestionOutcome {
             majority_answer: vote.label.clone(),
             vote_share: vote.share,
             votes: vote.counts.clone(),
+            truncated: leaves.iter().filter(|l| l.truncated()).count(),
+            no_signal,
+            leaf_answers: answers,
+            leaf_rewards: rewards,
         });
-        let Some(mut adv) = grpo(&vote.rewards) else {
-            continue;
-        };
-        if config.ear {
-            let mean_h: Vec<f32> = leaves
-                .iter()
-                .map(|l| l.entropies.iter().sum::<f32>() / l.entropies.len().max(1) as f32)
-                .collect();
-            adv = ear(&adv, &mean_h);
-        }
-        for (leaf, a) in leaves.iter().zip(adv) {
-            train.push(TrainLeaf {
-                prompt: question.prompt.clone(),
-                response: leaf.response.clone(),
-                old_logprobs: leaf.logprobs.clone(),
-                mask: vec![true; leaf.response.len()],
-                advantage: a,
-            });
-        }
     }
     let mut forking_fraction = 1.0;
     if config.method == Method::Spine {
-        let all: Vec<f32> = rollouts
-            .leaves
-            .iter()
-            .filter(|l| questions.get(l.question).is_some())
-            .flat_map(|l| l.entropies.iter().copied())
-            .collect();
+        // Forking tokens: the top rho by rollout entropy over the leaves being trained.
+        let all: Vec<f32> = entropies.iter().flat_map(|h| h.iter().copied()).collect();
         let tau = forking_threshold(&all, config.rho);
-        let mut selected = 0;
-        let mut total = 0;
-        // Masks come from the rollout entropies of the leaves being trained.
-        let entropies: HashMap<(usize, Vec<u32>), &Vec<f32>> = rollouts
-            .leaves
-            .iter()
-            .map(|l| ((l.question, l.response.clone()), &l.entropies))
-            .collect();
-        for t in &mut train {
-            let q = questions
-                .iter()
-                .position(|x| x.prompt == t.prompt)
-                .unwrap_or(0);
-            if let Some(h) = entropies.get(&(q, t.response.clone())) {
-                t.mask = h.iter().map(|&x| x >= tau).collect();
-            }
-            selected += t.mask.iter().filter(|&&m| m).count();
-            total += t.mask.len();
+        for (t, h) in train.iter_mut().zip(&entropies) {
+            t.mask = h.iter().map(|&x| x >= tau).collect();
         }
-        forking_fraction = selected as f32 / total.max(1) as f32;
+        let selected = train.iter().flat_map(|t| &t.mask).filter(|&&m| m).count();
+        forking_fraction = selected as f32 / all.len().max(1) as f32;
     }
     Scored {
         train,
+        groups,
         outcomes,
         forking_fraction,
     }
 }
 
 /// Mean k3 KL of `adapter` to the base model over the response tokens of the first
-/// micro-batch of leaves: an estimate that costs two forwards, not two per micro-batch.
+/// micro-batch of leaves (their reference log-probs are already known): one forward.
 fn mean_kl(
     model: &Model,
     adapter: &Adapter,
     leaves: &[TrainLeaf],
     config: &AdaptConfig,
 ) -> Result<f64> {
+    let refs: Vec<&TrainLeaf> = leaves
+        .iter()
+        .filter(|l| !l.response.is_empty())
+        .take(config.micro_batch.max(1))
+        .collect();
+    if refs.is_empty() {
+        return Ok(0.0);
+    }
+    let adapted = token_logprobs(model, Some(adapter), &refs, config.temperature)?;
     let mut sum = 0.0;
     let mut count = 0;
-    for chunk in leaves.chunks(config.micro_batch.max(1)).take(1) {
-        let refs: Vec<&TrainLeaf> = chunk.iter().filter(|l| !l.response.is_empty()).collect();
-        if refs.is_empty() {
-            continue;
-        }
-        let adapted = token_logprobs(model, Some(adapter), &refs, config.temperature)?;
-        let base = token_logprobs(model, None, &refs, config.temperature)?;
-        for ((logp, _), (ref_logp, _)) in adapted.iter().zip(&base) {
-            let k = k3(&ref_logp.detach(), &logp.detach())?;
-            sum += f64::from(k.sum_all()?.to_scalar::<f32>()?);
-            count += k.elem_count();
-        }
+    for (leaf, (logp, _)) in refs.iter().zip(&adapted) {
+        let ref_logp = Tensor::new(leaf.ref_logprobs.as_slice(), model.device())?;
+        let k = k3(&ref_logp, &logp.detach())?;
+        sum += f64::from(k.sum_all()?.to_scalar::<f32>()?);
+        count += k.elem_count();
     }
     Ok(sum / count.max(1) as f64)
 }
@@ -234,6 +307,17 @@ fn is_finite(grads: &[Option<Tensor>]) -> Result<bool> {
     Ok(true)
 }
 
+/// The distinct reasons, in order, as one sentence.
+fn reasons(outcomes: &[QuestionOutcome]) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for r in outcomes.iter().filter_map(|o| o.no_signal.as_deref()) {
+        if !seen.contains(&r) {
+            seen.push(r);
+        }
+    }
+    seen.join("; ")
+}
+
 /// Runs `config.steps` rounds of rollout and update on `learner`.
 pub fn run_episode(
     model: &Model,
@@ -245,19 +329,19 @@ pub fn run_episode(
 ) -> Result<EpisodeReport> {
     let started = Instant::now();
     let mut memory = PeakMemory::start(model.device());
-    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| q.prompt.clone()).collect();
+    let prompts: Vec<Prompt<'_>> = questions
+        .iter()
+        .map(|q| Prompt {
+            tokens: &q.prompt,
+            format: q.format,
+        })
+        .collect();
+    let spine = config.method == Method::Spine;
     let objective = ObjectiveConfig {
         temperature: config.temperature,
         clip_epsilon: config.clip_epsilon,
         lambda_kl: config.lambda_kl,
-        lambda_band: if config.method == Method::Spine {
-            config.lambda_band
-        } else {
-            0.0
-        },
-        band_low_quantile: config.band_low_quantile,
-        band_high_quantile: config.band_high_quantile,
-        masked_kl: config.method == Method::Spine,
+        lambda_band: if spine { config.lambda_band } else { 0.0 },
     };
     let mut report = EpisodeReport {
         applied: false,
@@ -296,114 +380,132 @@ pub fn run_episode(
         report.rollouts += rollouts.leaves.len();
         report.rollout_tokens += rollouts.generated_tokens;
         report.flat_equivalent_tokens += rollouts.flat_equivalent_tokens;
-        let scored = score(&rollouts, questions, config);
+        let mut scored = score(&rollouts, questions, config);
+        let truncated = rollouts.leaves.iter().filter(|l| l.truncated()).count();
+        report.note = (2 * truncated > rollouts.leaves.len()).then(|| {
+            format!(
+                "{truncated} of {} leaves hit the rollout budget of {} tokens and abstained; \
+                 raise adaptation max_tokens",
+                rollouts.leaves.len(),
+                config.max_tokens
+            )
+        });
         report.questions = scored.outcomes.clone();
         let vote_share = scored.outcomes.iter().map(|o| o.vote_share).sum::<f32>()
             / scored.outcomes.len().max(1) as f32;
         report.last_rollouts = rollouts;
-        if scored.train.is_empty() {
-            report.note = Some(
-                "no learning signal: every question's leaves agreed (or gave no answer)".into(),
-            );
-            report.steps.push(StepReport {
-                loss: 0.0,
-                kl: 0.0,
-                mean_forking_entropy: 0.0,
-                forking_fraction: scored.forking_fraction,
-                vote_share,
-                grad_norm: 0.0,
-                applied: false,
-                rollout_ms,
-                update_ms: 0,
-            });
-            continue;
-        }
-        let denom = Denominators {
-            tokens: scored
-                .train
-                .iter()
-                .map(|t| t.response.len())
-                .sum::<usize>()
-                .max(1) as f32,
-            band_leaves: scored
-                .train
-                .iter()
-                .filter(|t| t.mask.iter().any(|&m| m))
-                .count() as f32,
-        };
-        let snapshot = (learner.adapter.snapshot()?, learner.optimizer.snapshot());
-        let mut grads: Vec<Option<Tensor>> = vec![None; learner.adapter.vars().len()];
-        let mut loss_value = 0.0f64;
-        let mut stats = ObjectiveStats::default();
-        for chunk in scored.train.chunks(config.micro_batch.max(1)) {
-            let (mut loss, s) = leaves_loss(model, &learner.adapter, chunk, &objective, denom)?;
-            if config.test_force_nonfinite_loss {
-                loss = (loss * f64::NAN)?;
-            }
-            loss_value += f64::from(loss.to_scalar::<f32>()?);
-            stats.kl_sum += s.kl_sum;
-            stats.kl_tokens += s.kl_tokens;
-            stats.selected_entropy_sum += s.selected_entropy_sum;
-            stats.selected_tokens += s.selected_tokens;
-            let store = loss.backward()?;
-            memory.sample();
-            for (acc, g) in grads.iter_mut().zip(learner.optimizer.gradients(&store)) {
-                *acc = match (acc.take(), g) {
-                    (Some(a), Some(g)) => Some((a + g)?),
-                    (a, g) => a.or(g),
-                };
-            }
-        }
-        let grad_norm = AdamW::grad_norm(&grads)?;
         let mut step_report = StepReport {
-            loss: loss_value as f32,
-            kl: (stats.kl_sum / stats.kl_tokens.max(1) as f64) as f32,
-            mean_forking_entropy: (stats.selected_entropy_sum / stats.selected_tokens.max(1) as f64)
-                as f32,
+            loss: 0.0,
+            kl: 0.0,
+            mean_forking_entropy: 0.0,
             forking_fraction: scored.forking_fraction,
             vote_share,
-            grad_norm: grad_norm as f32,
+            grad_norm: 0.0,
             applied: false,
+            trained_questions: scored.groups.len(),
+            optimizer_steps: 0,
+            truncated_leaves: truncated,
             rollout_ms,
             update_ms: 0,
         };
-        let rollback =
-            |learner: &mut Learner, why: String, report: &mut EpisodeReport| -> Result<()> {
-                learner.adapter.set_tensors(&snapshot.0)?;
-                learner.optimizer.restore(snapshot.1.clone());
-                report.rolled_back = true;
-                report.note = Some(why);
-                Ok(())
-            };
-        if !loss_value.is_finite() || !is_finite(&grads)? {
-            rollback(
-                learner,
-                format!("rolled back: non-finite loss ({loss_value}) or gradient"),
-                &mut report,
-            )?;
-            step_report.update_ms = update_started.elapsed().as_millis() as u64;
+        if scored.train.is_empty() {
+            let why = format!("no learning signal: {}", reasons(&scored.outcomes));
+            report.note = Some(match report.note.take() {
+                Some(n) => format!("{why}; {n}"),
+                None => why,
+            });
             report.steps.push(step_report);
-            break;
+            continue;
         }
-        learner.optimizer.step_with(&grads)?;
-        let kl_after = mean_kl(model, &learner.adapter, &scored.train, config)?;
-        if !kl_after.is_finite() || kl_after > config.kl_bound {
-            rollback(
-                learner,
-                format!(
+        // The base model's log-probs (the KL anchor) and entropies (the band's anchor), once.
+        let leaves: Vec<&TrainLeaf> = scored.train.iter().collect();
+        let base = reference(model, &leaves, config.micro_batch, config.temperature)?;
+        let mut base_forking = Vec::new();
+        for (leaf, (logp, entropy)) in scored.train.iter_mut().zip(base) {
+            base_forking.extend(
+                entropy
+                    .iter()
+                    .zip(&leaf.mask)
+                    .filter(|(_, &m)| m)
+                    .map(|(h, _)| *h),
+            );
+            leaf.ref_logprobs = logp;
+        }
+        let band = (objective.lambda_band > 0.0).then(|| {
+            band_bounds(
+                &base_forking,
+                config.band_low_quantile,
+                config.band_high_quantile,
+            )
+        });
+        let snapshot = (learner.adapter.snapshot()?, learner.optimizer.snapshot());
+        let mut stats = ObjectiveStats::default();
+        let mut losses = Vec::new();
+        let mut failure = None;
+        for questions in scored.groups.chunks(config.questions_per_update.max(1)) {
+            let range = questions[0].start..questions[questions.len() - 1].end;
+            let leaves = &scored.train[range];
+            let denom = Denominators {
+                selected_tokens: leaves.iter().flat_map(|l| &l.mask).filter(|&&m| m).count() as f32,
+                band,
+            };
+            let mut grads: Vec<Option<Tensor>> = vec![None; learner.adapter.vars().len()];
+            let mut loss_value = 0.0f64;
+            for chunk in leaves.chunks(config.micro_batch.max(1)) {
+                let (mut loss, s) = leaves_loss(model, &learner.adapter, chunk, &objective, denom)?;
+                if config.test_force_nonfinite_loss {
+                    loss = (loss * f64::NAN)?;
+                }
+                loss_value += f64::from(loss.to_scalar::<f32>()?);
+                stats.kl_sum += s.kl_sum;
+                stats.kl_tokens += s.kl_tokens;
+                stats.selected_entropy_sum += s.selected_entropy_sum;
+                stats.selected_tokens += s.selected_tokens;
+                let store = loss.backward()?;
+                memory.sample();
+                for (acc, g) in grads.iter_mut().zip(learner.optimizer.gradients(&store)) {
+                    *acc = match (acc.take(), g) {
+                        (Some(a), Some(g)) => Some((a + g)?),
+                        (a, g) => a.or(g),
+                    };
+                }
+            }
+            losses.push(loss_value);
+            if !loss_value.is_finite() || !is_finite(&grads)? {
+                failure = Some(format!(
+                    "rolled back: non-finite loss ({loss_value}) or gradient"
+                ));
+                break;
+            }
+            let stepped = learner.optimizer.step_with(&grads)?;
+            step_report.grad_norm = step_report.grad_norm.max(stepped.grad_norm as f32);
+            step_report.optimizer_steps += 1;
+        }
+        step_report.loss = (losses.iter().sum::<f64>() / losses.len().max(1) as f64) as f32;
+        step_report.kl = (stats.kl_sum / stats.kl_tokens.max(1) as f64) as f32;
+        step_report.mean_forking_entropy =
+            (stats.selected_entropy_sum / stats.selected_tokens.max(1) as f64) as f32;
+        if failure.is_none() {
+            let kl_after = mean_kl(model, &learner.adapter, &scored.train, config)?;
+            if !kl_after.is_finite() || kl_after > config.kl_bound {
+                failure = Some(format!(
                     "rolled back: KL to the base model {kl_after:.4} exceeds {}",
                     config.kl_bound
-                ),
-                &mut report,
-            )?;
-            step_report.update_ms = update_started.elapsed().as_millis() as u64;
+                ));
+            }
+        }
+        step_report.update_ms = update_started.elapsed().as_millis() as u64;
+        if let Some(why) = failure {
+            learner.adapter.set_tensors(&snapshot.0)?;
+            learner.optimizer.restore(snapshot.1);
+            report.rolled_back = true;
+            report.note = Some(why);
             report.steps.push(step_report);
             break;
         }
         learner.version += 1;
         report.applied = true;
         step_report.applied = true;
-        step_report.update_ms = update_started.elapsed().as_millis() as u64;
         report.steps.push(step_report);
     }
     report.duration_ms = started.elapsed().as_millis() as u64;

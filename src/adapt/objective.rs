@@ -1,7 +1,9 @@
 //! The policy objective on one micro-batch of leaves, as differentiable tensors:
 //! PPO-clip (Schulman et al. 2017) on the selected tokens, SPINE's entropy band on forking
 //! tokens (Wu et al. 2025, arXiv 2511.17938) and a k3 KL anchor to the base model (LoRA
-//! off), all at the rollout temperature. TTRL is the same without selection or band.
+//! off), all at the rollout temperature, every term a mean over the selected tokens (the
+//! 80/20 code's token-mean over its loss mask). TTRL is the same with every token selected
+//! and no band.
 
 use candle_core::{DType, Tensor, D};
 
@@ -15,7 +17,9 @@ pub struct TrainLeaf {
     pub response: Vec<u32>,
     /// log pi_old(token) at the rollout temperature, recorded while sampling.
     pub old_logprobs: Vec<f32>,
-    /// Token selection: the policy (and, for SPINE, KL and band) terms apply where true.
+    /// log pi_ref(token) of the base model (LoRA off), computed once before the update.
+    pub ref_logprobs: Vec<f32>,
+    /// Token selection: the policy, KL and band terms apply where true.
     pub mask: Vec<bool>,
     /// Per-token advantage (the leaf's GRPO advantage, EAR-reshaped when on).
     pub advantage: f32,
@@ -28,19 +32,15 @@ pub struct ObjectiveConfig {
     pub lambda_kl: f32,
     /// 0 turns the band off (TTRL).
     pub lambda_band: f32,
-    pub band_low_quantile: f32,
-    pub band_high_quantile: f32,
-    /// KL on masked tokens only (SPINE) or on every token (TTRL).
-    pub masked_kl: bool,
 }
 
-/// Normalisers for the whole batch, so micro-batch losses add up to the batch loss.
+/// What the whole optimizer step shares, so micro-batch losses add up to its loss.
 #[derive(Debug, Clone, Copy)]
 pub struct Denominators {
-    /// Every valid response token of the batch.
-    pub tokens: f32,
-    /// Leaves that have forking tokens (the band is a mean over them).
-    pub band_leaves: f32,
+    /// Selected tokens over the step's leaves: every term is a mean over them.
+    pub selected_tokens: f32,
+    /// The band's bounds (from the base model's forking entropies), when it is on.
+    pub band: Option<(f32, f32)>,
 }
 
 /// Sums over the micro-batch, for the episode report.
@@ -48,7 +48,6 @@ pub struct Denominators {
 pub struct ObjectiveStats {
     pub kl_sum: f64,
     pub kl_tokens: usize,
-    pub band_sum: f64,
     pub selected_entropy_sum: f64,
     pub selected_tokens: usize,
 }
@@ -132,7 +131,24 @@ pub fn k3(ref_logp: &Tensor, logp: &Tensor) -> Result<Tensor> {
     Ok(((d.exp()? - &d)? - 1.0)?.clamp(-10.0, 10.0)?)
 }
 
-/// The loss of these leaves (already divided by the batch denominators) and its stats.
+/// Log-probs of the leaves' tokens and the entropies at their positions under the base
+/// model (LoRA off), as plain numbers: no graph is built, `micro_batch` leaves per pass.
+pub fn reference(
+    model: &Model,
+    leaves: &[&TrainLeaf],
+    micro_batch: usize,
+    temperature: f32,
+) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let mut out = Vec::with_capacity(leaves.len());
+    for chunk in leaves.chunks(micro_batch.max(1)) {
+        for (logp, entropy) in token_logprobs(model, None, chunk, temperature)? {
+            out.push((logp.to_vec1::<f32>()?, entropy.to_vec1::<f32>()?));
+        }
+    }
+    Ok(out)
+}
+
+/// The loss of these leaves (already divided by the step's denominators) and its stats.
 pub fn leaves_loss(
     model: &Model,
     adapter: &Adapter,
@@ -143,63 +159,44 @@ pub fn leaves_loss(
     let device = model.device();
     let mut stats = ObjectiveStats::default();
     let mut total = Tensor::zeros((), DType::F32, device)?;
-    let leaves: Vec<&TrainLeaf> = leaves.iter().filter(|l| !l.response.is_empty()).collect();
+    let leaves: Vec<&TrainLeaf> = leaves
+        .iter()
+        .filter(|l| l.mask.iter().any(|&m| m))
+        .collect();
     if leaves.is_empty() {
         return Ok((total, stats));
     }
     let policy_side = token_logprobs(model, Some(adapter), &leaves, config.temperature)?;
-    let reference = token_logprobs(model, None, &leaves, config.temperature)?;
-    for ((leaf, (logp, entropy)), (ref_logp, _)) in leaves.iter().zip(policy_side).zip(reference) {
-        let n = leaf.response.len();
-        let ref_logp = ref_logp.detach();
+    let per_token = 1.0 / f64::from(denom.selected_tokens.max(1.0));
+    for (leaf, (logp, entropy)) in leaves.iter().zip(policy_side) {
         let mask_f: Vec<f32> = leaf.mask.iter().map(|&m| f32::from(u8::from(m))).collect();
         let mask = Tensor::new(mask_f.as_slice(), device)?;
         let old = Tensor::new(leaf.old_logprobs.as_slice(), device)?;
+        let ref_logp = Tensor::new(leaf.ref_logprobs.as_slice(), device)?;
 
         let policy =
             (ppo_clip(&logp, &old, leaf.advantage, config.clip_epsilon)? * &mask)?.sum_all()?;
-        let k3 = k3(&ref_logp, &logp)?;
-        let kl_weights = if config.masked_kl {
-            mask.clone()
-        } else {
-            Tensor::ones(n, DType::F32, device)?
-        };
-        let kl = (&k3 * &kl_weights)?.sum_all()?;
+        let kl = (k3(&ref_logp, &logp)? * &mask)?.sum_all()?;
         stats.kl_sum += f64::from(kl.to_scalar::<f32>()?);
-        stats.kl_tokens += if config.masked_kl {
-            leaf.mask.iter().filter(|&&m| m).count()
-        } else {
-            n
-        };
+        stats.kl_tokens += leaf.mask.iter().filter(|&&m| m).count();
+        let mut loss = (policy + (kl * f64::from(config.lambda_kl))?)?;
 
-        let mut loss = ((policy + (kl * f64::from(config.lambda_kl))?)? / f64::from(denom.tokens))?;
-
-        let selected: Vec<u32> = (0..n as u32).filter(|&i| leaf.mask[i as usize]).collect();
-        if !selected.is_empty() {
-            let idx = Tensor::new(selected.as_slice(), device)?;
-            let h = entropy.index_select(&idx, 0)?;
-            let h_values = h.to_vec1::<f32>()?;
-            stats.selected_entropy_sum += h_values.iter().map(|&x| f64::from(x)).sum::<f64>();
-            stats.selected_tokens += h_values.len();
-            if config.lambda_band > 0.0 {
-                // Thresholds from the current entropies, detached.
-                let lo = f64::from(super::advantage::quantile(
-                    &h_values,
-                    config.band_low_quantile,
-                ));
-                let hi = f64::from(super::advantage::quantile(
-                    &h_values,
-                    config.band_high_quantile,
-                ));
-                let above = (&h - hi)?.relu()?;
-                let below = (h.neg()? + lo)?.relu()?;
-                let band = (above + below)?.mean_all()?;
-                stats.band_sum += f64::from(band.to_scalar::<f32>()?);
-                let weight = f64::from(config.lambda_band) / f64::from(denom.band_leaves.max(1.0));
-                loss = (loss + (band * weight)?)?;
-            }
+        let selected: Vec<u32> = (0..leaf.mask.len() as u32)
+            .filter(|&i| leaf.mask[i as usize])
+            .collect();
+        let idx = Tensor::new(selected.as_slice(), device)?;
+        let h = entropy.index_select(&idx, 0)?;
+        let h_values = h.to_vec1::<f32>()?;
+        stats.selected_entropy_sum += h_values.iter().map(|&x| f64::from(x)).sum::<f64>();
+        stats.selected_tokens += h_values.len();
+        if let (Some((lo, hi)), true) = (denom.band, config.lambda_band > 0.0) {
+            // Zero inside the base model's band; pushes back only the forks outside it.
+            let above = (&h - f64::from(hi))?.relu()?;
+            let below = (h.neg()? + f64::from(lo))?.relu()?;
+            let band = (above + below)?.sum_all()?;
+            loss = (loss + (band * f64::from(config.lambda_band))?)?;
         }
-        total = (total + loss)?;
+        total = (total + (loss * per_token)?)?;
     }
     Ok((total, stats))
 }

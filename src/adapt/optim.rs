@@ -16,6 +16,9 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Rescale all gradients together when their global L2 norm exceeds this.
     pub max_grad_norm: Option<f64>,
+    /// Linear warm-up: step t (from 1) uses lr * min(1, t / warmup_steps). Adam's first
+    /// step moves every weight by about lr whatever the loss, so a fresh adapter starts small.
+    pub warmup_steps: u32,
 }
 
 impl Default for AdamWConfig {
@@ -27,6 +30,7 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.01,
             max_grad_norm: Some(1.0),
+            warmup_steps: 1,
         }
     }
 }
@@ -93,6 +97,12 @@ impl AdamW {
         self.step_with(&grads)
     }
 
+    /// The learning rate of the current step (after warm-up).
+    pub fn lr(&self) -> f64 {
+        let warm = f64::from(self.step.max(1)) / f64::from(self.config.warmup_steps.max(1));
+        self.config.lr * warm.min(1.0)
+    }
+
     /// The moments and step count, for rolling a step back.
     pub fn snapshot(&self) -> (Vec<Tensor>, Vec<Tensor>, i32) {
         (self.m.clone(), self.v.clone(), self.step)
@@ -114,6 +124,7 @@ impl AdamW {
         };
         self.step += 1;
         let c = self.config;
+        let lr = self.lr();
         let bias1 = 1.0 - c.beta1.powi(self.step);
         let bias2 = 1.0 - c.beta2.powi(self.step);
         for (((p, m), v), g) in self
@@ -130,8 +141,8 @@ impl AdamW {
             let m_hat = (&*m / bias1)?;
             let v_hat = (&*v / bias2)?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let decayed = (p.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
-            p.set(&(decayed - (update * c.lr)?)?)?;
+            let decayed = (p.as_tensor() * (1.0 - lr * c.weight_decay))?;
+            p.set(&(decayed - (update * lr)?)?)?;
         }
         Ok(StepStats { grad_norm })
     }
@@ -166,6 +177,27 @@ mod tests {
         let got = p.as_tensor().to_vec1::<f64>()?;
         assert!((got[0] - 0.798_519_027_168_521_5).abs() < 1e-12, "{got:?}");
         assert!((got[1] + 1.796_272_588_644_797_7).abs() < 1e-12, "{got:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn warm_up_ramps_the_learning_rate_linearly() -> Result<()> {
+        let p = Var::new(&[1.0f64], &Device::Cpu)?;
+        let config = AdamWConfig {
+            lr: 0.3,
+            warmup_steps: 3,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![p.clone()], config)?;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let grads = p.as_tensor().sqr()?.sum_all()?.backward()?;
+            opt.step(&grads)?;
+            seen.push(opt.lr());
+        }
+        for (got, want) in seen.iter().zip([0.1, 0.2, 0.3, 0.3]) {
+            assert!((got - want).abs() < 1e-12, "{seen:?}");
+        }
         Ok(())
     }
 

@@ -74,6 +74,10 @@ pub struct AdaptationReport {
     pub duration_ms: u64,
     pub rolled_back: bool,
     pub note: Option<String>,
+    /// Why this question did not train (no real majority, every leaf agreeing), if it did not.
+    pub no_signal: Option<String>,
+    /// This question's leaves that hit the rollout budget and abstained.
+    pub truncated_leaves: usize,
     pub batch_questions: usize,
     pub step_metrics: Vec<StepReport>,
     /// This question's leaves of the last step.
@@ -90,6 +94,8 @@ pub struct TreeLeaf {
     pub entropies: Vec<f32>,
     pub answer: Option<String>,
     pub reward: f32,
+    /// Cut off by the rollout budget: out of the vote and the loss.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -16,7 +16,6 @@ use crate::generation::{decode_step, FinishReason, Sequence};
 use crate::model::lora::lora_dtype;
 use crate::model::memory::device_label;
 use crate::model::{Adapter, Model, TextTokenizer};
-use crate::reward::{canonical, extract_answer, majority_vote};
 use crate::sampling::Sampler;
 use crate::telemetry as m;
 
@@ -444,7 +443,6 @@ impl Scheduler {
                 version_before,
                 learner.version,
                 q,
-                &questions[q].format,
             );
             let _ = job.events.send(Event::Adapted(Box::new(r)));
             job.adapter = Some(key.clone());
@@ -495,7 +493,6 @@ impl Scheduler {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn report_for(
         &self,
         report: &EpisodeReport,
@@ -504,7 +501,6 @@ impl Scheduler {
         version_before: u64,
         version: u64,
         question: usize,
-        format: &crate::reward::AnswerFormat,
     ) -> AdaptationReport {
         let outcome = report.questions.get(question);
         let last = report.steps.last();
@@ -515,16 +511,10 @@ impl Scheduler {
             .enumerate()
             .filter(|(_, l)| l.question == question)
             .collect();
-        let answers: Vec<Option<String>> = leaves
-            .iter()
-            .map(|(_, l)| extract_answer(&l.text, *format).map(|a| canonical(&a, *format)))
-            .collect();
-        let vote = majority_vote(&answers);
         let tree = leaves
             .iter()
-            .zip(&answers)
-            .zip(&vote.rewards)
-            .map(|(((_, leaf), answer), reward)| TreeLeaf {
+            .enumerate()
+            .map(|(j, (_, leaf))| TreeLeaf {
                 parent: leaf
                     .fork
                     .and_then(|(root, _)| leaves.iter().position(|(i, _)| *i == root)),
@@ -535,8 +525,11 @@ impl Scheduler {
                     .map(|&t| self.tokenizer.token_text(t))
                     .collect(),
                 entropies: leaf.entropies.clone(),
-                answer: answer.clone(),
-                reward: *reward,
+                answer: outcome.and_then(|o| o.leaf_answers.get(j).cloned().flatten()),
+                reward: outcome
+                    .and_then(|o| o.leaf_rewards.get(j).copied())
+                    .unwrap_or(0.0),
+                truncated: leaf.truncated(),
             })
             .collect();
         AdaptationReport {
@@ -560,6 +553,8 @@ impl Scheduler {
             duration_ms: report.duration_ms,
             rolled_back: report.rolled_back,
             note: report.note.clone(),
+            no_signal: outcome.and_then(|o| o.no_signal.clone()),
+            truncated_leaves: outcome.map_or(0, |o| o.truncated),
             batch_questions: report.questions.len(),
             step_metrics: report.steps.clone(),
             tree,

@@ -1,7 +1,7 @@
 //! `ttrl-serve eval`: does test-time adaptation pay off on these questions, and at what
-//! cost? Arms are compared over HTTP on the transductive TTRL protocol: an adapted arm
-//! adapts its own named adapter on unlabeled batches of the questions, then answers them;
-//! gold answers only score. Every finished unit is saved, so a rerun resumes.
+//! cost? Arms are compared over HTTP under one of three protocols (`Protocol`); gold
+//! answers only score, the server never sees them. Every finished unit is saved, so a
+//! rerun resumes.
 
 pub mod charts;
 pub mod client;
@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::adapt::advantage::forking_threshold;
@@ -21,9 +22,50 @@ use crate::adapt::Method;
 use crate::model::assets::sha256_file;
 use crate::reward::majority_vote;
 use crate::rollout::RolloutKind;
-use client::{AdaptationSummary, ChatRequest, Client};
+use client::{AdaptationSummary, ChatRequest, ChatResponse, Client};
 use data::Item;
 use results::{histogram, Batch, Evaluation, Results, Setup};
+
+/// How adapted arms meet the questions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// As users toggle it: each question is sent once with ephemeral adaptation, in
+    /// concurrent waves of `batch`, and its k adapted answers are scored.
+    Online,
+    /// TTRL's: a named adapter adapts on every question for `episodes` passes, then
+    /// answers them all.
+    #[default]
+    Transductive,
+    /// A named adapter adapts on the first half of the questions and answers the second
+    /// half, which it never saw: does it generalise or only memorise its votes?
+    Heldout,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Online, Protocol::Transductive, Protocol::Heldout];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Online => "online",
+            Protocol::Transductive => "transductive",
+            Protocol::Heldout => "heldout",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// The questions adapted on and the questions scored, out of `n`.
+    pub fn split(self, n: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        match self {
+            Protocol::Online => (0..0, 0..n),
+            Protocol::Transductive => (0..n, 0..n),
+            Protocol::Heldout => (0..n / 2, n / 2..n),
+        }
+    }
+}
 
 /// One side of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +98,7 @@ impl Arm {
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
+    pub protocol: Protocol,
     /// A JSONL path or a built-in set name.
     pub data: String,
     /// Folder for results.json, results.md, the charts and (in-process) the adapters.
@@ -68,7 +111,8 @@ pub struct EvalOptions {
     /// Questions per adaptation batch.
     pub batch: usize,
     /// Leaves per question per adaptation step.
-    pub samples: usize,
+    /// Leaves per question per adaptation step; the server's default when unset.
+    pub samples: Option<usize>,
     pub steps: usize,
     pub seed: u64,
     /// Use only the first `limit` questions.
@@ -97,6 +141,7 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
     }
     std::fs::create_dir_all(&options.out)?;
     let setup = Setup {
+        protocol: options.protocol,
         data: options.data.clone(),
         data_sha256: sha256_file(&path)?,
         questions: items.len(),
@@ -120,13 +165,14 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
         None => Results::new(setup.clone()),
     };
 
-    let batches: Vec<usize> = (0..items.len()).step_by(options.batch.max(1)).collect();
+    let (adapted, scored) = options.protocol.split(items.len());
+    let batches: Vec<usize> = adapted.clone().step_by(options.batch.max(1)).collect();
     let units = options
         .arms
         .iter()
-        .map(|arm| match arm {
-            Arm::Base => 1,
-            Arm::Adapted(..) => options.episodes * (batches.len() + 1),
+        .map(|arm| match (arm, options.protocol) {
+            (Arm::Base, _) | (Arm::Adapted(..), Protocol::Online) => 1,
+            (Arm::Adapted(..), _) => options.episodes * (batches.len() + 1),
         })
         .sum::<usize>();
     let bars = MultiProgress::new();
@@ -151,19 +197,33 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
     let save = |results: &mut Results| results.save(&json_path, &options.results_markdown());
     for &arm in &options.arms {
         let name = arm.name();
+        if let (Arm::Adapted(..), Protocol::Online) = (arm, options.protocol) {
+            overall.set_message(format!("{name}: online"));
+            if results.arm_mut(&name).evaluation(1).is_some() {
+                skipped += 1;
+            } else {
+                let (evaluation, waves) = run.online(arm, scored.clone())?;
+                let record = results.arm_mut(&name);
+                record.batches.extend(waves);
+                record.evaluations.push(evaluation);
+                save(&mut results)?;
+            }
+            overall.inc(1);
+            continue;
+        }
         let episodes = match arm {
             Arm::Base => 0..=0,
             Arm::Adapted(..) => 1..=options.episodes,
         };
         for episode in episodes {
-            if let Arm::Adapted(method, rollout) = arm {
+            if let Arm::Adapted(..) = arm {
                 for &start in &batches {
                     overall.set_message(format!("{name}: episode {episode}, adapting"));
                     if results.arm_mut(&name).has_batch(episode, start) {
                         skipped += 1;
                     } else {
-                        let end = (start + options.batch).min(items.len());
-                        let batch = run.adapt(method, rollout, episode, start..end)?;
+                        let end = (start + options.batch).min(adapted.end);
+                        let (batch, _) = run.adapt(arm, episode, start..end, true)?;
                         results.arm_mut(&name).batches.push(batch);
                         save(&mut results)?;
                     }
@@ -174,7 +234,7 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
             if results.arm_mut(&name).evaluation(episode).is_some() {
                 skipped += 1;
             } else {
-                let evaluation = run.evaluate(arm, episode)?;
+                let evaluation = run.evaluate(arm, episode, scored.clone())?;
                 results.arm_mut(&name).evaluations.push(evaluation);
                 save(&mut results)?;
             }
@@ -193,14 +253,57 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
     Ok(results)
 }
 
-/// One question's evaluation: k samples and a greedy answer.
+/// One question's evaluation: k samples and (but online) a greedy answer.
 struct QuestionScore {
     pass_at_1: f64,
     majority_correct: bool,
-    greedy_correct: bool,
+    greedy_correct: Option<bool>,
     samples: usize,
     sampled_tokens: usize,
     greedy_tokens: usize,
+}
+
+impl QuestionScore {
+    fn new(item: &Item, sampled: &ChatResponse, greedy: Option<&ChatResponse>) -> Self {
+        let answers: Vec<Option<String>> = sampled.texts.iter().map(|t| item.answer(t)).collect();
+        let correct = answers
+            .iter()
+            .filter(|a| item.is_gold(a.as_deref()))
+            .count();
+        let majority = majority_vote(&answers).label;
+        Self {
+            pass_at_1: correct as f64 / answers.len().max(1) as f64,
+            majority_correct: item.is_gold(majority.as_deref()),
+            greedy_correct: greedy.map(|g| {
+                let answer = g.texts.first().and_then(|t| item.answer(t));
+                item.is_gold(answer.as_deref())
+            }),
+            samples: answers.len(),
+            sampled_tokens: sampled.completion_tokens,
+            greedy_tokens: greedy.map_or(0, |g| g.completion_tokens),
+        }
+    }
+
+    /// The pass's figures over these questions' scores.
+    fn evaluation(scores: &[QuestionScore], episode: usize, started: Instant) -> Evaluation {
+        let n = scores.len().max(1) as f64;
+        let share = |hit: &dyn Fn(&QuestionScore) -> bool| {
+            scores.iter().filter(|s| hit(s)).count() as f64 / n
+        };
+        let sampled_tokens: usize = scores.iter().map(|s| s.sampled_tokens).sum();
+        let samples: usize = scores.iter().map(|s| s.samples).sum();
+        let has_greedy = scores.iter().all(|s| s.greedy_correct.is_some());
+        Evaluation {
+            episode,
+            pass_at_1: scores.iter().map(|s| s.pass_at_1).sum::<f64>() / n,
+            maj_at_k: share(&|s| s.majority_correct),
+            greedy: has_greedy.then(|| share(&|s| s.greedy_correct == Some(true))),
+            mean_length: sampled_tokens as f64 / samples.max(1) as f64,
+            completion_tokens: sampled_tokens
+                + scores.iter().map(|s| s.greedy_tokens).sum::<usize>(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 struct Runner<'a> {
@@ -247,121 +350,141 @@ impl Runner<'_> {
             .collect()
     }
 
-    /// k samples and a greedy answer for every question, with `arm`'s weights.
-    fn evaluate(&self, arm: Arm, episode: usize) -> anyhow::Result<Evaluation> {
+    fn ask(
+        &self,
+        model: &str,
+        i: usize,
+        n: usize,
+        temperature: f32,
+        seed: u64,
+        adaptation: Option<serde_json::Value>,
+    ) -> anyhow::Result<ChatResponse> {
+        let item = &self.items[i];
+        Ok(self.client.chat(
+            model,
+            &ChatRequest {
+                messages: &item.messages,
+                n,
+                temperature,
+                max_tokens: self.options.max_tokens,
+                seed,
+                adaptation,
+            },
+        )?)
+    }
+
+    /// k samples and a greedy answer for every scored question, with `arm`'s weights.
+    fn evaluate(
+        &self,
+        arm: Arm,
+        episode: usize,
+        scored: std::ops::Range<usize>,
+    ) -> anyhow::Result<Evaluation> {
         let o = self.options;
         let model = match arm {
             Arm::Base => self.model.to_string(),
             Arm::Adapted(..) => format!("{}:{}", self.model, self.adapter(arm)),
         };
         let started = Instant::now();
-        let scores = self.parallel(0..self.items.len(), o.concurrency, |i| {
-            let item = &self.items[i];
-            let ask = |n, temperature, seed| {
-                self.client.chat(
-                    &model,
-                    &ChatRequest {
-                        messages: &item.messages,
-                        n,
-                        temperature,
-                        max_tokens: o.max_tokens,
-                        seed,
-                        adaptation: None,
-                    },
-                )
-            };
-            let sampled = ask(o.k, o.temperature, o.seed + i as u64)?;
-            let greedy = ask(1, 0.0, o.seed)?;
-            let answers: Vec<Option<String>> =
-                sampled.texts.iter().map(|t| item.answer(t)).collect();
-            let correct = answers
-                .iter()
-                .filter(|a| item.is_gold(a.as_deref()))
-                .count();
-            let majority = majority_vote(&answers).label;
-            let greedy_answer = greedy.texts.first().and_then(|t| item.answer(t));
-            Ok(QuestionScore {
-                pass_at_1: correct as f64 / answers.len().max(1) as f64,
-                majority_correct: item.is_gold(majority.as_deref()),
-                greedy_correct: item.is_gold(greedy_answer.as_deref()),
-                samples: answers.len(),
-                sampled_tokens: sampled.completion_tokens,
-                greedy_tokens: greedy.completion_tokens,
-            })
+        let scores = self.parallel(scored, o.concurrency, |i| {
+            let sampled = self.ask(&model, i, o.k, o.temperature, o.seed + i as u64, None)?;
+            let greedy = self.ask(&model, i, 1, 0.0, o.seed, None)?;
+            Ok(QuestionScore::new(&self.items[i], &sampled, Some(&greedy)))
         })?;
-        let n = scores.len() as f64;
-        let share =
-            |hit: fn(&QuestionScore) -> bool| scores.iter().filter(|s| hit(s)).count() as f64 / n;
-        let sampled_tokens: usize = scores.iter().map(|s| s.sampled_tokens).sum();
-        let samples: usize = scores.iter().map(|s| s.samples).sum();
-        Ok(Evaluation {
-            episode,
-            pass_at_1: scores.iter().map(|s| s.pass_at_1).sum::<f64>() / n,
-            maj_at_k: share(|s| s.majority_correct),
-            greedy: share(|s| s.greedy_correct),
-            mean_length: sampled_tokens as f64 / samples.max(1) as f64,
-            completion_tokens: sampled_tokens
-                + scores.iter().map(|s| s.greedy_tokens).sum::<usize>(),
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(QuestionScore::evaluation(&scores, episode, started))
+    }
+
+    /// The online protocol: every scored question once, with ephemeral adaptation, in
+    /// concurrent waves of `batch`; its k answers (sampled after its episode) are scored.
+    fn online(
+        &self,
+        arm: Arm,
+        scored: std::ops::Range<usize>,
+    ) -> anyhow::Result<(Evaluation, Vec<Batch>)> {
+        let started = Instant::now();
+        let mut scores = Vec::new();
+        let mut waves = Vec::new();
+        for start in scored.clone().step_by(self.options.batch.max(1)) {
+            let end = (start + self.options.batch).min(scored.end);
+            let (wave, responses) = self.adapt(arm, 1, start..end, false)?;
+            waves.push(wave);
+            scores.extend(
+                responses
+                    .iter()
+                    .map(|(i, r)| QuestionScore::new(&self.items[*i], r, None)),
+            );
+        }
+        Ok((QuestionScore::evaluation(&scores, 1, started), waves))
     }
 
     /// Sends a batch of questions with adaptation on, together, so the server runs them as
-    /// one episode, and reads its reports.
+    /// one episode, and reads its reports. Named: `arm`'s adapter answers greedily once;
+    /// ephemeral (online): k samples at the eval temperature are the answers to score.
     fn adapt(
         &self,
-        method: Method,
-        rollout: RolloutKind,
+        arm: Arm,
         episode: usize,
         questions: std::ops::Range<usize>,
-    ) -> anyhow::Result<Batch> {
+        named: bool,
+    ) -> anyhow::Result<(Batch, Vec<(usize, ChatResponse)>)> {
+        let Arm::Adapted(method, rollout) = arm else {
+            anyhow::bail!("the base arm does not adapt");
+        };
         let o = self.options;
-        let adapter = self.adapter(Arm::Adapted(method, rollout));
         let started = Instant::now();
         let first = questions.start;
         let count = questions.len();
         let responses = self.parallel(questions, count, |i| {
-            let item = &self.items[i];
-            let format = serde_json::to_value(item.format)?;
-            let response = self.client.chat(
+            let mut adaptation = json!({
+                "enabled": true,
+                "method": method.as_str(),
+                "rollout": rollout.as_str(),
+                "steps": o.steps,
+                "answer_format": serde_json::to_value(self.items[i].format)?,
+            });
+            if named {
+                adaptation["adapter"] = json!(self.adapter(arm));
+            }
+            if let Some(samples) = o.samples {
+                adaptation["samples"] = json!(samples);
+            }
+            let (n, temperature) = if named {
+                (1, 0.0)
+            } else {
+                (o.k, o.temperature)
+            };
+            let response = self.ask(
                 self.model,
-                &ChatRequest {
-                    messages: &item.messages,
-                    n: 1,
-                    temperature: 0.0,
-                    max_tokens: o.max_tokens,
-                    seed: o.seed,
-                    adaptation: Some(json!({
-                        "enabled": true,
-                        "method": method.as_str(),
-                        "rollout": rollout.as_str(),
-                        "adapter": adapter,
-                        "samples": o.samples,
-                        "steps": o.steps,
-                        "answer_format": format,
-                    })),
-                },
+                i,
+                n,
+                temperature,
+                o.seed + i as u64,
+                Some(adaptation),
             )?;
-            let report = response.adaptation.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the server answered without an adaptation report: is it ttrl-serve?"
-                )
-            })?;
-            Ok((i, report, response.completion_tokens))
+            anyhow::ensure!(
+                response.adaptation.is_some(),
+                "the server answered without an adaptation report: is it ttrl-serve?"
+            );
+            Ok((i, response))
         })?;
-        Ok(self.batch(episode, first, &responses, started))
+        let batch = self.batch(episode, first, &responses, started);
+        Ok((batch, responses))
     }
 
     fn batch(
         &self,
         episode: usize,
         first: usize,
-        responses: &[(usize, AdaptationSummary, usize)],
+        responses: &[(usize, ChatResponse)],
         started: Instant,
     ) -> Batch {
+        let responses: Vec<(usize, &AdaptationSummary, usize)> = responses
+            .iter()
+            .filter_map(|(i, r)| Some((*i, r.adaptation.as_ref()?, r.completion_tokens)))
+            .collect();
         // Requests of one server episode share its totals; count each episode once.
         let mut episodes: Vec<&AdaptationSummary> = Vec::new();
-        for (_, r, _) in responses {
+        for &(_, r, _) in &responses {
             let key = (r.adapter_version_before, r.adapter_version, r.duration_ms);
             if !episodes
                 .iter()

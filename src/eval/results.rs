@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::Protocol;
+
 /// Forking-token entropy histogram: bins of this width from 0, the last one open-ended.
 pub const ENTROPY_BIN: f32 = 0.25;
 pub const ENTROPY_BINS: usize = 32;
@@ -13,6 +15,9 @@ pub const ENTROPY_BINS: usize = 32;
 /// part of it: asking for more episodes extends a finished run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Setup {
+    /// Results written before protocols existed were transductive.
+    #[serde(default)]
+    pub protocol: Protocol,
     pub data: String,
     pub data_sha256: String,
     pub questions: usize,
@@ -21,17 +26,19 @@ pub struct Setup {
     pub temperature: f32,
     pub max_tokens: usize,
     pub batch: usize,
-    pub samples: usize,
+    /// None: the server's default.
+    pub samples: Option<usize>,
     pub steps: usize,
     pub seed: u64,
 }
 
-/// One pass over all questions: k samples and a greedy answer each.
+/// One pass over the scored questions: k samples and (but online) a greedy answer each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     /// 0 is before any adaptation.
     pub episode: usize,
-    pub greedy: f64,
+    /// None online: a greedy answer there would need an episode of its own.
+    pub greedy: Option<f64>,
     pub pass_at_1: f64,
     pub maj_at_k: f64,
     /// Mean tokens of the k sampled responses.
@@ -76,7 +83,7 @@ pub struct ArmRecord {
 pub struct ArmSummary {
     pub arm: String,
     pub episodes: usize,
-    pub greedy: f64,
+    pub greedy: Option<f64>,
     pub pass_at_1: f64,
     pub maj_at_k: f64,
     pub mean_length: f64,
@@ -275,7 +282,7 @@ impl Results {
         let s = &self.setup;
         let k = s.k;
         let mut out = format!(
-            "# Eval: {} on {} ({} questions)\n\n\
+            "# Eval: {} on {} ({} questions, {} protocol)\n\n\
              k = {k} samples at T = {}, answers up to {} tokens; adaptation in batches of {}, \
              {} leaves per question, {} step(s) per batch; seed {}.\n\n\
              | arm | episodes | greedy | pass@1 | maj@{k} | mean length | rollout tokens | \
@@ -284,19 +291,21 @@ impl Results {
             s.model,
             s.data,
             s.questions,
+            s.protocol.as_str(),
             s.temperature,
             s.max_tokens,
             s.batch,
-            s.samples,
+            s.samples
+                .map_or("the server's default number of".into(), |n| n.to_string()),
             s.steps,
             s.seed
         );
         for a in &self.summary {
             out.push_str(&format!(
-                "| {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {} | {} | {:.1} | {:.1} |\n",
+                "| {} | {} | {} | {:.3} | {:.3} | {:.1} | {} | {} | {:.1} | {:.1} |\n",
                 a.arm,
                 a.episodes,
-                a.greedy,
+                a.greedy.map_or("–".into(), |g| format!("{g:.3}")),
                 a.pass_at_1,
                 a.maj_at_k,
                 a.mean_length,
@@ -395,7 +404,7 @@ mod tests {
         arm.batches = vec![batch(1, 2, None)];
         arm.evaluations = vec![Evaluation {
             episode: 1,
-            greedy: 0.5,
+            greedy: Some(0.5),
             pass_at_1: 0.25,
             maj_at_k: 0.5,
             mean_length: 3.0,

@@ -54,8 +54,6 @@ pub struct Sequence {
     generated: Vec<SampledToken>,
     decoder: IncrementalDecoder,
     text: String,
-    /// A token to avoid at the next draw (set on a fresh fork).
-    exclude_next: Option<u32>,
     finish: Option<FinishReason>,
 }
 
@@ -78,7 +76,6 @@ impl Sequence {
             generated: Vec::new(),
             decoder: IncrementalDecoder::default(),
             text: String::new(),
-            exclude_next: None,
             finish: None,
         }
     }
@@ -123,8 +120,9 @@ impl Sequence {
         self.pending = self.tokens.clone();
     }
 
-    /// A branch that keeps the first `at` generated tokens and re-draws token `at` with its
-    /// own sampler, never choosing the parent's token there. The prefix is copied from the
+    /// A branch that keeps the first `at` generated tokens and draws token `at` afresh with
+    /// its own sampler from the unmodified policy (it may repeat the parent's token: excluding
+    /// it would bias the vote whenever the fork falls on the answer). The prefix is copied from the
     /// parent's cache, not recomputed; only the last prefix token is fed again to get the
     /// logits at the fork.
     pub fn fork(&self, at: usize, sampler: Sampler, tok: &TextTokenizer) -> Result<Sequence> {
@@ -147,7 +145,6 @@ impl Sequence {
             generated: self.generated[..at].to_vec(),
             decoder,
             text,
-            exclude_next: self.generated.get(at).map(|t| t.id),
             finish: None,
         })
     }
@@ -210,10 +207,7 @@ pub fn decode_step(
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let max_context = model.config().max_position_embeddings;
     for (seq, row) in live.iter_mut().zip(rows) {
-        let exclude = seq.exclude_next.take();
-        let token = seq
-            .sampler
-            .sample_excluding(&row, exclude, seq.top_logprobs);
+        let token = seq.sampler.sample(&row, seq.top_logprobs);
         seq.accept(token, tok, max_context)?;
     }
     Ok(())

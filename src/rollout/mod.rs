@@ -1,14 +1,17 @@
 //! Rollouts: flat sampling and ETMR entropy-fork trees (Liu et al. 2025, ETTRL,
-//! arXiv 2508.11356). A tree starts from one complete response; its top-N entropy positions
-//! become forks, and B branches per fork continue from the parent's KV prefix with the fork
-//! token re-drawn so each branch differs from its parent. One branching layer:
-//! M (1 + N B) leaves per question. Tokens are counted, not estimated.
+//! arXiv 2508.11356), branched as TreeRL's EPTree does. A tree starts from one complete
+//! response; its top-N entropy positions before the final answer become forks, never two
+//! adjacent ones, and B branches per fork continue from the parent's KV prefix with the fork
+//! token drawn from the unmodified policy. One branching layer: M (1 + N B) leaves per
+//! question; a root with too few fork positions makes up its leaves with fresh samples.
+//! Tokens are counted, not estimated.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::generation::{run_to_end, Sequence, StopRules};
-use crate::model::{Adapter, Model, TextTokenizer};
+use crate::generation::{run_to_end, FinishReason, Sequence, StopRules};
+use crate::model::{Adapter, IncrementalDecoder, Model, TextTokenizer};
+use crate::reward::{answer_start, AnswerFormat};
 use crate::sampling::{Sampler, Sampling};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -64,6 +67,13 @@ pub struct RolloutConfig {
     pub seed: u64,
 }
 
+/// One question to roll out: its prompt, and how its answers read (forks stay before them).
+#[derive(Debug, Clone, Copy)]
+pub struct Prompt<'a> {
+    pub tokens: &'a [u32],
+    pub format: AnswerFormat,
+}
+
 /// One sampled response.
 #[derive(Debug, Clone)]
 pub struct Leaf {
@@ -74,6 +84,14 @@ pub struct Leaf {
     pub logprobs: Vec<f32>,
     pub entropies: Vec<f32>,
     pub text: String,
+    pub finish: FinishReason,
+}
+
+impl Leaf {
+    /// Cut off by the rollout budget: it never gave its final answer.
+    pub fn truncated(&self) -> bool {
+        self.finish == FinishReason::Length
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -85,12 +103,43 @@ pub struct Rollouts {
     pub flat_equivalent_tokens: usize,
 }
 
-/// The `n` highest-entropy positions of a response, highest first (ties: earlier first).
-pub fn fork_points(entropies: &[f32], n: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..entropies.len()).collect();
+/// Up to `n` fork positions among the first `before` response positions, highest entropy
+/// first (ties: earlier first). Never position 0 (a fork there is just another root) and
+/// never next to a chosen fork (adjacent forks split one decision twice).
+pub fn fork_points(entropies: &[f32], n: usize, before: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (1..before.min(entropies.len())).collect();
     idx.sort_by(|&a, &b| entropies[b].total_cmp(&entropies[a]).then(a.cmp(&b)));
-    idx.truncate(n);
-    idx
+    let mut chosen: Vec<usize> = Vec::with_capacity(n);
+    for i in idx {
+        if chosen.len() == n {
+            break;
+        }
+        if chosen.iter().all(|&c| c.abs_diff(i) > 1) {
+            chosen.push(i);
+        }
+    }
+    chosen
+}
+
+/// Response positions wholly before the final answer span (all of them when there is no
+/// answer): forking inside the answer would re-draw the answer itself.
+fn positions_before_answer(
+    tok: &TextTokenizer,
+    leaf: &Leaf,
+    format: AnswerFormat,
+) -> Result<usize> {
+    let Some(start) = answer_start(&leaf.text, format) else {
+        return Ok(leaf.response.len());
+    };
+    let mut decoder = IncrementalDecoder::default();
+    let mut end = 0;
+    for (i, &id) in leaf.response.iter().enumerate() {
+        end += decoder.push(tok, id)?.len();
+        if end > start {
+            return Ok(i);
+        }
+    }
+    Ok(leaf.response.len())
 }
 
 fn leaf_of(question: usize, fork: Option<(usize, usize)>, seq: &Sequence) -> Leaf {
@@ -101,6 +150,7 @@ fn leaf_of(question: usize, fork: Option<(usize, usize)>, seq: &Sequence) -> Lea
         logprobs: seq.generated().iter().map(|t| t.logprob).collect(),
         entropies: seq.generated().iter().map(|t| t.entropy).collect(),
         text: seq.text().to_string(),
+        finish: seq.finish_reason().unwrap_or(FinishReason::Length),
     }
 }
 
@@ -109,7 +159,7 @@ pub fn run(
     model: &Model,
     tok: &TextTokenizer,
     adapter: Option<&Adapter>,
-    prompts: &[Vec<u32>],
+    prompts: &[Prompt<'_>],
     config: &RolloutConfig,
 ) -> Result<Rollouts> {
     let sampling = Sampling::new(config.temperature, None, config.top_p);
@@ -123,22 +173,19 @@ pub fn run(
         seed = seed.wrapping_add(1);
         Sampler::new(sampling, seed)
     };
+    let fresh = |q: usize, sampler: Sampler| {
+        Sequence::new(model, prompts[q].tokens.to_vec(), sampler, rules.clone(), 0)
+    };
     let first_layer = match config.kind {
         RolloutKind::Flat => config.samples,
         RolloutKind::Tree => config.tree.m,
     };
     let mut owners = Vec::new();
     let mut seqs = Vec::new();
-    for (q, prompt) in prompts.iter().enumerate() {
+    for q in 0..prompts.len() {
         for _ in 0..first_layer {
             owners.push(q);
-            seqs.push(Sequence::new(
-                model,
-                prompt.clone(),
-                sampler(),
-                rules.clone(),
-                0,
-            ));
+            seqs.push(fresh(q, sampler()));
         }
     }
     run_to_end(model, tok, &mut seqs, adapter)?;
@@ -151,17 +198,25 @@ pub fn run(
         let mut branches = Vec::new();
         let mut branch_meta = Vec::new();
         for (root, seq) in seqs.iter().enumerate() {
-            for at in fork_points(&out.leaves[root].entropies, config.tree.n) {
+            let q = owners[root];
+            let leaf = &out.leaves[root];
+            let before = positions_before_answer(tok, leaf, prompts[q].format)?;
+            let forks = fork_points(&leaf.entropies, config.tree.n, before);
+            for &at in &forks {
                 for _ in 0..config.tree.b {
                     branches.push(seq.fork(at, sampler(), tok)?);
-                    branch_meta.push((owners[root], root, at));
+                    branch_meta.push((q, Some((root, at))));
                 }
+            }
+            for _ in forks.len() * config.tree.b..config.tree.n * config.tree.b {
+                branches.push(fresh(q, sampler()));
+                branch_meta.push((q, None));
             }
         }
         run_to_end(model, tok, &mut branches, adapter)?;
-        for ((q, root, at), seq) in branch_meta.into_iter().zip(&branches) {
-            out.generated_tokens += seq.generated().len() - at;
-            out.leaves.push(leaf_of(q, Some((root, at)), seq));
+        for ((q, fork), seq) in branch_meta.into_iter().zip(&branches) {
+            out.generated_tokens += seq.generated().len() - fork.map_or(0, |(_, at)| at);
+            out.leaves.push(leaf_of(q, fork, seq));
         }
     }
     out.flat_equivalent_tokens = out.leaves.iter().map(|l| l.response.len()).sum();
@@ -184,7 +239,17 @@ mod tests {
 
     #[test]
     fn forks_go_to_the_highest_entropy_positions() {
-        assert_eq!(fork_points(&[0.1, 2.0, 0.5, 2.0, 1.0], 3), vec![1, 3, 4]);
-        assert_eq!(fork_points(&[0.3], 2), vec![0]);
+        assert_eq!(
+            fork_points(&[0.1, 2.0, 0.5, 2.0, 0.3, 1.0], 3, 6),
+            vec![1, 3, 5]
+        );
+        assert_eq!(fork_points(&[0.3], 2, 1), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn forks_are_never_adjacent_first_or_inside_the_answer() {
+        // Position 0 is the highest but never a fork; 2 sits next to 3; 5 and 6 are the answer.
+        let h = [9.0, 0.1, 5.0, 6.0, 0.2, 8.0, 7.0];
+        assert_eq!(fork_points(&h, 3, 5), vec![3, 1]);
     }
 }

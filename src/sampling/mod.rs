@@ -80,21 +80,11 @@ impl Sampler {
         }
     }
 
-    /// Chooses the next token from one row of logits.
+    /// Chooses the next token from one row of logits. The reported log-prob and entropy are
+    /// the model's, over the full vocabulary.
     pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> SampledToken {
-        self.sample_excluding(logits, None, top_logprobs)
-    }
-
-    /// As [`Self::sample`], but never `exclude` (ETMR branches must differ from their parent
-    /// at the fork). The reported log-prob is still the model's, over the full vocabulary.
-    pub fn sample_excluding(
-        &mut self,
-        logits: &[f32],
-        exclude: Option<u32>,
-        top_logprobs: usize,
-    ) -> SampledToken {
         let (logp, entropy) = log_softmax_entropy(logits, self.sampling.temperature());
-        let allowed = |i: usize| Some(i as u32) != exclude && logp[i].is_finite();
+        let allowed = |i: usize| logp[i].is_finite();
         let id = match self.sampling {
             Sampling::Greedy => argmax(&logp, allowed),
             Sampling::Sample { top_k, top_p, .. } => self.draw(&logp, top_k, top_p, allowed),
@@ -198,10 +188,9 @@ mod tests {
     }
 
     #[test]
-    fn greedy_takes_first_maximum_and_honours_exclusion() {
+    fn greedy_takes_first_maximum() {
         let mut s = Sampler::new(Sampling::new(0.0, None, 1.0), 0);
         assert_eq!(s.sample(&[1.0, 3.0, 3.0, 0.0], 0).id, 1);
-        assert_eq!(s.sample_excluding(&[1.0, 3.0, 3.0, 0.0], Some(1), 0).id, 2);
     }
 
     #[test]
