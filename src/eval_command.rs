@@ -68,6 +68,9 @@ pub struct EvalArgs {
     /// Only the first N questions.
     #[arg(long)]
     limit: Option<usize>,
+    /// Skip the first N questions (before --limit).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
     /// Evaluation requests in flight at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -118,6 +121,7 @@ impl EvalArgs {
             samples: self.samples,
             steps: self.steps,
             seed: self.seed,
+            skip: self.skip,
             limit: self.limit,
             concurrency: self.concurrency,
             rho,

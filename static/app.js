@@ -58,7 +58,8 @@ function drawEpisode(a) {
     `${a.method} · ${a.rollout} · adapter ${a.adapter || "(ephemeral)"} v${a.adapter_version_before} → v${a.adapter_version}` +
     ` · ${a.rollouts} leaves · ${a.rollout_tokens} rollout tokens (flat: ${a.flat_equivalent_tokens})` +
     ` · majority ${a.majority_answer === null ? "none" : a.majority_answer} (${Math.round(a.vote_share * 100)}%)` +
-    ` · ${(a.duration_ms / 1000).toFixed(1)} s` + (a.rolled_back ? " · rolled back" : "") + (a.note ? ` · ${a.note}` : "");
+    ` · ${(a.duration_ms / 1000).toFixed(1)} s` + (a.rolled_back ? " · rolled back" : "") +
+    (a.no_signal ? ` · no signal: ${a.no_signal}` : "") + (a.note ? ` · ${a.note}` : "");
   const rows = a.step_metrics.map((s, i) => {
     const tr = document.createElement("tr");
     for (const v of [i + 1, s.loss.toFixed(4), s.kl.toFixed(4), s.mean_forking_entropy.toFixed(3), s.vote_share.toFixed(3), s.applied ? "yes" : "no"]) {
@@ -87,7 +88,8 @@ function drawEpisode(a) {
   const maxH = Math.max(...a.tree.flatMap((l) => l.entropies), 1e-6);
   $("ep-tree").replaceChildren(...a.tree.map((leaf, i) => {
     const li = document.createElement("li");
-    li.className = (leaf.parent === null ? "root" : "branch") + (leaf.reward > 0 ? " rewarded" : "");
+    li.className = (leaf.parent === null ? "root" : "branch") + (leaf.reward > 0 ? " rewarded" : "") +
+      (leaf.truncated ? " truncated" : "");
     li.dataset.leaf = i;
     const meta = document.createElement("span");
     meta.className = "meta";
@@ -103,7 +105,9 @@ function drawEpisode(a) {
     });
     const tail = document.createElement("span");
     tail.className = "meta";
-    tail.textContent = `  → ${leaf.answer === null ? "no answer" : leaf.answer} (reward ${leaf.reward})`;
+    tail.textContent = leaf.truncated
+      ? "  → cut off by the rollout budget: abstains"
+      : `  → ${leaf.answer === null ? "no answer" : leaf.answer} (reward ${leaf.reward})`;
     li.append(tail);
     return li;
   }));

@@ -43,6 +43,11 @@ pub struct AdaptationSummary {
     pub flat_equivalent_tokens: usize,
     pub majority_answer: Option<String>,
     pub vote_share: f32,
+    #[serde(default)]
+    pub votes: Vec<(String, usize)>,
+    /// Why the question did not train, when it did not (ttrl-serve's gates).
+    #[serde(default)]
+    pub no_signal: Option<String>,
     pub loss: f32,
     pub kl: f32,
     pub duration_ms: u64,

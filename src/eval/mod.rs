@@ -24,7 +24,7 @@ use crate::reward::majority_vote;
 use crate::rollout::RolloutKind;
 use client::{AdaptationSummary, ChatRequest, ChatResponse, Client};
 use data::Item;
-use results::{histogram, Batch, Evaluation, Results, Setup};
+use results::{histogram, Batch, Evaluation, QuestionVote, Results, Setup};
 
 /// How adapted arms meet the questions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -115,7 +115,8 @@ pub struct EvalOptions {
     pub samples: Option<usize>,
     pub steps: usize,
     pub seed: u64,
-    /// Use only the first `limit` questions.
+    /// Skip the first `skip` questions, then use at most `limit`.
+    pub skip: usize,
     pub limit: Option<usize>,
     /// Requests in flight at once while evaluating.
     pub concurrency: usize,
@@ -136,6 +137,7 @@ impl EvalOptions {
 /// Runs (or resumes) the eval against the server at `client`, serving `model`.
 pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Result<Results> {
     let (path, mut items) = data::load(&options.data)?;
+    items.drain(..options.skip.min(items.len()));
     if let Some(limit) = options.limit {
         items.truncate(limit);
     }
@@ -144,6 +146,7 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
         protocol: options.protocol,
         data: options.data.clone(),
         data_sha256: sha256_file(&path)?,
+        skip: options.skip,
         questions: items.len(),
         model: model.to_string(),
         k: options.k,
@@ -509,6 +512,16 @@ impl Runner<'_> {
                 .count();
             right as f64 / responses.len() as f64
         });
+        let votes = responses
+            .iter()
+            .map(|(i, r, _)| QuestionVote {
+                vote_share: f64::from(r.vote_share),
+                top_votes: r.votes.first().map_or(0, |v| v.1),
+                trained: r.no_signal.is_none(),
+                label_correct: has_gold
+                    .then(|| self.items[*i].is_gold(r.majority_answer.as_deref())),
+            })
+            .collect();
         let reward_accuracy = has_gold.then(|| {
             let (agree, leaves) = responses.iter().fold((0, 0), |(agree, leaves), (i, r, _)| {
                 let item = &self.items[*i];
@@ -539,6 +552,7 @@ impl Runner<'_> {
                 / responses.len().max(1) as f64,
             label_accuracy,
             reward_accuracy,
+            votes,
             forking_entropy: forking.iter().map(|&h| h as f64).sum::<f64>()
                 / forking.len().max(1) as f64,
             forking_histogram: histogram(&forking),

@@ -20,6 +20,9 @@ pub struct Setup {
     pub protocol: Protocol,
     pub data: String,
     pub data_sha256: String,
+    /// Questions skipped at the start of the data.
+    #[serde(default)]
+    pub skip: usize,
     pub questions: usize,
     pub model: String,
     pub k: usize,
@@ -64,11 +67,26 @@ pub struct Batch {
     pub forking_histogram: Vec<u32>,
     pub kl: f64,
     pub loss: f64,
+    /// Per question: how strong its majority was and whether it was right, to choose
+    /// the majority gates by measurement.
+    #[serde(default)]
+    pub votes: Vec<QuestionVote>,
     pub rollout_tokens: usize,
     pub flat_equivalent_tokens: usize,
     /// Tokens of the answers the adapted requests returned.
     pub answer_tokens: usize,
     pub seconds: f64,
+}
+
+/// One question's vote in an adapted batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuestionVote {
+    pub vote_share: f64,
+    pub top_votes: usize,
+    /// The majority passed the server's gates and the question trained.
+    pub trained: bool,
+    /// Whether the majority answer was the gold one (None without gold).
+    pub label_correct: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -379,6 +397,7 @@ mod tests {
             forking_histogram: histogram(&[0.1, 0.3, 100.0]),
             kl: 0.0,
             loss: 0.0,
+            votes: Vec::new(),
             rollout_tokens: 10,
             flat_equivalent_tokens: 20,
             answer_tokens: 5,

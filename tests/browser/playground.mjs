@@ -20,7 +20,8 @@ const port = await new Promise((resolve) => {
   const s = createServer().listen(0, "127.0.0.1", () => { const p = s.address().port; s.close(() => resolve(p)); });
 });
 const work = mkdtempSync(join(tmpdir(), "ttrl-browser-"));
-writeFileSync(join(work, "config.toml"), "[adaptation]\nmax_tokens = 16\n");
+// A budget above SmolLM2's usual answer length: a leaf cut off by it abstains from the vote.
+writeFileSync(join(work, "config.toml"), "[adaptation]\nmax_tokens = 64\n");
 const server = spawn(process.env.TTRL_BIN, ["serve", "--port", String(port), "--config", join(work, "config.toml"), "--data-dir", join(work, "adapters")], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, RUST_LOG: "warn,tower_http=off" } });
 const base = `http://127.0.0.1:${port}`;
 
@@ -51,7 +52,7 @@ try {
   await page.check("#adapt");
   await page.fill("#samples", "4");
   await page.fill("#adapter", "browser");
-  // Text answers: every leaf votes, so the chart is never empty.
+  // Text answers: every finished leaf votes, so the chart is not empty.
   await page.selectOption("#answer_format", "text");
   await page.fill("#prompt", "What is 3 plus 4? Answer with just the number.");
   const responsePromise = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
@@ -66,6 +67,8 @@ try {
   check("the tree shows every leaf", leaves === report.tree.length, `${leaves} vs ${report.tree.length}`);
   const forks = await page.locator("#ep-tree .fork").count();
   check("fork points are marked", forks === report.tree.filter((l) => l.fork_at !== null && l.fork_at < l.tokens.length).length, `${forks}`);
+  const cut = await page.locator("#ep-tree li.truncated").count();
+  check("leaves cut off by the budget are marked", cut === report.tree.filter((l) => l.truncated).length, `${cut}`);
   const firstTokens = await page.locator("#ep-tree li").first().locator(".tok").allTextContents();
   check("tree tokens are the report's tokens", firstTokens.join("") === report.tree[0].tokens.join(""));
 
