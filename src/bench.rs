@@ -202,7 +202,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .iter()
             .fold((0, 0), |(r, u), s| (r + s.rollout_ms, u + s.update_ms));
         println!(
-            "| adaptation episode, {} questions x {} leaves, up to {} tokens | {:.2} s (rollouts {:.2} s, {} tokens; update {:.2} s; peak {} above start) |",
+            "| adaptation episode, {} questions x {} leaves, up to {} tokens | {:.2} s (rollouts {:.2} s, {} tokens; update {:.2} s; peak {} above start){} |",
             args.episode_questions,
             args.episode_samples,
             args.episode_max_tokens,
@@ -213,6 +213,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             report
                 .peak_memory_bytes
                 .map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
+            // Random prompts rarely end before the budget, and cut-off leaves do not train.
+            report
+                .note
+                .filter(|_| !report.applied)
+                .map_or(String::new(), |n| format!("; no update: {n}")),
         );
     }
     println!(

@@ -512,3 +512,112 @@ pub fn run_episode(
     report.peak_memory_bytes = memory.above_start();
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::FinishReason;
+    use crate::rollout::Leaf;
+
+    fn leaf(question: usize, text: &str, entropies: &[f32], finish: FinishReason) -> Leaf {
+        Leaf {
+            question,
+            fork: None,
+            response: (0..entropies.len() as u32).collect(),
+            logprobs: vec![-1.0; entropies.len()],
+            entropies: entropies.to_vec(),
+            text: text.into(),
+            finish,
+        }
+    }
+
+    fn rollouts(leaves: Vec<Leaf>) -> Rollouts {
+        Rollouts {
+            leaves,
+            ..Default::default()
+        }
+    }
+
+    fn question(prompt: &[u32]) -> Question {
+        Question::new(
+            "What is 2 plus 2?".into(),
+            prompt.to_vec(),
+            AnswerFormat::Number,
+        )
+    }
+
+    const STOP: FinishReason = FinishReason::Stop;
+
+    #[test]
+    fn truncated_leaves_abstain_and_are_not_trained() {
+        let config = AdaptConfig::default();
+        let r = rollouts(vec![
+            leaf(0, "4", &[1.0, 0.5], STOP),
+            leaf(0, "4", &[1.0, 0.5], STOP),
+            leaf(0, "4", &[1.0, 0.5], STOP),
+            leaf(0, "5", &[1.0, 0.5], STOP),
+            // Cut off: its "7" is not an answer.
+            leaf(0, "7 and then", &[1.0, 0.5], FinishReason::Length),
+        ]);
+        let s = score(&r, &[question(&[1, 2])], &config);
+        let o = &s.outcomes[0];
+        assert_eq!(o.truncated, 1);
+        assert_eq!(o.leaf_answers[4], None);
+        assert_eq!(o.votes, vec![("4".into(), 3), ("5".into(), 1)]);
+        assert_eq!(o.no_signal, None);
+        assert_eq!(s.train.len(), 4, "the cut-off leaf is not trained");
+    }
+
+    #[test]
+    fn a_weak_or_tied_majority_gives_no_signal() {
+        let config = AdaptConfig::default();
+        let cases = [
+            (vec!["4", "4", "5", "5", "6", "7"], "a tie at 2 votes"),
+            (vec!["4", "4", "5", "6", "7", "8"], "2 votes"),
+            (
+                vec!["4", "4", "4", "5", "6", "7", "8", "9", "1", "2", "3"],
+                "of the votes",
+            ),
+        ];
+        for (answers, why) in cases {
+            let leaves = answers.iter().map(|a| leaf(0, a, &[1.0], STOP)).collect();
+            let s = score(&rollouts(leaves), &[question(&[1])], &config);
+            let got = s.outcomes[0].no_signal.clone().unwrap_or_default();
+            assert!(got.contains(why), "{answers:?}: {got:?}");
+            assert!(s.train.is_empty());
+            assert!(s.outcomes[0].leaf_rewards.iter().all(|&r| r == 0.0));
+        }
+    }
+
+    /// Regression: masks were looked up by prompt text, so two questions with the same
+    /// prompt in one batch lost their SPINE masks. Each trained leaf's mask is its own.
+    #[test]
+    fn identical_prompts_keep_their_own_forking_masks() {
+        let config = AdaptConfig {
+            rho: 0.5,
+            ..Default::default()
+        };
+        let high = [3.0, 0.1, 0.1, 3.0];
+        let low = [0.1, 3.0, 3.0, 0.1];
+        let mut leaves = Vec::new();
+        for q in 0..2 {
+            for (text, h) in [("4", high), ("4", low), ("4", high), ("5", low)] {
+                leaves.push(leaf(q, text, &h, STOP));
+            }
+        }
+        let same = [question(&[9, 9]), question(&[9, 9])];
+        let s = score(&rollouts(leaves.clone()), &same, &config);
+        assert_eq!(s.groups, vec![0..4, 4..8]);
+        for (t, l) in s.train.iter().zip(&leaves) {
+            let want: Vec<bool> = l.entropies.iter().map(|&h| h >= 3.0).collect();
+            assert_eq!(t.mask, want);
+        }
+    }
+
+    #[test]
+    fn training_takes_an_even_spread_of_the_voters() {
+        assert_eq!(spread(8, 4), vec![0, 2, 4, 6]);
+        assert_eq!(spread(3, 5), vec![0, 1, 2]);
+        assert_eq!(spread(32, 16).len(), 16);
+    }
+}
