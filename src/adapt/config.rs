@@ -92,7 +92,7 @@ impl Default for AdaptConfig {
             top_p: 1.0,
             max_tokens: 96,
             min_majority_votes: 3,
-            min_majority_share: 0.3,
+            min_majority_share: 0.2,
             rho: 0.2,
             band_low_quantile: 0.05,
             band_high_quantile: 0.95,
