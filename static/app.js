@@ -59,7 +59,8 @@ function drawEpisode(a) {
     ` · ${a.rollouts} leaves · ${a.rollout_tokens} rollout tokens (flat: ${a.flat_equivalent_tokens})` +
     ` · majority ${a.majority_answer === null ? "none" : a.majority_answer} (${Math.round(a.vote_share * 100)}%)` +
     ` · ${(a.duration_ms / 1000).toFixed(1)} s` + (a.rolled_back ? " · rolled back" : "") +
-    (a.no_signal ? ` · no signal: ${a.no_signal}` : "") + (a.note ? ` · ${a.note}` : "");
+    (a.no_signal && !(a.note || "").includes(a.no_signal) ? ` · no signal: ${a.no_signal}` : "") +
+    (a.note ? ` · ${a.note}` : "");
   const rows = a.step_metrics.map((s, i) => {
     const tr = document.createElement("tr");
     for (const v of [i + 1, s.loss.toFixed(4), s.kl.toFixed(4), s.mean_forking_entropy.toFixed(3), s.vote_share.toFixed(3), s.applied ? "yes" : "no"]) {
