@@ -96,7 +96,11 @@ pub struct QuestionOutcome {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StepReport {
     pub loss: f32,
+    /// Mean k3 KL to the base model on the selected tokens while the round's steps ran.
     pub kl: f32,
+    /// Mean k3 KL to the base model per response token once the round's steps are taken
+    /// (first micro-batch): how far the answers moved. Checked against `kl_bound`.
+    pub kl_after: f32,
     pub mean_forking_entropy: f32,
     pub forking_fraction: f32,
     pub vote_share: f32,
@@ -397,6 +401,7 @@ pub fn run_episode(
         let mut step_report = StepReport {
             loss: 0.0,
             kl: 0.0,
+            kl_after: 0.0,
             mean_forking_entropy: 0.0,
             forking_fraction: scored.forking_fraction,
             vote_share,
@@ -487,6 +492,7 @@ pub fn run_episode(
             (stats.selected_entropy_sum / stats.selected_tokens.max(1) as f64) as f32;
         if failure.is_none() {
             let kl_after = mean_kl(model, &learner.adapter, &scored.train, config)?;
+            step_report.kl_after = kl_after as f32;
             if !kl_after.is_finite() || kl_after > config.kl_bound {
                 failure = Some(format!(
                     "rolled back: KL to the base model {kl_after:.4} exceeds {}",

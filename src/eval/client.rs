@@ -51,7 +51,15 @@ pub struct AdaptationSummary {
     pub loss: f32,
     pub kl: f32,
     pub duration_ms: u64,
+    #[serde(default)]
+    pub step_metrics: Vec<StepSummary>,
     pub tree: Vec<LeafSummary>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StepSummary {
+    #[serde(default)]
+    pub kl_after: f32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

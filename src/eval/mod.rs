@@ -557,6 +557,12 @@ impl Runner<'_> {
                 / forking.len().max(1) as f64,
             forking_histogram: histogram(&forking),
             kl: episodes.iter().map(|e| e.kl as f64).sum::<f64>() / n,
+            kl_after: episodes
+                .iter()
+                .filter_map(|e| e.step_metrics.last())
+                .map(|s| f64::from(s.kl_after))
+                .sum::<f64>()
+                / n,
             loss: episodes.iter().map(|e| e.loss as f64).sum::<f64>() / n,
             rollout_tokens: episodes.iter().map(|e| e.rollout_tokens).sum(),
             flat_equivalent_tokens: episodes.iter().map(|e| e.flat_equivalent_tokens).sum(),

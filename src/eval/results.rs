@@ -66,6 +66,9 @@ pub struct Batch {
     pub forking_entropy: f64,
     pub forking_histogram: Vec<u32>,
     pub kl: f64,
+    /// KL to the base model per response token after the episode's last round.
+    #[serde(default)]
+    pub kl_after: f64,
     pub loss: f64,
     /// Per question: how strong its majority was and whether it was right, to choose
     /// the majority gates by measurement.
@@ -124,6 +127,8 @@ pub struct EpisodeSummary {
     pub reward_accuracy: Option<f64>,
     pub forking_entropy: f64,
     pub kl: f64,
+    #[serde(default)]
+    pub kl_after: f64,
     pub loss: f64,
     pub forking_histogram: Vec<u32>,
 }
@@ -239,6 +244,7 @@ impl ArmRecord {
                     reward_accuracy: weighted(&batches, |b| b.reward_accuracy),
                     forking_entropy: mean(batches.iter().map(|b| b.forking_entropy)),
                     kl: mean(batches.iter().map(|b| b.kl)),
+                    kl_after: mean(batches.iter().map(|b| b.kl_after)),
                     loss: mean(batches.iter().map(|b| b.loss)),
                     forking_histogram: histogram,
                 }
@@ -336,15 +342,15 @@ impl Results {
         if !self.episodes.is_empty() {
             out.push_str(
                 "\n| arm | episode | pass@1 after | mean length after | vote share | \
-                 label accuracy | reward accuracy | forking entropy | KL | loss |\n\
-                 |---|---|---|---|---|---|---|---|---|---|\n",
+                 label accuracy | reward accuracy | forking entropy | KL | KL after | loss |\n\
+                 |---|---|---|---|---|---|---|---|---|---|---|\n",
             );
             let opt = |v: Option<f64>, digits: usize| {
                 v.map_or("-".to_string(), |v| format!("{v:.digits$}"))
             };
             for e in &self.episodes {
                 out.push_str(&format!(
-                    "| {} | {} | {} | {} | {:.3} | {} | {} | {:.3} | {:.4} | {:.4} |\n",
+                    "| {} | {} | {} | {} | {:.3} | {} | {} | {:.3} | {:.4} | {:.4} | {:.4} |\n",
                     e.arm,
                     e.episode,
                     opt(e.pass_at_1, 3),
@@ -354,6 +360,7 @@ impl Results {
                     opt(e.reward_accuracy, 3),
                     e.forking_entropy,
                     e.kl,
+                    e.kl_after,
                     e.loss
                 ));
             }
@@ -396,6 +403,7 @@ mod tests {
             forking_entropy: 1.0,
             forking_histogram: histogram(&[0.1, 0.3, 100.0]),
             kl: 0.0,
+            kl_after: 0.0,
             loss: 0.0,
             votes: Vec::new(),
             rollout_tokens: 10,
