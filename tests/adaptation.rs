@@ -161,7 +161,7 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     // Another question: after one step the adapter agrees with itself on the first one.
     let second = ask_about(
         &server,
-        "What is 2 plus 2? Answer with just the number.",
+        "What is 4 plus 5? Answer with just the number.",
         MODEL,
         json!({"enabled": true, "adapter": "team", "rollout": "flat", "samples": 12}),
     );
@@ -292,6 +292,39 @@ fn adaptation_with_a_zero_learning_rate_answers_exactly_like_none() {
         adapted["adaptation"]
     );
     assert_eq!(adapted["choices"], plain["choices"]);
+}
+
+/// Ephemeral adaptation is per request: a question batched with another one that trains is
+/// answered with its own adapter, so when it has no learning signal it answers exactly as the
+/// base model does.
+#[test]
+fn an_ephemeral_request_is_not_changed_by_another_clients_question() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-own-{}", std::process::id()));
+    // A long window, so both requests surely form one batch.
+    let server = start(&data, "lr = 0.002\nbatch_window_ms = 3000\n");
+    let other = "What is 2 plus 2? Answer with just the number.";
+    let base = logprobs(&ask_about(&server, other, MODEL, Value::Null));
+    let flat = json!({"enabled": true, "rollout": "flat", "samples": 12});
+    let (trained, untouched) = std::thread::scope(|s| {
+        let a = s.spawn(|| ask(&server, MODEL, flat.clone()));
+        // No \boxed{} in SmolLM2's answers: no votes, so no signal for this question.
+        let mut boxed = flat.clone();
+        boxed["answer_format"] = json!("boxed");
+        let b = s.spawn(|| ask_about(&server, other, MODEL, boxed));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(
+        trained["adaptation"]["applied"], true,
+        "{}",
+        trained["adaptation"]
+    );
+    let b = &untouched["adaptation"];
+    assert_eq!(b["applied"], false, "{b}");
+    assert!(b["no_signal"].is_string(), "{b}");
+    for r in [&trained, &untouched] {
+        assert_eq!(r["adaptation"]["batch_questions"], 1);
+    }
+    assert_eq!(logprobs(&untouched), base);
 }
 
 #[test]

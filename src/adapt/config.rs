@@ -63,8 +63,9 @@ pub struct AdaptConfig {
     pub grad_clip: f64,
     /// Rollout + update rounds per episode.
     pub steps: usize,
-    /// Questions per optimizer step within a round (TTRL's PPO mini-batch is one prompt).
-    pub questions_per_update: usize,
+    /// Leaves of one question per optimizer step (a PPO mini-batch): several steps per
+    /// question, so a fresh adapter gets past Adam's sign-like first step within one round.
+    pub leaves_per_update: usize,
     /// Entropy-based advantage reshaping (ETTRL), its factor clamped to [0, 2].
     pub ear: bool,
     /// A round whose mean k3 KL to the base model exceeds this is rolled back.
@@ -104,7 +105,7 @@ impl Default for AdaptConfig {
             weight_decay: 0.01,
             grad_clip: 1.0,
             steps: 1,
-            questions_per_update: 1,
+            leaves_per_update: 4,
             ear: false,
             kl_bound: 0.1,
             micro_batch: 8,

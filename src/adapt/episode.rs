@@ -1,7 +1,7 @@
 //! One adaptation episode: rollouts, majority-vote rewards, advantages, and an update of
 //! the active LoRA only, repeated `steps` times. Leaves cut off by the rollout budget
 //! abstain; a question trains only when its majority is real; the update trains on a
-//! subset of the voters, one optimizer step per `questions_per_update` questions. A round
+//! subset of the voters, one optimizer step per `leaves_per_update` of a question's. A round
 //! with a non-finite loss or gradient, or a KL to the base model above the bound, is undone
 //! (adapter and optimizer state).
 
@@ -447,8 +447,18 @@ pub fn run_episode(
         let mut stats = ObjectiveStats::default();
         let mut losses = Vec::new();
         let mut failure = None;
-        for questions in scored.groups.chunks(config.questions_per_update.max(1)) {
-            let range = questions[0].start..questions[questions.len() - 1].end;
+        // Optimizer mini-batches: `leaves_per_update` leaves of one question at a time.
+        let per_update = config.leaves_per_update.max(1);
+        let mini_batches: Vec<Range<usize>> = scored
+            .groups
+            .iter()
+            .flat_map(|g| {
+                (g.start..g.end)
+                    .step_by(per_update)
+                    .map(move |s| s..(s + per_update).min(g.end))
+            })
+            .collect();
+        for range in mini_batches {
             let leaves = &scored.train[range];
             let denom = Denominators {
                 selected_tokens: leaves.iter().flat_map(|l| &l.mask).filter(|&&m| m).count() as f32,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use super::job::{AdaptationReport, Event, GenerateJob, TreeLeaf};
+use super::job::{AdaptRequest, AdaptationReport, Event, GenerateJob, TreeLeaf};
 use super::EngineConfig;
 use crate::adapt::store::AdapterStore;
 use crate::adapt::{run_episode, AdaptConfig, EpisodeReport, Learner};
@@ -356,29 +356,34 @@ impl Scheduler {
         }
     }
 
-    /// One episode for the batch, then its jobs queue (first in line) to be answered with
-    /// the adapted weights.
+    /// Episodes for the batch, then its jobs queue (first in line) to be answered with the
+    /// adapted weights. A named adapter learns from the whole batch in one episode; ephemeral
+    /// requests each get a fresh adapter of their own, so one client's question never changes
+    /// another client's answer.
     fn adapt_and_queue(&mut self, batch: PendingBatch) {
-        let mut jobs: Vec<GenerateJob> = batch
+        let jobs: Vec<GenerateJob> = batch
             .jobs
             .into_iter()
             .filter(|j| !j.events.is_closed())
             .collect();
-        if jobs.is_empty() {
+        let Some(req) = jobs.first().and_then(|j| j.adaptation.clone()) else {
             return;
-        }
-        let req = jobs[0]
-            .adaptation
-            .clone()
-            .expect("a pending batch holds adaptation jobs");
-        let config = req.config.clone();
-        let key = match &req.adapter {
-            Some(name) => name.clone(),
-            None => {
-                self.episodes += 1;
-                format!("{EPHEMERAL_PREFIX}{}", self.episodes)
-            }
         };
+        match req.adapter.clone() {
+            Some(name) => self.run_episode_for(name, req, jobs),
+            None => {
+                for job in jobs {
+                    self.episodes += 1;
+                    let key = format!("{EPHEMERAL_PREFIX}{}", self.episodes);
+                    self.run_episode_for(key, req.clone(), vec![job]);
+                }
+            }
+        }
+    }
+
+    /// One episode of the adapter `key` on these jobs' questions, then the jobs queue.
+    fn run_episode_for(&mut self, key: String, req: AdaptRequest, mut jobs: Vec<GenerateJob>) {
+        let config = req.config.clone();
         let learner = match self.learners.remove(&key) {
             Some(l) => Ok(l),
             None => Adapter::new(
