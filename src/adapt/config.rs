@@ -100,7 +100,7 @@ impl Default for AdaptConfig {
             lambda_kl: 0.001,
             lambda_band: 0.0,
             clip_epsilon: 0.2,
-            lr: 4e-4,
+            lr: 2e-4,
             warmup_steps: 4,
             weight_decay: 0.01,
             grad_clip: 1.0,
