@@ -147,24 +147,24 @@ struct Scored {
 }
 
 /// Why a vote is not a pseudo-label worth training on, if it is not.
-fn weak_majority(vote: &Vote, leaves: usize, config: &AdaptConfig) -> Option<String> {
+fn weak_majority(vote: &Vote, config: &AdaptConfig) -> Option<String> {
     let Some((_, top)) = vote.counts.first() else {
         return Some("no leaf gave an answer".into());
     };
     if vote.counts.get(1).is_some_and(|(_, second)| second == top) {
         return Some(format!("a tie at {top} votes"));
     }
-    if *top < config.min_majority_votes.max(2) {
+    let min_votes = config.min_majority_votes.max(2);
+    if *top < min_votes {
         return Some(format!(
-            "the top answer has {top} votes (min_majority_votes = {})",
-            config.min_majority_votes.max(2)
+            "the top answer has {top} votes (min_majority_votes = {min_votes})"
         ));
     }
-    let share = *top as f32 / leaves.max(1) as f32;
-    if share < config.min_majority_share {
+    // The vote's share is over all leaves, abstaining ones included.
+    if vote.share < config.min_majority_share {
         return Some(format!(
-            "the top answer has {share:.2} of the votes (min_majority_share = {})",
-            config.min_majority_share
+            "the top answer has {:.2} of the votes (min_majority_share = {})",
+            vote.share, config.min_majority_share
         ));
     }
     None
@@ -195,7 +195,7 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
             })
             .collect();
         let vote = majority_vote(&answers);
-        let mut no_signal = weak_majority(&vote, leaves.len(), config);
+        let mut no_signal = weak_majority(&vote, config);
         let rewards = if no_signal.is_some() {
             vec![0.0; leaves.len()]
         } else {
