@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use clap::Args;
 
-use ttrl_serve::adapt::{run_episode, AdaptConfig, Learner, Question};
+use ttrl_serve::adapt::{run_episode, AdaptConfig, EpisodeLimits, Learner, Question};
 use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
 use ttrl_serve::model::lora::lora_dtype;
 use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
@@ -196,7 +196,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
             .collect();
         let mut learner = Learner::new(adapter, &config, 0)?;
-        let report = run_episode(&model, &tokenizer, &mut learner, &questions, &config, 7)?;
+        let report = run_episode(
+            &model,
+            &tokenizer,
+            &mut learner,
+            &questions,
+            &config,
+            7,
+            &EpisodeLimits::default(),
+        )?;
         let (rollout_ms, update_ms) = report
             .steps
             .iter()

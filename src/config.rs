@@ -81,6 +81,13 @@ pub struct EngineSettings {
     /// Share of free GPU memory (after the weights load) given to the KV cache when
     /// `kv_cache_bytes` is unset; the rest is left to adaptation (rollouts, graph, optimizer).
     pub kv_cache_gpu_fraction: f64,
+    /// OS priority (nice, 0-19) of the trainer's threads: higher leaves the cores to serving
+    /// while an episode runs beside it (CPU); 0 shares them evenly.
+    pub trainer_nice: i32,
+    /// Testing only: a request whose prompt contains this panics while it decodes.
+    pub test_panic_marker: Option<String>,
+    /// Testing only: a request whose prompt contains this kills the engine loop.
+    pub test_exit_marker: Option<String>,
 }
 
 impl Default for EngineSettings {
@@ -91,6 +98,9 @@ impl Default for EngineSettings {
             data_dir: None,
             kv_cache_bytes: None,
             kv_cache_gpu_fraction: 0.5,
+            trainer_nice: 10,
+            test_panic_marker: None,
+            test_exit_marker: None,
         }
     }
 }

@@ -41,6 +41,10 @@ pub enum Error {
     #[error("adapter `{name}`: {reason}")]
     Adapter { name: String, reason: String },
 
+    /// An adaptation episode stopped early (cancelled or out of time); nothing was applied.
+    #[error("{0}")]
+    Interrupted(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generation;
+pub mod interrupt;
 pub mod model;
 pub mod reward;
 pub mod rollout;

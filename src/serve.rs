@@ -11,7 +11,7 @@ use clap::Args;
 
 use ttrl_serve::adapt::store::LocalDirStore;
 use ttrl_serve::config::Settings;
-use ttrl_serve::engine::{Engine, EngineConfig};
+use ttrl_serve::engine::{Engine, EngineConfig, Faults};
 use ttrl_serve::model::memory;
 use ttrl_serve::server::{self, AppState, HttpLimits, Ready};
 use ttrl_serve::telemetry;
@@ -76,6 +76,9 @@ impl ServeArgs {
         Ok(s)
     }
 }
+
+/// How long /health and /ready say 503 after the engine died, before the process exits.
+const ENGINE_DEATH_EXIT_DELAY: Duration = Duration::from_secs(2);
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let settings = args.settings()?;
@@ -155,6 +158,11 @@ where
         max_batch: settings.engine.max_batch,
         max_waiting: settings.engine.max_waiting,
         kv_cache_positions,
+        trainer_nice: settings.engine.trainer_nice,
+        faults: Faults {
+            panic_marker: settings.engine.test_panic_marker.clone(),
+            exit_marker: settings.engine.test_exit_marker.clone(),
+        },
     };
     let adapters_dir = settings.engine.adapters_dir();
     let store = LocalDirStore::new(adapters_dir.clone(), &name)
@@ -168,6 +176,7 @@ where
         Some(Box::new(store)),
         settings.adaptation.clone(),
     );
+    let engine_handle = engine.clone();
     state.set_ready(Ready {
         engine,
         tokenizer,
@@ -177,6 +186,15 @@ where
         adapt_defaults: settings.adaptation.clone(),
     });
     tracing::info!("ready: serving `{name}` (context {max_model_len} tokens)");
+    // A dead engine cannot be revived in process: say so on /health and /ready for a moment,
+    // then exit non-zero so a supervisor restarts the server.
+    let watched = engine_handle;
+    tokio::spawn(async move {
+        watched.died().await;
+        tracing::error!("the engine thread died; exiting so a supervisor can restart the server");
+        tokio::time::sleep(ENGINE_DEATH_EXIT_DELAY).await;
+        std::process::exit(70);
+    });
 
     // Connections drain after the signal; the engine aborts what is left after `grace`.
     server.await??;

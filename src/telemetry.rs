@@ -21,6 +21,9 @@ pub const ADAPTATION_ENTROPY: &str = "ttrl_adaptation_entropy";
 pub const ADAPTATION_LOSS: &str = "ttrl_adaptation_loss";
 pub const ADAPTATION_KL: &str = "ttrl_adaptation_kl";
 pub const ADAPTATION_ROLLBACKS: &str = "ttrl_adaptation_rollbacks_total";
+pub const ADAPTATION_ROLLOUT_BATCH: &str = "ttrl_adaptation_rollout_batch_sequences";
+/// 1 while an episode is out with the trainer.
+pub const ADAPTATION_RUNNING: &str = "ttrl_adaptation_episodes_running";
 pub const ADAPTER_VERSION: &str = "ttrl_adapter_version";
 /// Device memory by `kind`: weights, kv_cache, adaptation_peak (the name the GPU build is
 /// watched by; on the CPU the same accounting in host memory).

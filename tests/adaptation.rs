@@ -3,7 +3,7 @@ use std::io::Read;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
-use ttrl_serve::adapt::{run_episode, AdaptConfig, Learner, Question};
+use ttrl_serve::adapt::{run_episode, AdaptConfig, EpisodeLimits, Learner, Question};
 use ttrl_serve::model::{assets, loader, Adapter, ChatMessage};
 use ttrl_serve::reward::AnswerFormat;
 use ttrl_serve::rollout::RolloutKind;
@@ -369,9 +369,11 @@ fn adaptation_fields_are_validated_with_their_names() {
     let (status, r) = server.post("/v1/chat/completions", &json!({"model": "tiny-llama+ttrl", "messages": [{"role": "user", "content": "1+1?"}], "max_tokens": 2}));
     assert_eq!(status, 200, "{r}");
     assert!(r["adaptation"]["rollouts"].as_u64().unwrap() > 0);
-    // An adapter that does not exist cannot serve a plain request.
-    let (status, _) = server.post("/v1/chat/completions", &json!({"model": "tiny-llama:nobody", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}));
-    assert_ne!(status, 200);
+    // An adapter that does not exist is a model that does not exist.
+    let (status, r) = server.post("/v1/chat/completions", &json!({"model": "tiny-llama:nobody", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}));
+    assert_eq!(status, 404, "{r}");
+    assert_eq!(r["error"]["code"], "model_not_found", "{r}");
+    assert_eq!(r["error"]["type"], "invalid_request_error", "{r}");
 }
 
 fn smollm2() -> ttrl_serve::model::loader::LoadedModel {
@@ -417,7 +419,16 @@ fn an_episode_changes_only_lora_weights() {
     let mut learner = Learner::new(adapter, &config, 0).unwrap();
     let before: HashMap<String, Tensor> = learner.adapter.snapshot().unwrap();
     let q = question(&m);
-    let report = run_episode(&m.model, &m.tokenizer, &mut learner, &[q], &config, 7).unwrap();
+    let report = run_episode(
+        &m.model,
+        &m.tokenizer,
+        &mut learner,
+        &[q],
+        &config,
+        7,
+        &EpisodeLimits::default(),
+    )
+    .unwrap();
     assert!(report.applied, "{report:?}");
     assert_eq!(learner.version, 1);
     let after_base: Vec<Vec<f32>> = m

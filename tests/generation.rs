@@ -1,9 +1,9 @@
 use candle_core::DType;
-use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
-use ttrl_serve::model::{LoadedModel, LogitsFor, SeqInput};
+use ttrl_serve::generation::{decode_step, decode_step_mixed, run_to_end, Sequence, StopRules};
+use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, SeqInput};
 use ttrl_serve::sampling::{log_softmax_entropy, Sampler, Sampling};
 
-use crate::common::load_tiny;
+use crate::common::{load_tiny, randomized_adapter};
 
 fn rules(max_tokens: usize) -> StopRules {
     StopRules {
@@ -252,5 +252,51 @@ fn random_weights_of_any_config_build_a_model_that_decodes_every_id() {
             (layers, vocab),
             "{shape}"
         );
+    }
+}
+
+#[test]
+fn a_batch_mixing_adapters_gives_each_sequence_the_tokens_of_its_adapter_alone() {
+    let m = load_tiny("llama", DType::F32);
+    let (a, b) = (
+        randomized_adapter(&m.model, DType::F32),
+        randomized_adapter(&m.model, DType::F32),
+    );
+    let lora: [Option<&Adapter>; 4] = [None, Some(&a), Some(&b), Some(&a)];
+    let new_seq = |i: usize| {
+        Sequence::new(
+            &m.model,
+            prompts()[i].clone(),
+            Sampler::new(Sampling::new(0.9, None, 0.95), i as u64),
+            rules(10),
+            0,
+        )
+    };
+    let alone: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            let mut seq = new_seq(i);
+            run_to_end(
+                &m.model,
+                &m.tokenizer,
+                std::slice::from_mut(&mut seq),
+                lora[i],
+            )
+            .unwrap();
+            seq.generated().iter().map(|t| t.id).collect()
+        })
+        .collect();
+    assert_ne!(
+        alone[1],
+        run_alone(&m, &prompts()[1], 1, 10),
+        "the adapter must matter"
+    );
+    let mut seqs: Vec<Sequence> = (0..4).map(new_seq).collect();
+    while seqs.iter().any(|s| !s.is_finished()) {
+        let mut batch: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        decode_step_mixed(&m.model, &m.tokenizer, &mut batch, &lora).unwrap();
+    }
+    for (i, s) in seqs.iter().enumerate() {
+        let ids: Vec<u32> = s.generated().iter().map(|t| t.id).collect();
+        assert_eq!(ids, alone[i], "sequence {i}");
     }
 }

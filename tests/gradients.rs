@@ -1,11 +1,11 @@
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor, D};
 use ttrl_serve::adapt::{AdamW, AdamWConfig};
 use ttrl_serve::model::lora::lora_dtype;
 use ttrl_serve::model::{Adapter, LogitsFor, LoraConfig, Model, SeqInput};
 
-use crate::common::{expected, half_dtype, load_tiny, load_tiny_on, max_abs_diff, FAMILIES};
+use crate::common::{
+    expected, half_dtype, load_tiny, load_tiny_on, max_abs_diff, randomized_adapter, FAMILIES,
+};
 
 /// -mean_t A_seq * log p(token_t+1 | prefix), the shape of a policy-gradient loss.
 fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor {
@@ -28,37 +28,6 @@ fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor
         terms.push((picked.mean_all().unwrap() * adv).unwrap());
     }
     (Tensor::stack(&terms, 0).unwrap().sum_all().unwrap() * -1.0).unwrap()
-}
-
-/// A fresh adapter has B = 0 (so A gets no gradient); give every tensor random values.
-fn randomized_adapter(model: &Model, dtype: DType) -> Adapter {
-    let adapter = Adapter::new(
-        "t",
-        LoraConfig {
-            rank: 4,
-            ..Default::default()
-        },
-        model.config(),
-        dtype,
-        model.device(),
-        1,
-    )
-    .unwrap();
-    let values: HashMap<String, Tensor> = adapter
-        .named_tensors()
-        .into_iter()
-        .map(|(k, t)| {
-            (
-                k,
-                (Tensor::randn(0f32, 0.1, t.dims(), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()),
-            )
-        })
-        .collect();
-    adapter.set_tensors(&values).unwrap();
-    adapter
 }
 
 #[test]

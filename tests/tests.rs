@@ -14,6 +14,8 @@ mod bad_input;
 mod real_model;
 // The HTTP server: the openai SDK, batching, limits, shutdown, metrics, errors.
 mod server;
+// Serving beside learning: episodes off the decode loop, bounds, faults, shutdown.
+mod beside_learning;
 // The OpenAPI document against the router and real responses.
 mod openapi;
 // Test-time adaptation over HTTP and in-process on the default model.

@@ -75,6 +75,11 @@ pub struct AdaptConfig {
     /// Adaptation requests for one adapter arriving within this window form one batch.
     pub batch_window_ms: u64,
     pub max_questions: usize,
+    /// An episode still running after this long stops; its requests are answered with the
+    /// weights they had (`applied: false`, with a note).
+    pub max_episode_seconds: f64,
+    /// Longest prompt (tokens) an adaptation request may carry.
+    pub max_prompt_tokens: usize,
     pub lora: LoraConfig,
     /// Testing only: make every loss NaN to exercise the rollback path.
     pub test_force_nonfinite_loss: bool,
@@ -111,6 +116,8 @@ impl Default for AdaptConfig {
             micro_batch: 8,
             batch_window_ms: 50,
             max_questions: 8,
+            max_episode_seconds: 600.0,
+            max_prompt_tokens: 1024,
             lora: LoraConfig::default(),
             test_force_nonfinite_loss: false,
         }

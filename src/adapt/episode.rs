@@ -19,6 +19,7 @@ use super::objective::{
 };
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
+use crate::interrupt::Interrupt;
 use crate::model::memory::PeakMemory;
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{canonical, detect_format, extract_answer, majority_vote, AnswerFormat, Vote};
@@ -116,7 +117,7 @@ pub struct StepReport {
     pub update_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct EpisodeReport {
     /// At least one step changed the adapter (and was kept).
     pub applied: bool,
@@ -135,6 +136,25 @@ pub struct EpisodeReport {
     /// Highest device memory in use above the episode's start (rollout caches, the update's
     /// graph), where the device can be read.
     pub peak_memory_bytes: Option<u64>,
+    /// The most rollout sequences decoded at once.
+    pub widest_rollout_batch: usize,
+}
+
+/// What bounds an episode beside its settings: rollout sequences decoded at once (the
+/// engine's `max_batch`) and when to stop early.
+#[derive(Debug, Clone)]
+pub struct EpisodeLimits {
+    pub max_batch: usize,
+    pub interrupt: Interrupt,
+}
+
+impl Default for EpisodeLimits {
+    fn default() -> Self {
+        Self {
+            max_batch: usize::MAX,
+            interrupt: Interrupt::never(),
+        }
+    }
 }
 
 /// Everything about a step's leaves that the update needs.
@@ -322,7 +342,9 @@ fn reasons(outcomes: &[QuestionOutcome]) -> String {
     seen.join("; ")
 }
 
-/// Runs `config.steps` rounds of rollout and update on `learner`.
+/// Runs `config.steps` rounds of rollout and update on `learner`. On any error (an
+/// interrupt included) the learner is put back as it was: an episode applies whole rounds or
+/// nothing.
 pub fn run_episode(
     model: &Model,
     tok: &TextTokenizer,
@@ -330,6 +352,30 @@ pub fn run_episode(
     questions: &[Question],
     config: &AdaptConfig,
     seed: u64,
+    limits: &EpisodeLimits,
+) -> Result<EpisodeReport> {
+    let before = (
+        learner.adapter.snapshot()?,
+        learner.optimizer.snapshot(),
+        learner.version,
+    );
+    let result = run_rounds(model, tok, learner, questions, config, seed, limits);
+    if result.is_err() {
+        learner.adapter.set_tensors(&before.0)?;
+        learner.optimizer.restore(before.1);
+        learner.version = before.2;
+    }
+    result
+}
+
+fn run_rounds(
+    model: &Model,
+    tok: &TextTokenizer,
+    learner: &mut Learner,
+    questions: &[Question],
+    config: &AdaptConfig,
+    seed: u64,
+    limits: &EpisodeLimits,
 ) -> Result<EpisodeReport> {
     let started = Instant::now();
     let mut memory = PeakMemory::start(model.device());
@@ -359,6 +405,7 @@ pub fn run_episode(
         last_rollouts: Rollouts::default(),
         duration_ms: 0,
         peak_memory_bytes: None,
+        widest_rollout_batch: 0,
     };
     for step in 0..config.steps.max(1) {
         let rollout_config = RolloutConfig {
@@ -369,6 +416,7 @@ pub fn run_episode(
             top_p: config.top_p,
             max_tokens: config.max_tokens,
             seed: seed.wrapping_add((step as u64) << 32),
+            max_batch: limits.max_batch,
         };
         let rollout_started = Instant::now();
         let rollouts = rollout::run(
@@ -377,7 +425,9 @@ pub fn run_episode(
             Some(&learner.adapter),
             &prompts,
             &rollout_config,
+            &limits.interrupt,
         )?;
+        report.widest_rollout_batch = report.widest_rollout_batch.max(rollouts.widest_batch);
         let rollout_ms = rollout_started.elapsed().as_millis() as u64;
         memory.sample();
         let update_started = Instant::now();
@@ -467,6 +517,7 @@ pub fn run_episode(
             let mut grads: Vec<Option<Tensor>> = vec![None; learner.adapter.vars().len()];
             let mut loss_value = 0.0f64;
             for chunk in leaves.chunks(config.micro_batch.max(1)) {
+                limits.interrupt.check()?;
                 let (mut loss, s) = leaves_loss(model, &learner.adapter, chunk, &objective, denom)?;
                 if config.test_force_nonfinite_loss {
                     loss = (loss * f64::NAN)?;

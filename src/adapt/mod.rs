@@ -9,5 +9,7 @@ pub mod optim;
 pub mod store;
 
 pub use config::{AdaptConfig, Method};
-pub use episode::{run_episode, EpisodeReport, Learner, Question, QuestionOutcome, StepReport};
+pub use episode::{
+    run_episode, EpisodeLimits, EpisodeReport, Learner, Question, QuestionOutcome, StepReport,
+};
 pub use optim::{AdamW, AdamWConfig, StepStats};

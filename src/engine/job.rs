@@ -117,5 +117,37 @@ pub enum Event {
         completion_tokens: usize,
     },
     /// The engine failed this job; no more events follow.
-    Error(String),
+    Error(EngineError),
+}
+
+/// Why the engine could not serve a job (or an admin command), typed so the server maps each
+/// to one HTTP status: unknown adapter 404, never fits 400, stopping 503, a bug 500.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("adapter `{0}` does not exist")]
+    AdapterNotFound(String),
+    /// The request can never be served as asked (too big for the KV budget, a bad import).
+    #[error("{0}")]
+    Invalid(String),
+    /// The engine is stopping or stopped; retrying elsewhere may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A failure or panic inside the engine, confined to this job.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::Error> for EngineError {
+    fn from(e: crate::Error) -> Self {
+        // Errors may carry a backtrace; clients get the sentence.
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default().to_string();
+        match e {
+            crate::Error::Interrupted(_) => EngineError::Unavailable(first),
+            crate::Error::Adapter { .. } | crate::Error::ShapeMismatch { .. } => {
+                EngineError::Invalid(first)
+            }
+            _ => EngineError::Internal(first),
+        }
+    }
 }

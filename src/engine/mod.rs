@@ -1,38 +1,52 @@
 //! The engine: the single owner of the model. A cheap `Clone` handle sends commands to one
-//! thread that owns the weights and adapters, schedules generation (continuous batching)
-//! and adaptation, and is the only place where weights change.
+//! thread that owns the weights and adapters and schedules generation (continuous batching);
+//! adaptation episodes run on a trainer thread beside it, and the new weights are installed
+//! between two decode steps, so serving never waits for learning.
 
+mod adaptation;
+mod admission;
+mod faults;
 mod job;
+mod registry;
 mod scheduler;
+mod stream;
+mod trainer;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-pub use job::{AdaptRequest, AdaptationReport, Event, GenerateJob, TreeLeaf};
-pub use scheduler::AdapterInfo;
+pub use faults::Faults;
+pub use job::{AdaptRequest, AdaptationReport, EngineError, Event, GenerateJob, TreeLeaf};
+pub use registry::AdapterInfo;
 
 use crate::adapt::store::AdapterStore;
 use crate::adapt::AdaptConfig;
 use crate::model::{Model, TextTokenizer};
-use scheduler::{AdminCommand, Command, Load, Scheduler};
+use admission::{Load, Queued};
+use registry::Registry;
+use scheduler::{AdminCommand, Command, Scheduler};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Sequences decoded together in one step.
+    /// Sequences decoded together in one step; rollouts decode at most this many at once.
     pub max_batch: usize,
     /// Jobs allowed to queue for a slot; one more is refused (HTTP 429).
     pub max_waiting: usize,
-    /// KV-cache positions the running sequences may reserve (prompt + max_tokens each); a
-    /// job that would go over waits. `None`: bounded by `max_batch` only.
+    /// KV-cache positions the running sequences (and an episode's rollouts) may reserve
+    /// (prompt + max_tokens each); a job that would go over waits. `None`: bounded by
+    /// `max_batch` only.
     pub kv_cache_positions: Option<usize>,
+    /// Nice value of the trainer's threads.
+    pub trainer_nice: i32,
+    pub faults: Faults,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    #[error("the queue is full ({0} requests waiting)")]
-    QueueFull(usize),
+    #[error("the queue is full ({waiting} requests waiting)")]
+    QueueFull { waiting: usize, retry_after: u64 },
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -42,7 +56,24 @@ pub struct Engine {
     commands: mpsc::Sender<Command>,
     load: Arc<Load>,
     max_waiting: usize,
+    max_batch: usize,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    died: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Marks the engine dead if its thread unwinds (a panic outside any job).
+pub struct DeathWatch {
+    load: Arc<Load>,
+    died: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.load.alive.store(false, Ordering::SeqCst);
+            let _ = self.died.send(true);
+        }
+    }
 }
 
 impl Engine {
@@ -57,18 +88,25 @@ impl Engine {
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
-        let shared = load.clone();
+        let (died_tx, died) = tokio::sync::watch::channel(false);
+        let watch = DeathWatch {
+            load: load.clone(),
+            died: died_tx,
+        };
+        let (max_waiting, max_batch) = (config.max_waiting, config.max_batch);
+        let commands = tx.clone();
         let thread = std::thread::Builder::new()
             .name("ttrl-engine".into())
             .spawn(move || {
+                let adapters = Registry::load(&model, model_label.clone(), store, adapt_defaults);
                 Scheduler::new(
                     model,
                     tokenizer,
                     model_label,
                     config,
-                    shared,
-                    store,
-                    adapt_defaults,
+                    watch,
+                    adapters,
+                    commands,
                 )
                 .run(rx)
             })
@@ -76,24 +114,38 @@ impl Engine {
         Self {
             commands: tx,
             load,
-            max_waiting: config.max_waiting,
+            max_waiting,
+            max_batch,
             thread: Arc::new(Mutex::new(Some(thread))),
+            died,
         }
     }
 
     /// Queues a job, or refuses it when the queue is full.
     pub fn submit(&self, job: GenerateJob) -> Result<(), SubmitError> {
-        let waiting = self.load.waiting.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.max_waiting {
-            self.load.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(SubmitError::QueueFull(waiting));
-        }
+        let slot = self
+            .load
+            .enter(self.max_waiting)
+            .map_err(|waiting| SubmitError::QueueFull {
+                waiting,
+                retry_after: self.load.retry_after_seconds(self.max_batch),
+            })?;
         self.commands
-            .send(Command::Generate(Box::new(job)))
-            .map_err(|_| {
-                self.load.waiting.fetch_sub(1, Ordering::SeqCst);
-                SubmitError::Stopped
-            })
+            .send(Command::Generate(Box::new(Queued { job, _slot: slot })))
+            .map_err(|_| SubmitError::Stopped)
+    }
+
+    /// False once the engine thread has died; the server then reports 503 and exits.
+    pub fn is_alive(&self) -> bool {
+        self.load.alive.load(Ordering::SeqCst)
+    }
+
+    /// Resolves if the engine thread dies (never, if it stops normally).
+    pub async fn died(&self) {
+        let mut died = self.died.clone();
+        if died.wait_for(|&d| d).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     async fn ask<T>(
@@ -114,14 +166,14 @@ impl Engine {
     pub async fn reset_adapter(
         &self,
         name: String,
-    ) -> Result<crate::Result<AdapterInfo>, SubmitError> {
+    ) -> Result<Result<AdapterInfo, EngineError>, SubmitError> {
         self.ask(|tx| AdminCommand::Reset(name, tx)).await
     }
 
     pub async fn export_adapter(
         &self,
         name: String,
-    ) -> Result<crate::Result<PathBuf>, SubmitError> {
+    ) -> Result<Result<PathBuf, EngineError>, SubmitError> {
         self.ask(|tx| AdminCommand::Export(name, tx)).await
     }
 
@@ -129,11 +181,12 @@ impl Engine {
         &self,
         name: String,
         dir: PathBuf,
-    ) -> Result<crate::Result<AdapterInfo>, SubmitError> {
+    ) -> Result<Result<AdapterInfo, EngineError>, SubmitError> {
         self.ask(|tx| AdminCommand::Import(name, dir, tx)).await
     }
 
-    /// Lets in-flight work finish within `grace`, aborts the rest, and waits for the thread.
+    /// Fails work that has not started, cancels the episode in flight, lets decoding finish
+    /// within `grace`, aborts the rest, and waits for the thread.
     pub async fn shutdown(&self, grace: Duration) {
         let _ = self.commands.send(Command::Shutdown { grace });
         let thread = self.thread.lock().ok().and_then(|mut t| t.take());

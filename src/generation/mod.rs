@@ -6,6 +6,7 @@
 use candle_core::DType;
 
 use crate::error::Result;
+use crate::interrupt::Interrupt;
 use crate::model::{
     Adapter, IncrementalDecoder, KvCache, LogitsFor, Model, SeqInput, TextTokenizer,
 };
@@ -189,11 +190,23 @@ pub fn decode_step(
     seqs: &mut [&mut Sequence],
     adapter: Option<&Adapter>,
 ) -> Result<()> {
-    let mut live: Vec<&mut Sequence> = seqs
+    let adapters = vec![adapter; seqs.len()];
+    decode_step_mixed(model, tok, seqs, &adapters)
+}
+
+/// [`decode_step`] with an adapter (or none) per sequence, still one forward pass.
+pub fn decode_step_mixed(
+    model: &Model,
+    tok: &TextTokenizer,
+    seqs: &mut [&mut Sequence],
+    adapters: &[Option<&Adapter>],
+) -> Result<()> {
+    let (mut live, adapters): (Vec<&mut Sequence>, Vec<Option<&Adapter>>) = seqs
         .iter_mut()
-        .filter(|s| !s.is_finished())
-        .map(|s| &mut **s)
-        .collect();
+        .zip(adapters)
+        .filter(|(s, _)| !s.is_finished())
+        .map(|(s, a)| (&mut **s, *a))
+        .unzip();
     if live.is_empty() {
         return Ok(());
     }
@@ -202,7 +215,7 @@ pub fn decode_step(
             .iter_mut()
             .map(|s| SeqInput::cached(&s.pending, &mut s.cache))
             .collect();
-        model.forward(&mut inputs, adapter, LogitsFor::Last)?
+        model.forward_mixed(&mut inputs, &adapters, LogitsFor::Last)?
     };
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let max_context = model.config().max_position_embeddings;
@@ -220,9 +233,43 @@ pub fn run_to_end(
     seqs: &mut [Sequence],
     adapter: Option<&Adapter>,
 ) -> Result<()> {
-    while seqs.iter().any(|s| !s.is_finished()) {
-        let mut batch: Vec<&mut Sequence> = seqs.iter_mut().collect();
+    run_to_end_bounded(model, tok, seqs, adapter, usize::MAX, &Interrupt::never()).map(|_| ())
+}
+
+/// Decodes every sequence until each has finished, at most `max_batch` at a time (a finished
+/// one makes room for the next, as in continuous batching), checking `interrupt` before each
+/// step. Returns the widest batch decoded.
+pub fn run_to_end_bounded(
+    model: &Model,
+    tok: &TextTokenizer,
+    seqs: &mut [Sequence],
+    adapter: Option<&Adapter>,
+    max_batch: usize,
+    interrupt: &Interrupt,
+) -> Result<usize> {
+    let max_batch = max_batch.max(1);
+    let mut active: Vec<usize> = Vec::new();
+    let mut next = 0;
+    let mut widest = 0;
+    loop {
+        active.retain(|&i| !seqs[i].is_finished());
+        while active.len() < max_batch && next < seqs.len() {
+            if !seqs[next].is_finished() {
+                active.push(next);
+            }
+            next += 1;
+        }
+        if active.is_empty() {
+            return Ok(widest);
+        }
+        interrupt.check()?;
+        widest = widest.max(active.len());
+        let mut batch: Vec<&mut Sequence> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .map(|(_, s)| s)
+            .collect();
         decode_step(model, tok, &mut batch, adapter)?;
     }
-    Ok(())
 }

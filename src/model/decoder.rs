@@ -86,6 +86,12 @@ impl<'a> SeqInput<'a> {
     }
 }
 
+/// One adapter of a mixed batch and the packed rows it applies to (`None`: every row).
+struct LoraRows<'a> {
+    adapter: &'a Adapter,
+    rows: Option<Tensor>,
+}
+
 /// Where a sequence's rows sit in the packed batch.
 struct Span {
     start: usize,
@@ -350,6 +356,26 @@ impl Model {
         adapter: Option<&Adapter>,
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
+        let adapters = vec![adapter; seqs.len()];
+        self.forward_mixed(seqs, &adapters, logits_for)
+    }
+
+    /// [`Self::forward`] with an adapter (or none) per sequence: sequences of different
+    /// adapters share one pass, each projection's LoRA term applied to its own rows only
+    /// (gathered, computed, added back), as S-LoRA and Punica batch many adapters.
+    pub fn forward_mixed(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        adapters: &[Option<&Adapter>],
+        logits_for: LogitsFor,
+    ) -> Result<Tensor> {
+        if adapters.len() != seqs.len() {
+            return Err(Error::InvalidConfig(format!(
+                "{} adapters for {} sequences",
+                adapters.len(),
+                seqs.len()
+            )));
+        }
         let track = seqs.iter().all(|s| s.cache.is_none());
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -401,11 +427,12 @@ impl Model {
             ids.extend_from_slice(s.tokens);
             positions.extend(offset as u32..end as u32);
         }
+        let lora = self.lora_groups(adapters, &spans, ids.len())?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, &positions, &spans, seqs, adapter, track)?;
+            x = self.layer_forward(i, layer, &x, &positions, &spans, seqs, &lora, track)?;
         }
         for s in seqs.iter_mut() {
             let n = s.tokens.len();
@@ -427,6 +454,34 @@ impl Model {
         Ok(frozen_matmul(&x, &self.lm_head)?)
     }
 
+    /// The batch's distinct adapters, each with the packed rows it applies to (`None`: all
+    /// rows, the common case, which needs no gather).
+    fn lora_groups<'a>(
+        &self,
+        adapters: &[Option<&'a Adapter>],
+        spans: &[Span],
+        rows: usize,
+    ) -> Result<Vec<LoraRows<'a>>> {
+        let mut groups: Vec<(&'a Adapter, Vec<u32>)> = Vec::new();
+        for (span, adapter) in spans.iter().zip(adapters) {
+            let Some(adapter) = *adapter else { continue };
+            let span_rows = (span.start as u32)..((span.start + span.len) as u32);
+            match groups.iter_mut().find(|(a, _)| std::ptr::eq(*a, adapter)) {
+                Some((_, r)) => r.extend(span_rows),
+                None => groups.push((adapter, span_rows.collect())),
+            }
+        }
+        groups
+            .into_iter()
+            .map(|(adapter, r)| {
+                let rows = (r.len() < rows)
+                    .then(|| Tensor::new(r.as_slice(), &self.device))
+                    .transpose()?;
+                Ok(LoraRows { adapter, rows })
+            })
+            .collect()
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -436,20 +491,28 @@ impl Model {
         positions: &Tensor,
         spans: &[Span],
         seqs: &mut [SeqInput<'_>],
-        adapter: Option<&Adapter>,
+        lora: &[LoraRows<'_>],
         track: bool,
     ) -> Result<Tensor> {
         let c = &self.config;
         let proj = |lin: &Linear, p: Projection, h: &Tensor| -> candle_core::Result<Tensor> {
-            let y = lin.forward(h)?;
-            match adapter
-                .map(|a| a.delta(index, p, h, track))
-                .transpose()?
-                .flatten()
-            {
-                Some(d) => y + d,
-                None => Ok(y),
+            let mut y = lin.forward(h)?;
+            for group in lora {
+                y = match &group.rows {
+                    None => match group.adapter.delta(index, p, h, track)? {
+                        Some(d) => (y + d)?,
+                        None => y,
+                    },
+                    Some(rows) => {
+                        let h_rows = h.index_select(rows, 0)?;
+                        match group.adapter.delta(index, p, &h_rows, track)? {
+                            Some(d) => y.index_add(rows, &d, 0)?,
+                            None => y,
+                        }
+                    }
+                };
             }
+            Ok(y)
         };
         let t = x.dim(0)?;
         let h = rms_norm(x, &layer.input_layernorm, c.rms_norm_eps)?;

@@ -262,6 +262,34 @@ impl Adapter {
         Ok(Some(delta.to_dtype(x.dtype())?))
     }
 
+    /// A copy with its own storage: serving keeps answering with it while the original trains.
+    pub fn deep_copy(&self) -> Result<Self> {
+        let copy = |v: &Var| Var::from_tensor(&v.as_detached_tensor().copy()?);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|(&p, pair)| {
+                        Ok((
+                            p,
+                            LoraPair {
+                                a: copy(&pair.a)?,
+                                b: copy(&pair.b)?,
+                            },
+                        ))
+                    })
+                    .collect::<Result<HashMap<_, _>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            name: self.name.clone(),
+            config: self.config.clone(),
+            layers,
+        })
+    }
+
     /// Tensors under their PEFT names.
     pub fn named_tensors(&self) -> HashMap<String, Tensor> {
         self.entries()

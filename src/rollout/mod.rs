@@ -9,7 +9,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::generation::{run_to_end, FinishReason, Sequence, StopRules};
+use crate::generation::{run_to_end_bounded, FinishReason, Sequence, StopRules};
+use crate::interrupt::Interrupt;
 use crate::model::{Adapter, IncrementalDecoder, Model, TextTokenizer};
 use crate::reward::{answer_start, AnswerFormat};
 use crate::sampling::{Sampler, Sampling};
@@ -65,6 +66,8 @@ pub struct RolloutConfig {
     pub top_p: f32,
     pub max_tokens: usize,
     pub seed: u64,
+    /// Sequences decoded at once (the engine's `max_batch`): bounds the rollout's memory.
+    pub max_batch: usize,
 }
 
 /// One question to roll out: its prompt, and how its answers read (forks stay before them).
@@ -101,6 +104,8 @@ pub struct Rollouts {
     pub generated_tokens: usize,
     /// What flat sampling of the same leaves would have sampled: every leaf in full.
     pub flat_equivalent_tokens: usize,
+    /// The most sequences decoded in one step (at most `max_batch`).
+    pub widest_batch: usize,
 }
 
 /// Up to `n` fork positions among the first `before` response positions, highest entropy
@@ -154,13 +159,15 @@ fn leaf_of(question: usize, fork: Option<(usize, usize)>, seq: &Sequence) -> Lea
     }
 }
 
-/// Samples leaves for every prompt, all questions decoding together.
+/// Samples leaves for every prompt, all questions decoding together, `max_batch` at a time;
+/// stops with `Error::Interrupted` when `interrupt` fires.
 pub fn run(
     model: &Model,
     tok: &TextTokenizer,
     adapter: Option<&Adapter>,
     prompts: &[Prompt<'_>],
     config: &RolloutConfig,
+    interrupt: &Interrupt,
 ) -> Result<Rollouts> {
     let sampling = Sampling::new(config.temperature, None, config.top_p);
     let rules = StopRules {
@@ -188,8 +195,13 @@ pub fn run(
             seqs.push(fresh(q, sampler()));
         }
     }
-    run_to_end(model, tok, &mut seqs, adapter)?;
-    let mut out = Rollouts::default();
+    let decode = |seqs: &mut [Sequence]| {
+        run_to_end_bounded(model, tok, seqs, adapter, config.max_batch, interrupt)
+    };
+    let mut out = Rollouts {
+        widest_batch: decode(&mut seqs)?,
+        ..Rollouts::default()
+    };
     for (q, seq) in owners.iter().zip(&seqs) {
         out.leaves.push(leaf_of(*q, None, seq));
         out.generated_tokens += seq.generated().len();
@@ -213,7 +225,7 @@ pub fn run(
                 branch_meta.push((q, None));
             }
         }
-        run_to_end(model, tok, &mut branches, adapter)?;
+        out.widest_batch = out.widest_batch.max(decode(&mut branches)?);
         for ((q, fork), seq) in branch_meta.into_iter().zip(&branches) {
             out.generated_tokens += seq.generated().len() - fork.map_or(0, |(_, at)| at);
             out.leaves.push(leaf_of(q, fork, seq));

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::AppState;
 use crate::adapt::store::valid_name;
-use crate::engine::{AdapterInfo, Engine, SubmitError};
+use crate::engine::{AdapterInfo, Engine, EngineError, SubmitError};
 
 /// The PEFT files an export carries and an import expects.
 const FILES: [&str; 2] = ["adapter_model.safetensors", "adapter_config.json"];
@@ -53,15 +53,10 @@ fn engine_gone(_: SubmitError) -> ApiError {
     ApiError::Unavailable("The engine has stopped.".into())
 }
 
-fn adapter_error(e: crate::Error) -> ApiError {
+fn adapter_error(e: EngineError) -> ApiError {
     match e {
-        crate::Error::Adapter { name, reason } if reason == "no such adapter" => {
-            ApiError::NotFound(format!("No adapter `{name}`."))
-        }
-        other => ApiError::InvalidRequest {
-            message: other.to_string(),
-            param: None,
-        },
+        EngineError::AdapterNotFound(name) => ApiError::NotFound(format!("No adapter `{name}`.")),
+        other => other.into(),
     }
 }
 

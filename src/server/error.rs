@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::openai::{ErrorBody, ErrorResponse};
+use crate::engine::{EngineError, SubmitError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -24,8 +25,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("Request body is too large: {0}")]
     BodyTooLarge(String),
-    #[error("The server is busy: {0}. Retry later.")]
-    QueueFull(String),
+    #[error("The server is busy: {message}. Retry in {retry_after} s.")]
+    QueueFull { message: String, retry_after: u64 },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -37,9 +38,6 @@ pub enum ApiError {
 /// The error code, kept on the response for the metrics middleware.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
-
-/// Seconds a client is asked to wait after a 429.
-const RETRY_AFTER_SECONDS: &str = "1";
 
 impl ApiError {
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
@@ -89,7 +87,7 @@ impl ApiError {
                 "body_too_large",
                 None,
             ),
-            QueueFull(_) => (
+            QueueFull { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "queue_full",
@@ -132,15 +130,44 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, code, _) = self.parts();
+        let retry_after = match &self {
+            ApiError::QueueFull { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let mut response = (status, Json(self.body())).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response.extensions_mut().insert(ErrorCode(code));
         response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::AdapterNotFound(name) => ApiError::ModelNotFound(name),
+            EngineError::Invalid(message) => ApiError::InvalidRequest {
+                message,
+                param: None,
+            },
+            EngineError::Unavailable(message) => ApiError::Unavailable(message),
+            EngineError::Internal(message) => ApiError::Internal(message),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull { retry_after, .. } => ApiError::QueueFull {
+                message: e.to_string(),
+                retry_after,
+            },
+            SubmitError::Stopped => ApiError::Unavailable(e.to_string()),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::openai::Usage;
 use super::validation::ValidRequest;
 use super::Ready;
-use crate::engine::{AdaptationReport, Event, GenerateJob, SubmitError};
+use crate::engine::{AdaptationReport, Event, GenerateJob};
 use crate::generation::FinishReason;
 use crate::sampling::SampledToken;
 
@@ -52,10 +52,7 @@ pub fn submit(ready: &Ready, req: &ValidRequest) -> Result<Submitted, ApiError> 
             arrived,
             span: tracing::Span::current(),
         };
-        ready.engine.submit(job).map_err(|e| match e {
-            SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
-            SubmitError::Stopped => ApiError::Unavailable(e.to_string()),
-        })?;
+        ready.engine.submit(job)?;
         let base = p * req.n;
         streams.push(
             UnboundedReceiverStream::new(rx).map(move |event| (base + event_index(&event), event)),
@@ -104,7 +101,7 @@ pub async fn collect(
             Event::Adapted(r) => {
                 report.get_or_insert(*r);
             }
-            Event::Error(message) => return Err(ApiError::Unavailable(message)),
+            Event::Error(e) => return Err(e.into()),
         }
     }
     Ok((choices, report))
@@ -194,7 +191,13 @@ pub fn stream<F: ChunkFormat>(
         let mut open = submitted.choices;
         let mut completion_tokens = 0;
         while open > 0 {
-            let Some((index, event)) = submitted.events.next().await else {
+            // A client that leaves while its job waits (behind an episode, say) receives
+            // nothing to fail on; `closed` notices, and dropping the job's receiver frees it.
+            let next = tokio::select! {
+                next = submitted.events.next() => next,
+                () = tx.closed() => return,
+            };
+            let Some((index, event)) = next else {
                 break;
             };
             let chunk = match event {
@@ -207,8 +210,8 @@ pub fn stream<F: ChunkFormat>(
                     format.chunk(vec![format.finished(index, reason, text)], None, None)
                 }
                 Event::Adapted(report) => format.chunk(Vec::new(), None, Some(*report)),
-                Event::Error(message) => {
-                    send_json(&tx, &ApiError::Unavailable(message).body()).await;
+                Event::Error(e) => {
+                    send_json(&tx, &ApiError::from(e).body()).await;
                     return;
                 }
             };

@@ -35,11 +35,20 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
 }
 
 /// Liveness: the process can answer.
-pub async fn health() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness: 200 while loading and serving, 503 once the engine has died (the process is
+/// about to exit).
+/// What /health, /ready and requests say once the engine thread has died.
+pub const ENGINE_DEAD: &str = "The engine has died; the server is restarting.";
+
+pub async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.engine().is_some_and(|e| !e.is_alive()) {
+        return Err(ApiError::Unavailable(ENGINE_DEAD.into()));
+    }
+    Ok(Json(json!({"status": "ok"})))
 }
 
-/// Readiness: 503 until the weights are loaded, and again while shutting down.
+/// Readiness: 503 until the weights are loaded, and again while shutting down or once the
+/// engine has died.
 pub async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let ready = state.ready()?;
     Ok(Json(json!({"status": "ready", "model": ready.model_name})))

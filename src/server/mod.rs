@@ -102,10 +102,15 @@ impl AppState {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable("The server is shutting down.".into()));
         }
-        self.ready
+        let ready = self
+            .ready
             .get()
             .cloned()
-            .ok_or_else(|| ApiError::Unavailable("The model is still loading.".into()))
+            .ok_or_else(|| ApiError::Unavailable("The model is still loading.".into()))?;
+        if !ready.engine.is_alive() {
+            return Err(ApiError::Unavailable(info::ENGINE_DEAD.into()));
+        }
+        Ok(ready)
     }
 
     fn model_label(&self) -> String {
@@ -207,8 +212,30 @@ async fn count_errors(State(state): State<AppState>, req: Request, next: Next) -
     response
 }
 
-/// Resolves on SIGTERM or Ctrl-C; then new requests get 503 and the engine drains within `grace`.
+/// Resolves on SIGTERM or Ctrl-C; then new requests get 503, work that has not started fails,
+/// the episode in flight is cancelled and decoding finishes within `grace`. The process is
+/// gone by `grace` plus half a second whatever still runs; a second signal exits at once.
 pub async fn shutdown_signal(state: AppState, grace: Duration) {
+    stop_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests for up to {grace:?}");
+    state.begin_shutdown();
+    if let Some(engine) = state.engine() {
+        tokio::spawn(async move { engine.shutdown(grace).await });
+    }
+    tokio::spawn(async {
+        stop_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    std::thread::spawn(move || {
+        std::thread::sleep(grace + Duration::from_millis(500));
+        tracing::warn!("the grace period is over: exiting");
+        std::process::exit(0);
+    });
+}
+
+/// SIGTERM or Ctrl-C.
+async fn stop_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -226,10 +253,5 @@ pub async fn shutdown_signal(state: AppState, grace: Duration) {
     tokio::select! {
         _ = ctrl_c => {},
         _ = terminate => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests for up to {grace:?}");
-    state.begin_shutdown();
-    if let Some(engine) = state.engine() {
-        tokio::spawn(async move { engine.shutdown(grace).await });
     }
 }

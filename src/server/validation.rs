@@ -320,9 +320,25 @@ fn common(
             "`stream_options` is only allowed when `stream` is true",
         ));
     }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(if prompts.len() == 1 {
+            ApiError::invalid("prompt", "the prompt is empty")
+        } else {
+            ApiError::invalid(
+                &format!("prompt[{i}]"),
+                format!("prompt {i} of the list is empty"),
+            )
+        });
+    }
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if longest == 0 {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    let adapt_cap = limits.adapt_defaults.max_prompt_tokens;
+    if choice.enabled && longest > adapt_cap {
+        return Err(ApiError::invalid(
+            "adaptation",
+            format!(
+                "adaptation takes prompts of at most {adapt_cap} tokens (adaptation.max_prompt_tokens); this one has {longest}"
+            ),
+        ));
     }
     if longest >= limits.max_model_len {
         return Err(ApiError::ContextLength(format!(

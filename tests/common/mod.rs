@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use ttrl_serve::model::{loader, LoadedModel};
+use ttrl_serve::model::{loader, Adapter, LoadedModel, LoraConfig, Model};
 
 pub const FAMILIES: [&str; 3] = ["llama", "qwen2", "qwen3"];
 
@@ -96,4 +96,35 @@ pub fn scratch_copy(family: &str, name: &str) -> PathBuf {
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
     dir
+}
+
+/// A fresh adapter has B = 0 (so A gets no gradient); give every tensor random values.
+pub fn randomized_adapter(model: &Model, dtype: DType) -> Adapter {
+    let adapter = Adapter::new(
+        "t",
+        LoraConfig {
+            rank: 4,
+            ..Default::default()
+        },
+        model.config(),
+        dtype,
+        model.device(),
+        1,
+    )
+    .unwrap();
+    let values: HashMap<String, Tensor> = adapter
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                (Tensor::randn(0f32, 0.1, t.dims(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()),
+            )
+        })
+        .collect();
+    adapter.set_tensors(&values).unwrap();
+    adapter
 }

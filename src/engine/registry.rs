@@ -1,0 +1,254 @@
+//! The adapters the engine serves and trains. A named adapter is either at rest (its learner:
+//! weights, optimizer, version) or out with the trainer, in which case serving keeps
+//! answering with a copy of the weights it had when the episode started.
+
+use std::collections::HashMap;
+
+use super::job::EngineError;
+use crate::adapt::store::AdapterStore;
+use crate::adapt::{AdaptConfig, Learner};
+use crate::model::lora::lora_dtype;
+use crate::model::{Adapter, LoraConfig, Model};
+use crate::telemetry as m;
+
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub version: u64,
+}
+
+enum Slot {
+    AtRest(Learner),
+    /// Out with the trainer: the weights (and version) requests use meanwhile.
+    Training {
+        serving: Adapter,
+        version: u64,
+    },
+}
+
+/// Ephemeral adapters live under names no request can spell.
+pub const EPHEMERAL_PREFIX: &str = "~ephemeral-";
+
+pub fn is_ephemeral(key: &str) -> bool {
+    key.starts_with(EPHEMERAL_PREFIX)
+}
+
+pub struct Registry {
+    slots: HashMap<String, Slot>,
+    store: Option<Box<dyn AdapterStore>>,
+    defaults: AdaptConfig,
+    model_label: String,
+}
+
+impl Registry {
+    /// Loads every stored adapter; one that fails to load is logged and left out.
+    pub fn load(
+        model: &Model,
+        model_label: String,
+        store: Option<Box<dyn AdapterStore>>,
+        defaults: AdaptConfig,
+    ) -> Self {
+        let mut slots = HashMap::new();
+        if let Some(store) = &store {
+            match store.load_all(model.config(), lora_dtype(model.dtype()), model.device()) {
+                Ok(stored) => {
+                    for s in stored {
+                        tracing::info!("loaded adapter `{}` version {}", s.name, s.version);
+                        match Learner::new(s.adapter, &defaults, s.version) {
+                            Ok(l) => {
+                                slots.insert(s.name, Slot::AtRest(l));
+                            }
+                            Err(e) => tracing::error!("adapter `{}`: {e}", s.name),
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("loading adapters: {e}"),
+            }
+        }
+        let registry = Self {
+            slots,
+            store,
+            defaults,
+            model_label,
+        };
+        for info in registry.list() {
+            registry.publish_version(&info.name, info.version);
+        }
+        registry
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.slots.contains_key(key)
+    }
+
+    pub fn is_training(&self, key: &str) -> bool {
+        matches!(self.slots.get(key), Some(Slot::Training { .. }))
+    }
+
+    /// The weights requests with this adapter decode with.
+    pub fn serving(&self, key: &str) -> Option<&Adapter> {
+        self.slots.get(key).map(|slot| match slot {
+            Slot::AtRest(l) => &l.adapter,
+            Slot::Training { serving, .. } => serving,
+        })
+    }
+
+    pub fn version_of(&self, key: &str) -> Option<u64> {
+        self.slots.get(key).map(|slot| match slot {
+            Slot::AtRest(l) => l.version,
+            Slot::Training { version, .. } => *version,
+        })
+    }
+
+    /// Hands the learner to the trainer, creating a fresh one (version 0) if the name is new.
+    /// A named adapter keeps serving a copy of its weights meanwhile; an ephemeral one is
+    /// used by nobody until it comes back.
+    pub fn check_out(
+        &mut self,
+        key: &str,
+        config: &AdaptConfig,
+        model: &Model,
+        seed: u64,
+    ) -> crate::Result<Learner> {
+        let learner = match self.slots.remove(key) {
+            Some(Slot::AtRest(l)) => l,
+            Some(training @ Slot::Training { .. }) => {
+                self.slots.insert(key.to_string(), training);
+                return Err(crate::Error::Adapter {
+                    name: key.into(),
+                    reason: "already training".into(),
+                });
+            }
+            None => Learner::new(fresh(key, config.lora.clone(), model, seed)?, config, 0)?,
+        };
+        if !is_ephemeral(key) {
+            let serving = learner.adapter.deep_copy()?;
+            let version = learner.version;
+            self.slots
+                .insert(key.to_string(), Slot::Training { serving, version });
+        }
+        Ok(learner)
+    }
+
+    /// Takes the learner back from the trainer. Returns false (and drops it) when the adapter
+    /// was replaced (reset, import) while it trained.
+    pub fn check_in(&mut self, key: &str, learner: Learner) -> bool {
+        if !is_ephemeral(key) && !self.is_training(key) {
+            return false;
+        }
+        self.slots.insert(key.to_string(), Slot::AtRest(learner));
+        true
+    }
+
+    /// The trainer lost the learner (its episode panicked): back to the serving copy, with
+    /// fresh optimizer moments.
+    pub fn recover(&mut self, key: &str) {
+        if let Some(Slot::Training { serving, version }) = self.slots.remove(key) {
+            match Learner::new(serving, &self.defaults, version) {
+                Ok(l) => {
+                    self.slots.insert(key.to_string(), Slot::AtRest(l));
+                }
+                Err(e) => tracing::error!("adapter `{key}` is lost: {e}"),
+            }
+        }
+    }
+
+    /// Saves a named adapter at rest (ephemeral ones are never saved).
+    pub fn save(&self, key: &str) -> crate::Result<()> {
+        if is_ephemeral(key) {
+            return Ok(());
+        }
+        if let (Some(Slot::AtRest(l)), Some(store)) = (self.slots.get(key), &self.store) {
+            store.save(&l.adapter, l.version)?;
+        }
+        self.publish_version(key, self.version_of(key).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Drops ephemeral adapters no request uses any more.
+    pub fn drop_unused_ephemeral(&mut self, in_use: &[&str]) {
+        self.slots
+            .retain(|k, _| !is_ephemeral(k) || in_use.contains(&k.as_str()));
+    }
+
+    pub fn list(&self) -> Vec<AdapterInfo> {
+        let mut list: Vec<AdapterInfo> = self
+            .slots
+            .keys()
+            .filter(|k| !is_ephemeral(k))
+            .map(|k| AdapterInfo {
+                name: k.clone(),
+                version: self.version_of(k).unwrap_or_default(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// A fresh adapter (version 0) under `name`, saved; replaces any, even one in training.
+    pub fn reset(&mut self, name: &str, model: &Model) -> Result<AdapterInfo, EngineError> {
+        let adapter = fresh(name, self.defaults.lora.clone(), model, 0)?;
+        self.install(adapter)
+    }
+
+    /// PEFT files from `dir` as the named adapter (version 0), saved.
+    pub fn import(
+        &mut self,
+        name: &str,
+        dir: &std::path::Path,
+        model: &Model,
+    ) -> Result<AdapterInfo, EngineError> {
+        let adapter = Adapter::load(
+            name,
+            dir,
+            model.config(),
+            lora_dtype(model.dtype()),
+            model.device(),
+        )?;
+        self.install(adapter)
+    }
+
+    /// Saves the adapter (the weights being served) and returns the folder of its PEFT files.
+    pub fn export(&self, name: &str) -> Result<std::path::PathBuf, EngineError> {
+        let (adapter, version) = match self.slots.get(name) {
+            Some(Slot::AtRest(l)) => (&l.adapter, l.version),
+            Some(Slot::Training { serving, version }) => (serving, *version),
+            None => return Err(EngineError::AdapterNotFound(name.into())),
+        };
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("no adapter store is configured".into()))?;
+        store.save(adapter, version)?;
+        Ok(store.path_of(name))
+    }
+
+    fn install(&mut self, adapter: Adapter) -> Result<AdapterInfo, EngineError> {
+        let name = adapter.name().to_string();
+        if let Some(store) = &self.store {
+            store.save(&adapter, 0)?;
+        }
+        let learner = Learner::new(adapter, &self.defaults, 0)?;
+        self.slots.insert(name.clone(), Slot::AtRest(learner));
+        self.publish_version(&name, 0);
+        Ok(AdapterInfo { name, version: 0 })
+    }
+
+    fn publish_version(&self, name: &str, version: u64) {
+        if !is_ephemeral(name) {
+            metrics::gauge!(m::ADAPTER_VERSION, "model" => self.model_label.clone(), "adapter" => name.to_string())
+                .set(version as f64);
+        }
+    }
+}
+
+fn fresh(name: &str, lora: LoraConfig, model: &Model, seed: u64) -> crate::Result<Adapter> {
+    Adapter::new(
+        name,
+        lora,
+        model.config(),
+        lora_dtype(model.dtype()),
+        model.device(),
+        seed,
+    )
+}

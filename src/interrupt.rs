@@ -1,0 +1,67 @@
+//! When long decode or training work must stop early: its clients all left, the server is shutting down, or it
+//! ran out of `max_episode_seconds`. Checked between slices of work (a rollout decode step, an
+//! update micro-batch), so an episode stops within one slice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct Interrupt {
+    cancelled: Arc<AtomicBool>,
+    deadline: Option<(Instant, Duration)>,
+}
+
+impl Interrupt {
+    /// Never fires on its own; [`Self::cancel`] still stops it.
+    pub fn never() -> Self {
+        Self::default()
+    }
+
+    /// Fires `limit` from now.
+    pub fn after(limit: Duration) -> Self {
+        Self {
+            cancelled: Arc::default(),
+            deadline: Some((Instant::now() + limit, limit)),
+        }
+    }
+
+    /// Stops the episode at its next check (clones share the flag).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    pub fn check(&self) -> Result<()> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            return Err(Error::Interrupted("the episode was cancelled".into()));
+        }
+        match self.deadline {
+            Some((at, limit)) if Instant::now() >= at => Err(Error::Interrupted(format!(
+                "the episode ran out of its {} s (adaptation.max_episode_seconds)",
+                limit.as_secs_f64()
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupt_fires_on_cancel_or_deadline_and_clones_share_the_flag() {
+        let i = Interrupt::never();
+        assert!(i.check().is_ok());
+        i.clone().cancel();
+        assert!(matches!(i.check(), Err(Error::Interrupted(_))));
+        let late = Interrupt::after(Duration::ZERO);
+        let Err(Error::Interrupted(why)) = late.check() else {
+            panic!("a zero deadline must fire");
+        };
+        assert!(why.contains("max_episode_seconds"), "{why}");
+        assert!(Interrupt::after(Duration::from_secs(60)).check().is_ok());
+    }
+}
