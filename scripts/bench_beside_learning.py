@@ -43,21 +43,19 @@ def main():
     args = ap.parse_args()
     questions = [json.loads(l)["question"] for l in DATA.read_text().splitlines()[: args.questions]]
     one(args.base, "", 4)  # warm-up
-    phase = {"name": "idle"}
     results, lock, stop = [], threading.Lock(), threading.Event()
 
     def client():
         while not stop.is_set():
-            name, started = phase["name"], time.time()
+            started = time.time()
             r = one(args.base, "", 128)
             with lock:
-                results.append((name, started, r))
+                results.append((started, time.time(), r))
 
     threads = [threading.Thread(target=client) for _ in range(args.clients)]
     for t in threads:
         t.start()
     time.sleep(args.idle_seconds)
-    phase["name"] = "adapting"
     batch_start = time.time()
     reports = [None] * len(questions)
 
@@ -69,15 +67,17 @@ def main():
         t.start()
     for t in askers:
         t.join()
-    batch_seconds = time.time() - batch_start
-    phase["name"] = "after"
+    batch_end = time.time()
+    batch_seconds = batch_end - batch_start
     stop.set()
     for t in threads:
         t.join()
     print(f"| {args.label} | phase | plain requests | TTFT s p50 / p99 | TPOT s p50 / p99 |")
     print("|---|---|---|---|---|")
-    for name in ("idle", "adapting"):
-        rs = [r for n, s, r in results if n == name and (name == "idle" or s < batch_start + batch_seconds)]
+    # Idle: finished before the batch began. Adapting: ran (at least partly) while it ran.
+    phases = {"idle": lambda s, e: e < batch_start, "adapting": lambda s, e: s < batch_end and e > batch_start}
+    for name, during in phases.items():
+        rs = [r for s, e, r in results if during(s, e)]
         if not rs:
             print(f"| {args.label} | {name} | 0 | - | - |")
             continue

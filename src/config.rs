@@ -50,6 +50,10 @@ pub struct ServerSettings {
     pub shutdown_grace_seconds: u64,
     /// Bearer token for /admin/*; unset disables the admin API.
     pub admin_api_key: Option<String>,
+    /// A TOML file of `[[key]]` tables (`key`, `tenant`, `rights` from "infer", "adapt",
+    /// "train") that `/v1/*` requires; unset leaves inference open (loopback only, unless
+    /// `--allow-unauthenticated`).
+    pub api_keys_file: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -60,6 +64,7 @@ impl Default for ServerSettings {
             body_limit_bytes: 4 << 20,
             shutdown_grace_seconds: 30,
             admin_api_key: None,
+            api_keys_file: None,
         }
     }
 }
@@ -74,6 +79,9 @@ pub struct EngineSettings {
     /// Where named adapters are saved (one folder each) and reloaded from at start;
     /// unset = `$XDG_DATA_HOME/ttrl-serve/adapters` (or `~/.local/share/...`).
     pub data_dir: Option<String>,
+    /// Versions of each named adapter kept on disk (the current one included), for
+    /// `POST /admin/adapters/{name}/rollback?version=K`.
+    pub keep_versions: usize,
     /// KV-cache bytes running requests may reserve (n x (prompt + max_tokens) positions);
     /// one that would go over waits. Unset: on a GPU `kv_cache_gpu_fraction` of the memory
     /// free after loading, on the CPU no budget beyond `max_batch`.
@@ -96,6 +104,7 @@ impl Default for EngineSettings {
             max_batch: 32,
             max_waiting: 256,
             data_dir: None,
+            keep_versions: 3,
             kv_cache_bytes: None,
             kv_cache_gpu_fraction: 0.5,
             trainer_nice: 10,

@@ -20,11 +20,13 @@ impl Interrupt {
         Self::default()
     }
 
-    /// Fires `limit` from now.
-    pub fn after(limit: Duration) -> Self {
+    /// Fires `seconds` from now (never, if that is beyond what a clock can hold; at once if
+    /// it is not a positive number).
+    pub fn after_seconds(seconds: f64) -> Self {
+        let limit = Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or(Duration::MAX);
         Self {
             cancelled: Arc::default(),
-            deadline: Some((Instant::now() + limit, limit)),
+            deadline: Instant::now().checked_add(limit).map(|at| (at, limit)),
         }
     }
 
@@ -57,11 +59,13 @@ mod tests {
         assert!(i.check().is_ok());
         i.clone().cancel();
         assert!(matches!(i.check(), Err(Error::Interrupted(_))));
-        let late = Interrupt::after(Duration::ZERO);
+        let late = Interrupt::after_seconds(0.0);
         let Err(Error::Interrupted(why)) = late.check() else {
             panic!("a zero deadline must fire");
         };
         assert!(why.contains("max_episode_seconds"), "{why}");
-        assert!(Interrupt::after(Duration::from_secs(60)).check().is_ok());
+        assert!(Interrupt::after_seconds(60.0).check().is_ok());
+        assert!(Interrupt::after_seconds(f64::INFINITY).check().is_ok());
+        assert!(Interrupt::after_seconds(-1.0).check().is_err());
     }
 }

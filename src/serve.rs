@@ -12,7 +12,9 @@ use clap::Args;
 use ttrl_serve::adapt::store::LocalDirStore;
 use ttrl_serve::config::Settings;
 use ttrl_serve::engine::{Engine, EngineConfig, Faults};
+use ttrl_serve::model::lora::max_import_bytes;
 use ttrl_serve::model::memory;
+use ttrl_serve::server::auth::ApiKeys;
 use ttrl_serve::server::{self, AppState, HttpLimits, Ready};
 use ttrl_serve::telemetry;
 
@@ -48,6 +50,12 @@ pub struct ServeArgs {
     /// Bearer token that unlocks /admin/*.
     #[arg(long, env = "TTRL_ADMIN_API_KEY")]
     admin_api_key: Option<String>,
+    /// A TOML file of API keys (tenant and rights each) that /v1/* then requires.
+    #[arg(long, env = "TTRL_API_KEYS_FILE")]
+    api_keys_file: Option<String>,
+    /// Serve inference without API keys on a non-loopback address.
+    #[arg(long, env = "TTRL_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
 }
 
 impl ServeArgs {
@@ -73,6 +81,9 @@ impl ServeArgs {
         if let Some(v) = &self.admin_api_key {
             s.server.admin_api_key = Some(v.clone());
         }
+        if let Some(v) = &self.api_keys_file {
+            s.server.api_keys_file = Some(v.clone());
+        }
         Ok(s)
     }
 }
@@ -82,6 +93,26 @@ const ENGINE_DEATH_EXIT_DELAY: Duration = Duration::from_secs(2);
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let settings = args.settings()?;
+    if settings.server.api_keys_file.is_none() {
+        let loopback = settings
+            .server
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+            || settings.server.host == "localhost";
+        if !loopback && !args.allow_unauthenticated {
+            anyhow::bail!(
+                "refusing to serve inference without API keys on {}: set server.api_keys_file \
+                 (or --api-keys-file), or pass --allow-unauthenticated",
+                settings.server.host
+            );
+        }
+        tracing::warn!(
+            "no API keys: anyone who can reach {}:{} may infer, adapt and train named adapters",
+            settings.server.host,
+            settings.server.port
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -112,7 +143,13 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let prometheus = telemetry::install_recorder()?;
-    let state = AppState::new(prometheus, settings.server.admin_api_key.clone());
+    let api_keys = settings
+        .server
+        .api_keys_file
+        .as_deref()
+        .map(|path| ApiKeys::load(std::path::Path::new(path)))
+        .transpose()?;
+    let state = AppState::new(prometheus, settings.server.admin_api_key.clone(), api_keys);
     let limits = HttpLimits {
         body_limit_bytes: settings.server.body_limit_bytes,
     };
@@ -152,6 +189,7 @@ where
             b as f64 / (1 << 20) as f64
         ))
     );
+    let import_limit_bytes = max_import_bytes(loaded.model.config());
     let per_position = memory::kv_bytes_per_token(loaded.model.config(), loaded.model.dtype());
     let kv_cache_positions = kv_cache_bytes.map(|b| b / per_position);
     let engine_config = EngineConfig {
@@ -165,7 +203,7 @@ where
         },
     };
     let adapters_dir = settings.engine.adapters_dir();
-    let store = LocalDirStore::new(adapters_dir.clone(), &name)
+    let store = LocalDirStore::new(adapters_dir.clone(), &name, settings.engine.keep_versions)
         .with_context(|| format!("opening the adapter folder {}", adapters_dir.display()))?;
     tracing::info!("adapters live in {}", adapters_dir.display());
     let engine = Engine::start(
@@ -184,6 +222,7 @@ where
         max_model_len,
         kv_cache_positions,
         adapt_defaults: settings.adaptation.clone(),
+        import_limit_bytes,
     });
     tracing::info!("ready: serving `{name}` (context {max_model_len} tokens)");
     // A dead engine cannot be revived in process: say so on /health and /ready for a moment,

@@ -25,6 +25,8 @@ pub const ADAPTATION_ROLLOUT_BATCH: &str = "ttrl_adaptation_rollout_batch_sequen
 /// 1 while an episode is out with the trainer.
 pub const ADAPTATION_RUNNING: &str = "ttrl_adaptation_episodes_running";
 pub const ADAPTER_VERSION: &str = "ttrl_adapter_version";
+/// Adapter versions that did not load at start and were renamed aside.
+pub const ADAPTERS_QUARANTINED: &str = "ttrl_adapters_quarantined_total";
 /// Device memory by `kind`: weights, kv_cache, adaptation_peak (the name the GPU build is
 /// watched by; on the CPU the same accounting in host memory).
 pub const GPU_MEMORY: &str = "ttrl_gpu_memory_bytes";

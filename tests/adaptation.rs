@@ -225,15 +225,28 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     let list: Value = admin_get(&server, "/admin/adapters").into_json().unwrap();
     assert_eq!(list["data"][0]["version"], 2);
 
-    // Reset: back to version 0, which is the base model again.
-    let r = ureq::post(&server.url("/admin/adapters/team/reset"))
-        .set("authorization", "Bearer secret")
-        .call()
-        .unwrap();
-    assert_eq!(r.into_json::<Value>().unwrap()["version"], 0);
+    // Reset: a fresh adapter (the base model again), published as the next version.
+    let admin_post = |path: &str| -> Value {
+        ureq::post(&server.url(path))
+            .set("authorization", "Bearer secret")
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    assert_eq!(admin_post("/admin/adapters/team/reset")["version"], 3);
     assert_eq!(
         logprobs(&ask(&server, &format!("{MODEL}:team"), Value::Null)),
         base_before
+    );
+    // Rollback: version 2's weights come back, as version 4.
+    assert_eq!(
+        admin_post("/admin/adapters/team/rollback?version=2")["version"],
+        4
+    );
+    assert_eq!(
+        logprobs(&ask(&server, &format!("{MODEL}:team"), Value::Null)),
+        with_adapter
     );
 }
 

@@ -16,6 +16,10 @@ mod real_model;
 mod server;
 // Serving beside learning: episodes off the decode loop, bounds, faults, shutdown.
 mod beside_learning;
+// Adapters survive kill -9, full disks, corrupt files and hostile imports.
+mod durability;
+// API keys, rights and tenants that own their adapters.
+mod tenancy;
 // The OpenAPI document against the router and real responses.
 mod openapi;
 // Test-time adaptation over HTTP and in-process on the default model.

@@ -1,14 +1,23 @@
 //! Where named adapters live between batches and across restarts. A small trait, so a
 //! shared object store can replace the local directory when several replicas serve one
-//! tenant's adapter; every save is atomic (a crash keeps the previous version whole).
+//! tenant's adapter.
+//!
+//! The local store keeps every version in its own folder and a `CURRENT` pointer file:
+//! a version is written and fsynced in a temp folder, renamed into place, and only then made
+//! current by an atomic replace of the pointer (fsynced, and the folder too). At every
+//! instant some complete version is current, so a crash at any moment loses nothing that was
+//! reported to a client. At start, leftovers of interrupted saves are removed and a version
+//! that does not load is quarantined (renamed aside) in favour of the previous good one.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::lora::write_synced;
 use crate::model::{Adapter, ModelConfig};
+use crate::telemetry as m;
 
 /// A stored adapter: its tensors and the version that produced them.
 pub struct StoredAdapter {
@@ -17,20 +26,36 @@ pub struct StoredAdapter {
     pub version: u64,
 }
 
+/// What a start found on disk.
+#[derive(Default)]
+pub struct Loaded {
+    pub adapters: Vec<StoredAdapter>,
+    /// Names on disk with no loadable version, and why: never to be replaced by a fresh one.
+    pub unloadable: Vec<(String, String)>,
+}
+
 pub trait AdapterStore: Send {
+    /// Writes `version` durably and makes it current.
     fn save(&self, adapter: &Adapter, version: u64) -> Result<()>;
-    fn load_all(
+    /// Every adapter at its current (or last good) version.
+    fn load_all(&self, model: &ModelConfig, dtype: DType, device: &Device) -> Result<Loaded>;
+    /// One stored version, for a rollback.
+    fn load_version(
         &self,
+        name: &str,
+        version: u64,
         model: &ModelConfig,
         dtype: DType,
         device: &Device,
-    ) -> Result<Vec<StoredAdapter>>;
-    fn remove(&self, name: &str) -> Result<()>;
-    /// The folder holding one adapter's PEFT files, for export.
-    fn path_of(&self, name: &str) -> PathBuf;
+    ) -> Result<Adapter>;
+    /// Whether anything is stored under `name`.
+    fn exists(&self, name: &str) -> bool;
+    /// The folder holding the current version's PEFT files, for export.
+    fn path_of(&self, name: &str) -> Result<PathBuf>;
 }
 
 const META_FILE: &str = "ttrl_adapter.json";
+const CURRENT: &str = "CURRENT";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Meta {
@@ -48,102 +73,291 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// `<root>/<name>/{adapter_model.safetensors, adapter_config.json, ttrl_adapter.json}`.
+/// A stored adapter's key: a valid name, or `<tenant>@<name>` with both valid names.
+pub fn valid_key(key: &str) -> bool {
+    match key.split_once('@') {
+        Some((tenant, name)) => valid_name(tenant) && valid_name(name),
+        None => valid_name(key),
+    }
+}
+
+/// `<root>/<name>/CURRENT` names the current `<root>/<name>/v<N>/` (PEFT files plus
+/// `ttrl_adapter.json`); the last `keep_versions` versions stay.
 pub struct LocalDirStore {
     root: PathBuf,
     base_model: String,
+    keep_versions: usize,
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn adapter_error(name: &str, reason: impl ToString) -> Error {
+    Error::Adapter {
+        name: name.into(),
+        reason: reason.to_string(),
+    }
 }
 
 impl LocalDirStore {
-    pub fn new(root: PathBuf, base_model: &str) -> Result<Self> {
+    pub fn new(root: PathBuf, base_model: &str, keep_versions: usize) -> Result<Self> {
         std::fs::create_dir_all(&root)?;
         Ok(Self {
             root,
             base_model: base_model.into(),
+            keep_versions: keep_versions.max(1),
         })
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn version_dir(&self, name: &str, version: u64) -> PathBuf {
+        self.dir(name).join(format!("v{version}"))
+    }
+
+    fn current(&self, name: &str) -> Option<u64> {
+        std::fs::read_to_string(self.dir(name).join(CURRENT))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    }
+
+    /// Stored versions, newest first.
+    fn versions(&self, name: &str) -> Vec<u64> {
+        let mut versions: Vec<u64> = std::fs::read_dir(self.dir(name))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.parse().ok())
+            .collect();
+        versions.sort_unstable_by(|a, b| b.cmp(a));
+        versions
+    }
+
+    fn set_current(&self, name: &str, version: u64) -> Result<()> {
+        let dir = self.dir(name);
+        let tmp = dir.join(format!("{CURRENT}.tmp"));
+        write_synced(&tmp, format!("{version}\n").as_bytes())?;
+        std::fs::rename(&tmp, dir.join(CURRENT))?;
+        sync_dir(&dir)?;
+        Ok(())
+    }
+
+    fn read_version(
+        &self,
+        name: &str,
+        version: u64,
+        model: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Adapter> {
+        let dir = self.version_dir(name, version);
+        let meta: Meta = std::fs::read_to_string(dir.join(META_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .ok_or_else(|| adapter_error(name, format!("no readable {META_FILE} in v{version}")))?;
+        if meta.version != version {
+            return Err(adapter_error(
+                name,
+                format!("v{version} says it is version {}", meta.version),
+            ));
+        }
+        Adapter::load(name, &dir, model, dtype, device)
+    }
+
+    /// Moves a version that does not load aside, where an operator can look at it.
+    fn quarantine(&self, name: &str, version: u64, why: &str) {
+        let from = self.version_dir(name, version);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let to = self
+            .dir(name)
+            .join(format!("quarantine-v{version}-{stamp}"));
+        tracing::error!(
+            "adapter `{name}` v{version} does not load ({why}); quarantined as {}",
+            to.display()
+        );
+        metrics::counter!(m::ADAPTERS_QUARANTINED).increment(1);
+        if let Err(e) = std::fs::rename(&from, &to) {
+            tracing::error!("quarantining {}: {e}", from.display());
+        }
+    }
+
+    /// Loads one adapter's newest good version at or below its pointer, after removing the
+    /// leftovers of interrupted saves.
+    fn recover(
+        &self,
+        name: &str,
+        model: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<StoredAdapter> {
+        let dir = self.dir(name);
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file.starts_with('.') || file == format!("{CURRENT}.tmp") {
+                let _ = std::fs::remove_dir_all(entry.path())
+                    .or_else(|_| std::fs::remove_file(entry.path()));
+            }
+        }
+        self.migrate_flat_layout(name)?;
+        let pointer = self.current(name);
+        let mut last_error = "no stored version".to_string();
+        for version in self.versions(name) {
+            if pointer.is_some_and(|p| version > p) {
+                // Renamed into place but never made current: no client was told of it.
+                let _ = std::fs::remove_dir_all(self.version_dir(name, version));
+                continue;
+            }
+            match self.read_version(name, version, model, dtype, device) {
+                Ok(adapter) => {
+                    if pointer != Some(version) {
+                        self.set_current(name, version)?;
+                    }
+                    return Ok(StoredAdapter {
+                        name: name.into(),
+                        adapter,
+                        version,
+                    });
+                }
+                Err(e) => {
+                    last_error = e.to_string();
+                    self.quarantine(name, version, &last_error);
+                }
+            }
+        }
+        Err(adapter_error(name, last_error))
+    }
+
+    /// Folders written before versions existed hold the PEFT files directly: they become
+    /// their version's folder, made current.
+    fn migrate_flat_layout(&self, name: &str) -> Result<()> {
+        let dir = self.dir(name);
+        if !dir.join(META_FILE).exists() || dir.join(CURRENT).exists() {
+            return Ok(());
+        }
+        let version = std::fs::read_to_string(dir.join(META_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Meta>(&t).ok())
+            .map_or(0, |m| m.version);
+        let target = self.version_dir(name, version);
+        std::fs::create_dir_all(&target)?;
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            if entry.path().is_file() {
+                std::fs::rename(entry.path(), target.join(entry.file_name()))?;
+            }
+        }
+        sync_dir(&target)?;
+        sync_dir(&dir)?;
+        self.set_current(name, version)
+    }
+
+    /// Keeps the newest `keep_versions` (the current one always among them).
+    fn prune(&self, name: &str, current: u64) {
+        for version in self
+            .versions(name)
+            .into_iter()
+            .filter(|&v| v < current)
+            .skip(self.keep_versions - 1)
+        {
+            let _ = std::fs::remove_dir_all(self.version_dir(name, version));
+        }
     }
 }
 
 impl AdapterStore for LocalDirStore {
     fn save(&self, adapter: &Adapter, version: u64) -> Result<()> {
-        if !valid_name(adapter.name()) {
-            return Err(Error::Adapter {
-                name: adapter.name().into(),
-                reason: "invalid adapter name".into(),
-            });
+        let name = adapter.name();
+        if !valid_key(name) {
+            return Err(adapter_error(name, "invalid adapter name"));
+        }
+        if self.current(name) == Some(version) {
+            return Ok(()); // already durable
+        }
+        let dir = self.dir(name);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir)?;
+            sync_dir(&self.root)?;
         }
         let meta = serde_json::to_string(&Meta {
-            name: adapter.name().into(),
+            name: name.into(),
             version,
         })
-        .map_err(|e| Error::Adapter {
-            name: adapter.name().into(),
-            reason: e.to_string(),
-        })?;
-        adapter.save(
-            &self.path_of(adapter.name()),
-            Some(&self.base_model),
-            &[(META_FILE, meta)],
-        )
-    }
-
-    fn load_all(
-        &self,
-        model: &ModelConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Vec<StoredAdapter>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.root)? {
-            let path = entry?.path();
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .map(str::to_string)
-            else {
-                continue;
-            };
-            // Temp and old folders of an interrupted save start with a dot.
-            if !valid_name(&name) || !path.is_dir() {
-                continue;
-            }
-            let meta: Meta = match std::fs::read_to_string(path.join(META_FILE))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-            {
-                Some(m) => m,
-                None => {
-                    tracing::warn!("skipping {}: no readable {META_FILE}", path.display());
-                    continue;
-                }
-            };
-            let adapter = Adapter::load(&name, &path, model, dtype, device)?;
-            out.push(StoredAdapter {
-                name,
-                adapter,
-                version: meta.version,
-            });
+        .map_err(|e| adapter_error(name, e))?;
+        let tmp = dir.join(format!(".v{version}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let written = adapter
+            .write_files(&tmp, Some(&self.base_model), &[(META_FILE, meta)])
+            .and_then(|()| Ok(sync_dir(&tmp)?));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    fn remove(&self, name: &str) -> Result<()> {
-        let path = self.path_of(name);
-        if path.exists() {
-            std::fs::remove_dir_all(path)?;
-        }
+        let target = self.version_dir(name, version);
+        let _ = std::fs::remove_dir_all(&target); // a never-current leftover
+        std::fs::rename(&tmp, &target)?;
+        sync_dir(&dir)?;
+        self.set_current(name, version)?;
+        self.prune(name, version);
         Ok(())
     }
 
-    fn path_of(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    fn load_all(&self, model: &ModelConfig, dtype: DType, device: &Device) -> Result<Loaded> {
+        let mut loaded = Loaded::default();
+        for entry in std::fs::read_dir(&self.root)?.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(String::from) else {
+                continue;
+            };
+            if !valid_key(&name) || !path.is_dir() {
+                continue;
+            }
+            match self.recover(&name, model, dtype, device) {
+                Ok(stored) => loaded.adapters.push(stored),
+                Err(e) => {
+                    tracing::error!("adapter `{name}` cannot be served: {e}");
+                    loaded.unloadable.push((name, e.to_string()));
+                }
+            }
+        }
+        loaded.adapters.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(loaded)
+    }
+
+    fn load_version(
+        &self,
+        name: &str,
+        version: u64,
+        model: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Adapter> {
+        if !self.versions(name).contains(&version) {
+            return Err(adapter_error(name, format!("no stored version {version}")));
+        }
+        self.read_version(name, version, model, dtype, device)
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        valid_key(name) && self.dir(name).is_dir()
+    }
+
+    fn path_of(&self, name: &str) -> Result<PathBuf> {
+        let version = self
+            .current(name)
+            .ok_or_else(|| adapter_error(name, "nothing stored"))?;
+        Ok(self.version_dir(name, version))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::valid_name;
+    use super::*;
+    use crate::model::config::ModelConfig;
+    use crate::model::LoraConfig;
 
     #[test]
     fn adapter_names_are_safe_folder_names() {
@@ -152,5 +366,95 @@ mod tests {
             !valid_name("") && !valid_name("../x") && !valid_name(".hidden") && !valid_name("a/b")
         );
         assert!(!valid_name(&"x".repeat(65)));
+        assert!(!valid_name("acme@team") && valid_key("acme@team") && valid_key("team"));
+        assert!(!valid_key("acme@") && !valid_key("@team") && !valid_key("a@b@c"));
+    }
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::from_hf_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}"#,
+        )
+        .unwrap()
+    }
+
+    fn adapter(config: &ModelConfig, seed: u64) -> Adapter {
+        let lora = LoraConfig {
+            rank: 2,
+            ..Default::default()
+        };
+        Adapter::new("a", lora, config, DType::F32, &Device::Cpu, seed).unwrap()
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ttrl-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn the_newest_good_version_loads_and_a_corrupt_one_is_quarantined() {
+        let config = tiny();
+        let root = scratch("corrupt");
+        let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
+        for v in 1..=4 {
+            store.save(&adapter(&config, v), v).unwrap();
+        }
+        // Kept: the newest three.
+        assert_eq!(store.versions("a"), vec![4, 3, 2]);
+        std::fs::write(root.join("a/v4/adapter_model.safetensors"), b"garbage").unwrap();
+        // Leftovers of an interrupted save: a temp folder and an orphan newer than CURRENT.
+        std::fs::create_dir_all(root.join("a/.v5.tmp")).unwrap();
+        std::fs::create_dir_all(root.join("a/v9")).unwrap();
+        let loaded = store.load_all(&config, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.adapters.len(), 1);
+        assert_eq!(loaded.adapters[0].version, 3);
+        assert_eq!(store.current("a"), Some(3));
+        let names: Vec<String> = std::fs::read_dir(root.join("a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("quarantine-v4-")),
+            "{names:?}"
+        );
+        assert!(
+            !names.iter().any(|n| n == ".v5.tmp" || n == "v9"),
+            "{names:?}"
+        );
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn a_name_with_no_loadable_version_is_reported_not_dropped() {
+        let config = tiny();
+        let root = scratch("unloadable");
+        let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
+        store.save(&adapter(&config, 1), 1).unwrap();
+        std::fs::write(root.join("a/v1/adapter_config.json"), b"{").unwrap();
+        let loaded = store.load_all(&config, DType::F32, &Device::Cpu).unwrap();
+        assert!(loaded.adapters.is_empty());
+        assert_eq!(loaded.unloadable.len(), 1);
+        assert!(store.exists("a"));
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn a_folder_of_the_flat_layout_becomes_its_version() {
+        let config = tiny();
+        let root = scratch("flat");
+        let a = adapter(&config, 7);
+        a.write_files(
+            &root.join("a"),
+            None,
+            &[(META_FILE, r#"{"name":"a","version":5}"#.into())],
+        )
+        .unwrap();
+        let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
+        let loaded = store.load_all(&config, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.adapters[0].version, 5);
+        assert_eq!(store.current("a"), Some(5));
+        let _ = std::fs::remove_dir_all(root);
     }
 }

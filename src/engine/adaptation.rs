@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::admission::Queued;
 use super::job::{AdaptRequest, AdaptationReport, EngineError, Event, TreeLeaf};
-use super::registry::{is_ephemeral, EPHEMERAL_PREFIX};
+use super::registry::{is_ephemeral, CheckIn, EPHEMERAL_PREFIX};
 use super::scheduler::Scheduler;
 use super::trainer::{EpisodeDone, EpisodeOutcome, EpisodeTask};
 use crate::adapt::{AdaptConfig, EpisodeLimits, EpisodeReport};
@@ -133,7 +133,7 @@ impl Scheduler {
             .collect();
         let longest = questions.iter().map(|q| q.prompt.len()).max().unwrap_or(0);
         let sequences = (questions.len() * config.samples).min(self.max_batch);
-        let interrupt = Interrupt::after(Duration::from_secs_f64(config.max_episode_seconds));
+        let interrupt = Interrupt::after_seconds(config.max_episode_seconds);
         let version_before = learner.version;
         let task = EpisodeTask {
             learner,
@@ -146,7 +146,7 @@ impl Scheduler {
             config,
         };
         if let Err(task) = self.trainer.submit(task) {
-            self.adapters.check_in(&episode.key, task.learner);
+            self.adapters.check_in(&episode.key, task.learner, false);
             for queued in episode.jobs {
                 queued.fail(EngineError::Internal("the trainer has stopped".into()));
             }
@@ -187,14 +187,21 @@ impl Scheduler {
         let named = request.adapter.clone();
         let (report, answer_with) = match (done.outcome, done.learner) {
             (EpisodeOutcome::Finished(mut report), Some(learner)) => {
-                if !self.adapters.check_in(&key, learner) {
-                    report.applied = false;
-                    report.note = Some("the adapter was reset or replaced while it trained".into());
-                } else if report.applied {
-                    if let Err(e) = self.adapters.save(&key) {
-                        tracing::error!("saving adapter `{key}`: {e}");
+                match self.adapters.check_in(&key, learner, report.applied) {
+                    CheckIn::Kept if report.applied => self.weights_changed(&key),
+                    CheckIn::Kept => {}
+                    CheckIn::Replaced => {
+                        report.applied = false;
+                        report.note =
+                            Some("the adapter was reset or replaced while it trained".into());
                     }
-                    self.weights_changed(&key);
+                    CheckIn::NotSaved(why) => {
+                        report.applied = false;
+                        report.note = Some(format!(
+                            "not applied: the new version could not be saved ({why}); \
+                             answered with the version before"
+                        ));
+                    }
                 }
                 self.record_episode(&report);
                 (report, Some(key.clone()))
@@ -204,7 +211,7 @@ impl Scheduler {
                 let answer_with = if is_ephemeral(&key) {
                     None
                 } else {
-                    self.adapters.check_in(&key, learner);
+                    self.adapters.check_in(&key, learner, false);
                     Some(key.clone())
                 };
                 let report = EpisodeReport {
@@ -227,7 +234,7 @@ impl Scheduler {
                 tracing::error!("adaptation failed: {error}");
                 match learner {
                     Some(l) if !is_ephemeral(&key) => {
-                        self.adapters.check_in(&key, l);
+                        self.adapters.check_in(&key, l, false);
                     }
                     _ => self.adapters.recover(&key),
                 }

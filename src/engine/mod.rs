@@ -185,6 +185,15 @@ impl Engine {
         self.ask(|tx| AdminCommand::Import(name, dir, tx)).await
     }
 
+    pub async fn rollback_adapter(
+        &self,
+        name: String,
+        version: u64,
+    ) -> Result<Result<AdapterInfo, EngineError>, SubmitError> {
+        self.ask(|tx| AdminCommand::Rollback(name, version, tx))
+            .await
+    }
+
     /// Fails work that has not started, cancels the episode in flight, lets decoding finish
     /// within `grace`, aborts the rest, and waits for the thread.
     pub async fn shutdown(&self, grace: Duration) {

@@ -33,8 +33,20 @@ pub fn is_ephemeral(key: &str) -> bool {
     key.starts_with(EPHEMERAL_PREFIX)
 }
 
+/// What became of a learner handed back by the trainer.
+pub enum CheckIn {
+    Kept,
+    /// The adapter was reset or replaced while it trained: the learner is dropped.
+    Replaced,
+    /// Its new version could not be saved: the adapter is back at the version before the
+    /// episode (the last one any client was told of).
+    NotSaved(String),
+}
+
 pub struct Registry {
     slots: HashMap<String, Slot>,
+    /// Names stored on disk that did not load at start: never replaced by a fresh adapter.
+    unloadable: HashMap<String, String>,
     store: Option<Box<dyn AdapterStore>>,
     defaults: AdaptConfig,
     model_label: String,
@@ -49,10 +61,12 @@ impl Registry {
         defaults: AdaptConfig,
     ) -> Self {
         let mut slots = HashMap::new();
+        let mut unloadable = HashMap::new();
         if let Some(store) = &store {
             match store.load_all(model.config(), lora_dtype(model.dtype()), model.device()) {
-                Ok(stored) => {
-                    for s in stored {
+                Ok(loaded) => {
+                    unloadable.extend(loaded.unloadable);
+                    for s in loaded.adapters {
                         tracing::info!("loaded adapter `{}` version {}", s.name, s.version);
                         match Learner::new(s.adapter, &defaults, s.version) {
                             Ok(l) => {
@@ -67,6 +81,7 @@ impl Registry {
         }
         let registry = Self {
             slots,
+            unloadable,
             store,
             defaults,
             model_label,
@@ -119,7 +134,18 @@ impl Registry {
                     reason: "already training".into(),
                 });
             }
-            None => Learner::new(fresh(key, config.lora.clone(), model, seed)?, config, 0)?,
+            None => {
+                if let Some(why) = self.unloadable.get(key) {
+                    return Err(crate::Error::Adapter {
+                        name: key.into(),
+                        reason: format!(
+                            "stored on disk but does not load ({why}); it is not replaced by a \
+                             fresh adapter: reset or import it through the admin API"
+                        ),
+                    });
+                }
+                Learner::new(fresh(key, config.lora.clone(), model, seed)?, config, 0)?
+            }
         };
         if !is_ephemeral(key) {
             let serving = learner.adapter.deep_copy()?;
@@ -130,14 +156,36 @@ impl Registry {
         Ok(learner)
     }
 
-    /// Takes the learner back from the trainer. Returns false (and drops it) when the adapter
-    /// was replaced (reset, import) while it trained.
-    pub fn check_in(&mut self, key: &str, learner: Learner) -> bool {
-        if !is_ephemeral(key) && !self.is_training(key) {
-            return false;
+    /// Takes the learner back from the trainer. A named adapter whose episode changed it is
+    /// saved before anyone is told its new version.
+    pub fn check_in(&mut self, key: &str, learner: Learner, changed: bool) -> CheckIn {
+        if is_ephemeral(key) {
+            self.slots.insert(key.to_string(), Slot::AtRest(learner));
+            return CheckIn::Kept;
         }
+        if !self.is_training(key) {
+            return CheckIn::Replaced;
+        }
+        let Some(Slot::Training { serving, version }) = self.slots.remove(key) else {
+            unreachable!("checked just above");
+        };
+        if changed {
+            if let Some(store) = &self.store {
+                if let Err(e) = store.save(&learner.adapter, learner.version) {
+                    tracing::error!("saving adapter `{key}`: {e}");
+                    match Learner::new(serving, &self.defaults, version) {
+                        Ok(l) => {
+                            self.slots.insert(key.to_string(), Slot::AtRest(l));
+                        }
+                        Err(e) => tracing::error!("adapter `{key}` is lost: {e}"),
+                    }
+                    return CheckIn::NotSaved(e.to_string());
+                }
+            }
+        }
+        self.publish_version(key, learner.version);
         self.slots.insert(key.to_string(), Slot::AtRest(learner));
-        true
+        CheckIn::Kept
     }
 
     /// The trainer lost the learner (its episode panicked): back to the serving copy, with
@@ -151,18 +199,6 @@ impl Registry {
                 Err(e) => tracing::error!("adapter `{key}` is lost: {e}"),
             }
         }
-    }
-
-    /// Saves a named adapter at rest (ephemeral ones are never saved).
-    pub fn save(&self, key: &str) -> crate::Result<()> {
-        if is_ephemeral(key) {
-            return Ok(());
-        }
-        if let (Some(Slot::AtRest(l)), Some(store)) = (self.slots.get(key), &self.store) {
-            store.save(&l.adapter, l.version)?;
-        }
-        self.publish_version(key, self.version_of(key).unwrap_or_default());
-        Ok(())
     }
 
     /// Drops ephemeral adapters no request uses any more.
@@ -185,13 +221,14 @@ impl Registry {
         list
     }
 
-    /// A fresh adapter (version 0) under `name`, saved; replaces any, even one in training.
+    /// A fresh adapter under `name` as its next version, saved; replaces any, even one in
+    /// training.
     pub fn reset(&mut self, name: &str, model: &Model) -> Result<AdapterInfo, EngineError> {
         let adapter = fresh(name, self.defaults.lora.clone(), model, 0)?;
         self.install(adapter)
     }
 
-    /// PEFT files from `dir` as the named adapter (version 0), saved.
+    /// PEFT files from `dir` as the named adapter's next version, saved.
     pub fn import(
         &mut self,
         name: &str,
@@ -220,18 +257,45 @@ impl Registry {
             .as_ref()
             .ok_or_else(|| EngineError::Invalid("no adapter store is configured".into()))?;
         store.save(adapter, version)?;
-        Ok(store.path_of(name))
+        Ok(store.path_of(name)?)
     }
 
+    /// A stored version's weights, published as the adapter's next version.
+    pub fn rollback(
+        &mut self,
+        name: &str,
+        version: u64,
+        model: &Model,
+    ) -> Result<AdapterInfo, EngineError> {
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("no adapter store is configured".into()))?;
+        if !store.exists(name) {
+            return Err(EngineError::AdapterNotFound(name.into()));
+        }
+        let adapter = store.load_version(
+            name,
+            version,
+            model.config(),
+            lora_dtype(model.dtype()),
+            model.device(),
+        )?;
+        self.install(adapter)
+    }
+
+    /// Versions only grow, so no client ever sees an older number for newer weights.
     fn install(&mut self, adapter: Adapter) -> Result<AdapterInfo, EngineError> {
         let name = adapter.name().to_string();
+        let version = self.version_of(&name).map_or(0, |v| v + 1);
         if let Some(store) = &self.store {
-            store.save(&adapter, 0)?;
+            store.save(&adapter, version)?;
         }
-        let learner = Learner::new(adapter, &self.defaults, 0)?;
+        let learner = Learner::new(adapter, &self.defaults, version)?;
         self.slots.insert(name.clone(), Slot::AtRest(learner));
-        self.publish_version(&name, 0);
-        Ok(AdapterInfo { name, version: 0 })
+        self.unloadable.remove(&name);
+        self.publish_version(&name, version);
+        Ok(AdapterInfo { name, version })
     }
 
     fn publish_version(&self, name: &str, version: u64) {

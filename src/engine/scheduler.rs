@@ -38,12 +38,14 @@ type Reply<T> = tokio::sync::oneshot::Sender<Result<T, EngineError>>;
 /// Adapter management, each with its reply channel.
 pub enum AdminCommand {
     List(tokio::sync::oneshot::Sender<Vec<AdapterInfo>>),
-    /// Back to a fresh adapter (version 0), saved.
+    /// A fresh adapter as the next version, saved.
     Reset(String, Reply<AdapterInfo>),
     /// Saves the adapter and returns the folder holding its PEFT files.
     Export(String, Reply<std::path::PathBuf>),
-    /// Loads PEFT files from a folder as the named adapter (version 0), saved.
+    /// Loads PEFT files from a folder as the named adapter's next version, saved.
     Import(String, std::path::PathBuf, Reply<AdapterInfo>),
+    /// Publishes a stored version's weights as the adapter's next version.
+    Rollback(String, u64, Reply<AdapterInfo>),
 }
 
 /// How often the loop looks at its clients and the trainer when nothing decodes.
@@ -195,6 +197,11 @@ impl Scheduler {
             }
             AdminCommand::Import(name, dir, reply) => {
                 let result = self.adapters.import(&name, &dir, &self.model);
+                self.weights_changed(&name);
+                let _ = reply.send(result);
+            }
+            AdminCommand::Rollback(name, version, reply) => {
+                let result = self.adapters.rollback(&name, version, &self.model);
                 self.weights_changed(&name);
                 let _ = reply.send(result);
             }

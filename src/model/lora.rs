@@ -153,6 +153,30 @@ fn peft_key(layer: usize, p: Projection, which: &str) -> String {
     )
 }
 
+/// The largest rank an import may carry: far above what test-time adaptation uses.
+pub const MAX_IMPORT_RANK: usize = 256;
+
+/// What an imported adapter may weigh: every projection of every layer at
+/// [`MAX_IMPORT_RANK`] in f32, plus room for the JSON and the zip's headers.
+pub fn max_import_bytes(model: &ModelConfig) -> usize {
+    let per_layer: usize = Projection::ALL
+        .iter()
+        .map(|p| {
+            let (fan_in, fan_out) = p.dims(model);
+            MAX_IMPORT_RANK * (fan_in + fan_out) * 4
+        })
+        .sum();
+    per_layer * model.num_hidden_layers + (1 << 20)
+}
+
+/// Writes a file and flushes it to disk.
+pub fn write_synced(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
 /// The dtype LoRA weights (and so the optimizer state) are kept in: f32 under a
 /// half-precision base, whose 8-bit mantissa would round small updates away.
 pub fn lora_dtype(base: DType) -> DType {
@@ -334,30 +358,24 @@ impl Adapter {
         Ok(())
     }
 
-    /// Writes the PEFT files (plus `extra_files`, name and contents) atomically: into a
-    /// sibling temp folder, then renamed into place, so a crash leaves either the old adapter
-    /// or the new one, never half of each.
-    pub fn save(
+    /// Writes the PEFT files (plus `extra_files`, name and contents) into the folder `dir`,
+    /// each flushed to disk (fsync) before this returns. Making them current atomically is the
+    /// adapter store's job.
+    pub fn write_files(
         &self,
         dir: &Path,
         base_model: Option<&str>,
         extra_files: &[(&str, String)],
     ) -> Result<()> {
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)?;
-        let file_name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "adapter".into());
-        let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
+        std::fs::create_dir_all(dir)?;
         let tensors: HashMap<String, Tensor> = self
             .named_tensors()
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
-        candle_core::safetensors::save(&tensors, tmp.join(WEIGHTS_FILE))?;
+        let weights = dir.join(WEIGHTS_FILE);
+        candle_core::safetensors::save(&tensors, &weights)?;
+        std::fs::File::open(&weights)?.sync_all()?;
         let config = PeftConfig {
             peft_type: "LORA".into(),
             task_type: "CAUSAL_LM".into(),
@@ -377,20 +395,14 @@ impl Adapter {
             name: self.name.clone(),
             reason: e.to_string(),
         })?;
-        std::fs::write(tmp.join(CONFIG_FILE), json)?;
+        write_synced(&dir.join(CONFIG_FILE), json.as_bytes())?;
         for (name, contents) in extra_files {
-            std::fs::write(tmp.join(name), contents)?;
+            write_synced(&dir.join(name), contents.as_bytes())?;
         }
-        let old = parent.join(format!(".{file_name}.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old)?;
-        }
-        std::fs::rename(&tmp, dir)?;
-        let _ = std::fs::remove_dir_all(&old);
         Ok(())
     }
 
-    /// Reads PEFT files written by [`Self::save`] or by PEFT itself.
+    /// Reads PEFT files written by [`Self::write_files`] or by PEFT itself.
     pub fn load(
         name: &str,
         dir: &Path,
@@ -412,6 +424,27 @@ impl Adapter {
             .iter()
             .map(|m| Projection::parse(m).ok_or_else(|| bad(format!("unknown target module {m}"))))
             .collect::<Result<Vec<_>>>()?;
+        // Checked before anything is allocated: a huge rank from a file must not abort us.
+        let max_rank = targets
+            .iter()
+            .map(|p| {
+                let (fan_in, fan_out) = p.dims(model);
+                fan_in.min(fan_out)
+            })
+            .min()
+            .unwrap_or(0);
+        if peft.r == 0 || peft.r > max_rank {
+            return Err(bad(format!(
+                "rank r = {} is outside 1..={max_rank} for this model",
+                peft.r
+            )));
+        }
+        if !(peft.lora_alpha.is_finite() && peft.lora_alpha > 0.0) {
+            return Err(bad(format!(
+                "lora_alpha must be a positive number, not {}",
+                peft.lora_alpha
+            )));
+        }
         let config = LoraConfig {
             rank: peft.r,
             alpha: peft.lora_alpha,
@@ -420,6 +453,12 @@ impl Adapter {
         let adapter = Adapter::new(name, config, model, dtype, device, 0)?;
         let weights = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), device)
             .map_err(|e| bad(format!("{}: {e}", dir.join(WEIGHTS_FILE).display())))?;
+        for (key, t) in &weights {
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if !values.iter().all(|v| v.is_finite()) {
+                return Err(bad(format!("{key} holds NaN or infinite values")));
+            }
+        }
         adapter.set_tensors(&weights)?;
         Ok(adapter)
     }

@@ -3,12 +3,13 @@
 
 use std::io::{Cursor, Read, Write};
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
@@ -16,7 +17,10 @@ use crate::adapt::store::valid_name;
 use crate::engine::{AdapterInfo, Engine, EngineError, SubmitError};
 
 /// The PEFT files an export carries and an import expects.
-const FILES: [&str; 2] = ["adapter_model.safetensors", "adapter_config.json"];
+/// The exported version, on an export's response.
+const VERSION_HEADER: &str = "x-ttrl-adapter-version";
+const CONFIG_FILE: &str = "adapter_config.json";
+const FILES: [&str; 2] = ["adapter_model.safetensors", CONFIG_FILE];
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Engine, ApiError> {
     let Some(key) = state.admin_key.as_deref() else {
@@ -28,7 +32,8 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Engine, ApiError> 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(key) {
+    let matches = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(key.as_bytes())));
+    if !matches {
         return Err(ApiError::Unauthorized(
             "Missing or wrong admin API key.".into(),
         ));
@@ -85,6 +90,29 @@ pub async fn reset(
     ))
 }
 
+#[derive(serde::Deserialize)]
+pub struct RollbackQuery {
+    version: u64,
+}
+
+/// Publishes a kept version's weights as the adapter's next version.
+pub async fn rollback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(query): Query<RollbackQuery>,
+) -> Result<Json<AdapterInfo>, ApiError> {
+    let engine = authorize(&state, &headers)?;
+    checked(&name)?;
+    Ok(Json(
+        engine
+            .rollback_adapter(name, query.version)
+            .await
+            .map_err(engine_gone)?
+            .map_err(adapter_error)?,
+    ))
+}
+
 pub async fn export(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -108,38 +136,66 @@ pub async fn export(
     }
     let bytes = zip.finish().map_err(|e| internal(&e))?.into_inner();
     let disposition = format!("attachment; filename=\"{name}.zip\"");
+    // The store keeps each version in a folder `v<N>`.
+    let version = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix('v'))
+        .unwrap_or_default()
+        .to_string();
     Ok((
         [
             (header::CONTENT_TYPE, "application/zip".to_string()),
             (header::CONTENT_DISPOSITION, disposition),
+            (HeaderName::from_static(VERSION_HEADER), version),
         ],
         bytes,
     )
         .into_response())
 }
 
+/// The key is checked before the body is read; the body and each unzipped file are capped at
+/// what an adapter of this model can weigh (`Ready::import_limit_bytes`); the adapter's rank,
+/// alpha, shapes and values are checked before it is built, and its base model compared.
 pub async fn import(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
+    let ready = state.ready()?;
+    let limit = ready.import_limit_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::BodyTooLarge(format!("an adapter of this model is at most {limit} bytes"))
+    })?;
     let bad = |e: &dyn std::fmt::Display| {
         ApiError::invalid(
             "body",
             format!("expected a zip of {}: {e}", FILES.join(" and ")),
         )
     };
-    let mut zip = zip::ZipArchive::new(Cursor::new(body.to_vec())).map_err(|e| bad(&e))?;
+    let mut zip = zip::ZipArchive::new(Cursor::new(body)).map_err(|e| bad(&e))?;
     let dir = std::env::temp_dir().join(format!("ttrl-import-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(e.to_string()))?;
     let result = async {
         for file in FILES {
-            let mut entry = zip.by_name(file).map_err(|e| bad(&e))?;
+            let entry = zip.by_name(file).map_err(|e| bad(&e))?;
+            // The zip's own size fields can lie: count what actually comes out.
             let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).map_err(|e| bad(&e))?;
+            entry
+                .take(limit as u64 + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| bad(&e))?;
+            if bytes.len() > limit {
+                return Err(ApiError::BodyTooLarge(format!(
+                    "{file} unpacks to more than {limit} bytes"
+                )));
+            }
+            if file == CONFIG_FILE {
+                check_base_model(&bytes, &ready.model_name)?;
+            }
             std::fs::write(dir.join(file), bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
         }
         engine
@@ -151,4 +207,43 @@ pub async fn import(
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Json(result?))
+}
+
+/// An adapter trained on another base model is refused (by the name's last path part, so
+/// `HuggingFaceTB/SmolLM2-135M-Instruct` matches a server serving `SmolLM2-135M-Instruct`).
+fn check_base_model(config: &[u8], served: &str) -> Result<(), ApiError> {
+    let config: Value = serde_json::from_slice(config)
+        .map_err(|e| ApiError::invalid("body", format!("{CONFIG_FILE}: {e}")))?;
+    let last = |s: &str| {
+        s.trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(s)
+            .to_string()
+    };
+    match config["base_model_name_or_path"].as_str() {
+        Some(base) if !base.is_empty() && last(base) != last(served) => Err(ApiError::invalid(
+            "body",
+            format!("the adapter was trained on `{base}`; this server serves `{served}`"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_base_model;
+
+    #[test]
+    fn an_adapter_of_another_base_model_is_refused() {
+        let config = |base: &str| format!(r#"{{"base_model_name_or_path": "{base}"}}"#);
+        let served = "SmolLM2-135M-Instruct";
+        assert!(check_base_model(
+            config("HuggingFaceTB/SmolLM2-135M-Instruct").as_bytes(),
+            served
+        )
+        .is_ok());
+        assert!(check_base_model(config("Qwen/Qwen2.5-1.5B").as_bytes(), served).is_err());
+        assert!(check_base_model(b"{}", served).is_ok());
+    }
 }

@@ -2,9 +2,11 @@
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use std::sync::Arc;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generate::{
@@ -19,11 +21,12 @@ use crate::sampling::SampledToken;
 
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let ready = state.ready()?;
     log_ignored_fields(&req.extra);
-    let valid = validate_completion(&req, &ready.limits())?;
+    let valid = caller.scope(validate_completion(&req, &ready.limits())?)?;
     let submitted = submit(&ready, &valid)?;
     let id = request_id("cmpl");
     if valid.stream {

@@ -31,6 +31,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -103,6 +105,12 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
                 "invalid_api_key",
+                None,
+            ),
+            Forbidden(_) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "insufficient_permissions",
                 None,
             ),
             Internal(_) => (

@@ -3,16 +3,22 @@
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde_json::json;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::generate::unix_now;
 use super::openai::{ModelCard, ModelList};
 use super::AppState;
 
-/// The base model, then each named adapter as `<model>:<adapter>` (as vLLM lists LoRAs).
-pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+/// The base model, then each of the caller's named adapters as `<model>:<adapter>` (as vLLM
+/// lists LoRAs).
+pub async fn models(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<ModelList>, ApiError> {
     let ready = state.ready()?;
     let card = |id: String| ModelCard {
         id,
@@ -25,8 +31,9 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
     let mut data = vec![card(ready.model_name.clone())];
     data.extend(
         adapters
-            .into_iter()
-            .map(|a| card(format!("{}:{}", ready.model_name, a.name))),
+            .iter()
+            .filter_map(|a| caller.own_adapter(&a.name))
+            .map(|name| card(format!("{}:{name}", ready.model_name))),
     );
     Ok(Json(ModelList {
         object: "list",
@@ -34,12 +41,11 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
     }))
 }
 
-/// Liveness: the process can answer.
-/// Liveness: 200 while loading and serving, 503 once the engine has died (the process is
-/// about to exit).
 /// What /health, /ready and requests say once the engine thread has died.
 pub const ENGINE_DEAD: &str = "The engine has died; the server is restarting.";
 
+/// Liveness: 200 while loading and serving, 503 once the engine has died (the process is
+/// about to exit).
 pub async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     if state.engine().is_some_and(|e| !e.is_alive()) {
         return Err(ApiError::Unavailable(ENGINE_DEAD.into()));

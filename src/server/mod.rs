@@ -2,6 +2,7 @@
 //! It knows nothing of tensors: it validates requests into jobs and hands them to the engine.
 
 mod admin;
+pub mod auth;
 mod chat;
 mod completions;
 pub mod error;
@@ -32,6 +33,7 @@ use crate::adapt::AdaptConfig;
 use crate::engine::Engine;
 use crate::model::TextTokenizer;
 use crate::telemetry;
+use auth::ApiKeys;
 use error::{ApiError, ErrorCode};
 use validation::Limits;
 
@@ -46,6 +48,8 @@ pub struct Ready {
     /// Positions the KV-cache budget holds (`engine.kv_cache_bytes`), if there is one.
     pub kv_cache_positions: Option<usize>,
     pub adapt_defaults: AdaptConfig,
+    /// The most an imported adapter (zipped, and each file unzipped) may weigh.
+    pub import_limit_bytes: usize,
 }
 
 impl Ready {
@@ -69,10 +73,16 @@ pub struct AppState {
     process_metrics: Arc<metrics_process::Collector>,
     started: u64,
     admin_key: Option<Arc<str>>,
+    /// Keys for `/v1/*`; `None`: the server is open.
+    api_keys: Option<Arc<ApiKeys>>,
 }
 
 impl AppState {
-    pub fn new(prometheus: PrometheusHandle, admin_key: Option<String>) -> Self {
+    pub fn new(
+        prometheus: PrometheusHandle,
+        admin_key: Option<String>,
+        api_keys: Option<ApiKeys>,
+    ) -> Self {
         let process_metrics = metrics_process::Collector::new("process_");
         process_metrics.describe();
         Self {
@@ -82,6 +92,7 @@ impl AppState {
             process_metrics: Arc::new(process_metrics),
             started: generate::unix_now(),
             admin_key: admin_key.map(Arc::from),
+            api_keys: api_keys.map(Arc::new),
         }
     }
 
@@ -128,7 +139,7 @@ pub struct HttpLimits {
 }
 
 /// Every route, for the router and for the test that holds the OpenAPI document to it.
-pub const ROUTES: [(&str, &str); 16] = [
+pub const ROUTES: [(&str, &str); 17] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("get", "/v1/models"),
@@ -141,21 +152,25 @@ pub const ROUTES: [(&str, &str); 16] = [
     ("get", "/admin/adapters"),
     ("post", "/admin/adapters/{name}/reset"),
     ("get", "/admin/adapters/{name}/export"),
+    ("post", "/admin/adapters/{name}/rollback"),
     ("post", "/admin/adapters/{name}/import"),
     ("get", "/"),
     ("get", "/static/style.css"),
     ("get", "/static/app.js"),
 ];
 
-/// Adapter imports carry full LoRA tensors: far above the default body limit.
-const IMPORT_BODY_LIMIT: usize = 1 << 30;
-
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
-    Router::new()
+    let inference = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(info::models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    Router::new()
+        .merge(inference)
         .route("/health", get(info::health))
         .route("/ready", get(info::ready))
         .route("/metrics", get(info::metrics))
@@ -168,10 +183,10 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/admin/adapters", get(admin::list))
         .route("/admin/adapters/{name}/reset", post(admin::reset))
         .route("/admin/adapters/{name}/export", get(admin::export))
-        .route(
-            "/admin/adapters/{name}/import",
-            post(admin::import).layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
-        )
+        .route("/admin/adapters/{name}/rollback", post(admin::rollback))
+        // The import handler reads its own body, after the key check, up to a limit from
+        // the model's adapter size.
+        .route("/admin/adapters/{name}/import", post(admin::import))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))

@@ -22,16 +22,22 @@ fn free_port() -> u16 {
 impl Server {
     /// Starts the server with `args` and waits (bounded) until /ready answers 200.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with(args, |_| {})
+    }
+
+    /// [`Server::start`] with a last say over the command (environment, process limits).
+    pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ttrl-serve"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ttrl-serve"));
+        command
             .arg("serve")
             .args(["--port", &port.to_string()])
             .args(args)
             .env("RUST_LOG", "warn,tower_http=off")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the server binary starts");
+            .stderr(Stdio::inherit());
+        configure(&mut command);
+        let child = command.spawn().expect("the server binary starts");
         let server = Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
@@ -101,6 +107,14 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+}
+
+impl Server {
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
