@@ -107,7 +107,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 settings.server.host
             );
         }
-        tracing::warn!(
+        tracing::info!(
             "no API keys: anyone who can reach {}:{} may infer, adapt and train named adapters",
             settings.server.host,
             settings.server.port
