@@ -273,6 +273,28 @@ fn zip_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
     zip.finish().unwrap().into_inner()
 }
 
+fn export_zip(server: &Server, name: &str) -> Vec<u8> {
+    let mut zip = Vec::new();
+    admin(server, "GET", &format!("/admin/adapters/{name}/export"))
+        .call()
+        .unwrap()
+        .into_reader()
+        .read_to_end(&mut zip)
+        .unwrap();
+    zip
+}
+
+fn unzip(zip: &[u8], file: &str) -> Vec<u8> {
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+    let mut bytes = Vec::new();
+    archive
+        .by_name(file)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    bytes
+}
+
 fn import(server: &Server, name: &str, body: &[u8]) -> (u16, Value) {
     match admin(server, "POST", &format!("/admin/adapters/{name}/import")).send_bytes(body) {
         Ok(r) => (r.status(), r.into_json().unwrap()),
@@ -300,26 +322,10 @@ fn hostile_imports_get_4xx_and_the_server_keeps_serving() {
         .call()
         .unwrap();
     // A genuine export to start from.
-    let mut zip = Vec::new();
-    admin(&server, "GET", "/admin/adapters/src/export")
-        .call()
-        .unwrap()
-        .into_reader()
-        .read_to_end(&mut zip)
-        .unwrap();
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip.clone())).unwrap();
-    let mut read = |name: &str| {
-        let mut bytes = Vec::new();
-        archive
-            .by_name(name)
-            .unwrap()
-            .read_to_end(&mut bytes)
-            .unwrap();
-        bytes
-    };
+    let zip = export_zip(&server, "src");
     let (weights, config) = (
-        read("adapter_model.safetensors"),
-        read("adapter_config.json"),
+        unzip(&zip, "adapter_model.safetensors"),
+        unzip(&zip, "adapter_config.json"),
     );
     let config: Value = serde_json::from_slice(&config).unwrap();
     let with_config = |edit: &dyn Fn(&mut Value)| {
@@ -330,8 +336,25 @@ fn hostile_imports_get_4xx_and_the_server_keeps_serving() {
             ("adapter_config.json", serde_json::to_vec(&c).unwrap()),
         ])
     };
-    // The genuine one round-trips.
+    // The genuine one round-trips bit for bit.
     assert_eq!(import(&server, "copy", &zip).0, 200);
+    let copied = unzip(&export_zip(&server, "copy"), "adapter_model.safetensors");
+    let tensors = |bytes: &[u8]| {
+        candle_core::safetensors::load_buffer(bytes, &candle_core::Device::Cpu).unwrap()
+    };
+    let (original, roundtrip) = (tensors(&weights), tensors(&copied));
+    assert_eq!(original.len(), roundtrip.len());
+    for (name, t) in &original {
+        let (a, b) = (
+            t.flatten_all().unwrap(),
+            roundtrip[name].flatten_all().unwrap(),
+        );
+        assert_eq!(
+            a.to_vec1::<f32>().unwrap(),
+            b.to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
 
     let huge_rank = with_config(&|c| c["r"] = json!(1_000_000));
     let (status, r) = import(&server, "x", &huge_rank);
