@@ -300,10 +300,23 @@ impl Registry {
 
     fn publish_version(&self, name: &str, version: u64) {
         if !is_ephemeral(name) {
-            metrics::gauge!(m::ADAPTER_VERSION, "model" => self.model_label.clone(), "adapter" => name.to_string())
+            metrics::gauge!(m::ADAPTER_VERSION, "model" => self.model_label.clone(), "adapter" => metric_label(name))
                 .set(version as f64);
         }
     }
+}
+
+/// `/metrics` is open to scrapers: a tenant's adapter (`tenant@name`) is labelled by a short
+/// hash of its key, so neither tenants nor their adapter names show; an open server's
+/// adapters keep their names.
+fn metric_label(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if !key.contains('@') {
+        return key.to_string();
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 fn fresh(name: &str, lora: LoraConfig, model: &Model, seed: u64) -> crate::Result<Adapter> {
