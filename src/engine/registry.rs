@@ -166,19 +166,11 @@ impl Registry {
         if !self.is_training(key) {
             return CheckIn::Replaced;
         }
-        let Some(Slot::Training { serving, version }) = self.slots.remove(key) else {
-            unreachable!("checked just above");
-        };
         if changed {
             if let Some(store) = &self.store {
                 if let Err(e) = store.save(&learner.adapter, learner.version) {
                     tracing::error!("saving adapter `{key}`: {e}");
-                    match Learner::new(serving, &self.defaults, version) {
-                        Ok(l) => {
-                            self.slots.insert(key.to_string(), Slot::AtRest(l));
-                        }
-                        Err(e) => tracing::error!("adapter `{key}` is lost: {e}"),
-                    }
+                    self.recover(key);
                     return CheckIn::NotSaved(e.to_string());
                 }
             }
@@ -188,8 +180,8 @@ impl Registry {
         CheckIn::Kept
     }
 
-    /// The trainer lost the learner (its episode panicked): back to the serving copy, with
-    /// fresh optimizer moments.
+    /// Back to the serving copy (the version clients were last told), with fresh optimizer
+    /// moments: the trainer lost the learner, or its new version could not be saved.
     pub fn recover(&mut self, key: &str) {
         if let Some(Slot::Training { serving, version }) = self.slots.remove(key) {
             match Learner::new(serving, &self.defaults, version) {
@@ -314,9 +306,8 @@ fn metric_label(key: &str) -> String {
     if !key.contains('@') {
         return key.to_string();
     }
-    let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    let hex = format!("{:x}", Sha256::digest(key.as_bytes()));
+    format!("sha256:{}", &hex[..12])
 }
 
 fn fresh(name: &str, lora: LoraConfig, model: &Model, seed: u64) -> crate::Result<Adapter> {

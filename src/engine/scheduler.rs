@@ -239,14 +239,13 @@ impl Scheduler {
         {
             panic!("injected engine failure (engine.test_exit_marker)");
         }
-        let all: Vec<usize> = (0..self.running.len()).collect();
         let mut failed: Vec<(usize, EngineError)> = Vec::new();
-        if self.decode(&all).is_err() {
-            for i in all {
+        if self.decode(None).is_err() {
+            for i in 0..self.running.len() {
                 for s in &mut self.running[i].seqs {
                     s.reset_cache(&self.model);
                 }
-                if let Err(e) = self.decode(&[i]) {
+                if let Err(e) = self.decode(Some(i)) {
                     tracing::error!("decode step failed: {e}");
                     failed.push((i, e));
                 }
@@ -258,14 +257,14 @@ impl Scheduler {
         self.finish_jobs();
     }
 
-    /// Decodes the jobs at `indices` by one token, each with its adapter.
-    fn decode(&mut self, indices: &[usize]) -> Result<(), EngineError> {
+    /// Decodes every running job (or only job `only`) by one token, each with its adapter.
+    fn decode(&mut self, only: Option<usize>) -> Result<(), EngineError> {
         let registry = &self.adapters;
         let mut batch: Vec<&mut Sequence> = Vec::new();
         let mut loras = Vec::new();
         let mut inject = false;
         for (i, a) in self.running.iter_mut().enumerate() {
-            if indices.contains(&i) {
+            if only.is_none_or(|o| o == i) {
                 inject |= a.fault == Some(Fault::PanicInJob);
                 let lora = a.job.adapter.as_deref().and_then(|k| registry.serving(k));
                 for s in &mut a.seqs {

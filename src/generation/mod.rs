@@ -248,28 +248,21 @@ pub fn run_to_end_bounded(
     interrupt: &Interrupt,
 ) -> Result<usize> {
     let max_batch = max_batch.max(1);
-    let mut active: Vec<usize> = Vec::new();
+    // Sequences start in order, so the batch is always the unfinished ones before `next`.
     let mut next = 0;
     let mut widest = 0;
     loop {
-        active.retain(|&i| !seqs[i].is_finished());
-        while active.len() < max_batch && next < seqs.len() {
-            if !seqs[next].is_finished() {
-                active.push(next);
-            }
+        let mut live = seqs[..next].iter().filter(|s| !s.is_finished()).count();
+        while live < max_batch && next < seqs.len() {
+            live += usize::from(!seqs[next].is_finished());
             next += 1;
         }
-        if active.is_empty() {
+        if live == 0 {
             return Ok(widest);
         }
         interrupt.check()?;
-        widest = widest.max(active.len());
-        let mut batch: Vec<&mut Sequence> = seqs
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| active.contains(i))
-            .map(|(_, s)| s)
-            .collect();
+        widest = widest.max(live);
+        let mut batch: Vec<&mut Sequence> = seqs[..next].iter_mut().collect();
         decode_step(model, tok, &mut batch, adapter)?;
     }
 }
