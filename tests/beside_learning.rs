@@ -8,17 +8,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::common::scratch_dir;
 use crate::common::server::{metric, Server};
 
 fn config(name: &str, text: &str) -> String {
-    let path = std::env::temp_dir().join(format!("ttrl-beside-{}-{name}.toml", std::process::id()));
+    let path = scratch_dir(&format!("beside-config-{name}")).join("settings.toml");
     std::fs::write(&path, text).unwrap();
     path.to_string_lossy().into_owned()
 }
 
 fn data_dir(name: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("ttrl-beside-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = scratch_dir(&format!("beside-data-{name}"));
     dir.to_string_lossy().into_owned()
 }
 

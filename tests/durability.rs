@@ -4,21 +4,15 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::common::scratch_dir;
 use crate::common::server::{metric, Server};
 
 const KEY: &str = "secret";
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ttrl-durable-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn config(dir: &Path, text: &str) -> String {
     let path = dir.join("settings.toml");
@@ -93,7 +87,7 @@ fn try_train(base: &str, adapter: &str, i: usize) -> Option<u64> {
 
 #[test]
 fn kill_9_at_random_moments_never_loses_a_version_a_client_was_told() {
-    let dir = scratch("kill");
+    let dir = scratch_dir("durable-kill");
     let mut told = 0u64;
     let mut questions = 0..;
     let mut exports: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -159,7 +153,7 @@ fn kill_9_at_random_moments_never_loses_a_version_a_client_was_told() {
 fn a_save_the_disk_refuses_reports_no_new_version_and_serving_goes_on() {
     // The model is cached first: the limited process below cannot write it.
     ttrl_serve::model::assets::default_model().unwrap();
-    let dir = scratch("full");
+    let dir = scratch_dir("durable-full");
     let data = dir.join("adapters");
     let settings = config(&dir, TRAIN);
     let server = Server::start_with(
@@ -203,7 +197,7 @@ fn tiny(dir: &Path) -> Server {
 
 #[test]
 fn a_corrupt_adapter_is_quarantined_the_others_load_and_it_is_never_overwritten() {
-    let dir = scratch("corrupt");
+    let dir = scratch_dir("durable-corrupt");
     let server = tiny(&dir);
     for name in ["good", "bad", "good"] {
         admin(&server, "POST", &format!("/admin/adapters/{name}/reset"))
@@ -316,7 +310,7 @@ fn rss_bytes(pid: u32) -> u64 {
 
 #[test]
 fn hostile_imports_get_4xx_and_the_server_keeps_serving() {
-    let dir = scratch("imports");
+    let dir = scratch_dir("durable-imports");
     let server = tiny(&dir);
     admin(&server, "POST", "/admin/adapters/src/reset")
         .call()

@@ -128,3 +128,12 @@ pub fn randomized_adapter(model: &Model, dtype: DType) -> Adapter {
     adapter.set_tensors(&values).unwrap();
     adapter
 }
+
+/// A fresh, empty folder for one test of this process (data folders, settings files), so no
+/// test touches a user's data.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ttrl-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
