@@ -9,12 +9,14 @@ CACHE="${TTRL_SERVE_CACHE:-$HOME/.cache/ttrl-serve}"
 # One warm build folder outside the clone, shared by every run on this machine.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 
-# The official openai SDK, which the server tests drive, in a venv outside the clone.
+# Python tools the tests drive, in a venv outside the clone: the official openai SDK,
+# transformers + peft (exported adapters must load there) and schemathesis (API fuzzing).
 VENV="$CACHE/test-venv"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 >/dev/null
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    openai==3.57.0 torch==2.15.0 transformers==5.24.0 peft==0.21.2 schemathesis==4.32.5 >/dev/null
 export TTRL_TEST_PYTHON="$VENV/bin/python"
 
 # Debian's chromium and playwright-core from npm, for the browser test.

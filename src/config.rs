@@ -82,6 +82,16 @@ pub struct EngineSettings {
     /// Versions of each named adapter kept on disk (the current one included), for
     /// `POST /admin/adapters/{name}/rollback?version=K`.
     pub keep_versions: usize,
+    /// Named adapters in all (in memory or on disk); creating one more is refused (403).
+    pub max_adapters: usize,
+    /// Named adapters one tenant (API key owner) may have; on a server without keys, all.
+    pub max_adapters_per_tenant: usize,
+    /// Named adapters kept in memory; the least recently used others wait on disk and load
+    /// again on use.
+    pub max_resident_adapters: usize,
+    /// Disk one tenant's adapters may take, every kept version counted; a new version that
+    /// would pass it is refused (403).
+    pub max_adapter_disk_bytes_per_tenant: u64,
     /// KV-cache bytes running requests may reserve (n x (prompt + max_tokens) positions);
     /// one that would go over waits. Unset: on a GPU `kv_cache_gpu_fraction` of the memory
     /// free after loading, on the CPU no budget beyond `max_batch`.
@@ -105,6 +115,10 @@ impl Default for EngineSettings {
             max_waiting: 256,
             data_dir: None,
             keep_versions: 3,
+            max_adapters: 256,
+            max_adapters_per_tenant: 16,
+            max_resident_adapters: 16,
+            max_adapter_disk_bytes_per_tenant: 2 << 30,
             kv_cache_bytes: None,
             kv_cache_gpu_fraction: 0.5,
             trainer_nice: 10,

@@ -11,7 +11,7 @@ use clap::Args;
 
 use ttrl_serve::adapt::store::LocalDirStore;
 use ttrl_serve::config::Settings;
-use ttrl_serve::engine::{Engine, EngineConfig, Faults};
+use ttrl_serve::engine::{AdapterCaps, Engine, EngineConfig, Faults};
 use ttrl_serve::model::lora::max_import_bytes;
 use ttrl_serve::model::memory;
 use ttrl_serve::server::auth::ApiKeys;
@@ -197,6 +197,12 @@ where
         max_waiting: settings.engine.max_waiting,
         kv_cache_positions,
         trainer_nice: settings.engine.trainer_nice,
+        adapter_caps: AdapterCaps {
+            max_adapters: settings.engine.max_adapters,
+            max_adapters_per_tenant: settings.engine.max_adapters_per_tenant,
+            max_resident: settings.engine.max_resident_adapters.max(1),
+            max_disk_bytes_per_tenant: settings.engine.max_adapter_disk_bytes_per_tenant,
+        },
         faults: Faults {
             panic_marker: settings.engine.test_panic_marker.clone(),
             exit_marker: settings.engine.test_exit_marker.clone(),

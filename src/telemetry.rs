@@ -27,6 +27,8 @@ pub const ADAPTATION_RUNNING: &str = "ttrl_adaptation_episodes_running";
 pub const ADAPTER_VERSION: &str = "ttrl_adapter_version";
 /// Adapter versions that did not load at start and were renamed aside.
 pub const ADAPTERS_QUARANTINED: &str = "ttrl_adapters_quarantined_total";
+/// Named adapters by `state`: resident (in memory) or stored (on disk only).
+pub const ADAPTERS: &str = "ttrl_adapters";
 /// Device memory by `kind`: weights, kv_cache, adaptation_peak (the name the GPU build is
 /// watched by; on the CPU the same accounting in host memory).
 pub const GPU_MEMORY: &str = "ttrl_gpu_memory_bytes";
@@ -78,6 +80,10 @@ fn describe() {
         Unit::Bytes,
         "Memory on the model's device: weights, live KV caches, and the highest use above \
          the start of an adaptation episode."
+    );
+    describe_gauge!(
+        ADAPTERS,
+        "Named adapters in memory (resident) and on disk only (stored)."
     );
     describe_counter!(GENERATION_TOKENS, "Tokens generated.");
     describe_counter!(REQUEST_SUCCESS, "Requests finished, by finish reason.");

@@ -2,15 +2,15 @@
 //! save, a corrupt file at start, and hostile imports. Real processes.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::scratch_dir;
 use crate::common::server::{metric, Server};
+use crate::common::{scratch_dir, unzip, zip_of};
 
 const KEY: &str = "secret";
 
@@ -256,17 +256,6 @@ fn a_corrupt_adapter_is_quarantined_the_others_load_and_it_is_never_overwritten(
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn zip_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
-    for (name, bytes) in files {
-        zip.start_file(*name, options).unwrap();
-        zip.write_all(bytes).unwrap();
-    }
-    zip.finish().unwrap().into_inner()
-}
-
 fn export_zip(server: &Server, name: &str) -> Vec<u8> {
     let mut zip = Vec::new();
     admin(server, "GET", &format!("/admin/adapters/{name}/export"))
@@ -276,17 +265,6 @@ fn export_zip(server: &Server, name: &str) -> Vec<u8> {
         .read_to_end(&mut zip)
         .unwrap();
     zip
-}
-
-fn unzip(zip: &[u8], file: &str) -> Vec<u8> {
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
-    let mut bytes = Vec::new();
-    archive
-        .by_name(file)
-        .unwrap()
-        .read_to_end(&mut bytes)
-        .unwrap();
-    bytes
 }
 
 fn import(server: &Server, name: &str, body: &[u8]) -> (u16, Value) {

@@ -1,6 +1,7 @@
 use serde_json::{json, Value};
 use ttrl_serve::server::{OPENAPI, ROUTES};
 
+use crate::common::scratch_dir;
 use crate::common::server::Server;
 
 fn doc() -> Value {
@@ -161,4 +162,60 @@ fn real_responses_match_the_documented_schemas() {
     }
     // The checker itself rejects a wrong shape.
     assert!(check(&doc, &schema("ChatCompletion"), &json!({"id": 1}), "bad").is_err());
+}
+
+/// Runs schemathesis (from the test python's venv) against a live server, its checks bounded
+/// by `examples` per operation and a fixed seed; panics with its report if anything failed.
+fn schemathesis(server: &Server, bearer: &str, seed: &str) {
+    let Ok(python) = std::env::var("TTRL_TEST_PYTHON") else {
+        panic!("TTRL_TEST_PYTHON must name a python with schemathesis (scripts/test.sh sets it)");
+    };
+    let st = std::path::Path::new(&python).with_file_name("st");
+    let out = std::process::Command::new(st)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz"))
+        .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
+        .args(["run", &server.url("/openapi.json")])
+        .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
+        .args(["--max-examples", "30", "--seed", seed])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--header", &format!("Authorization: Bearer {bearer}")])
+        .args(["--generation-database", "none", "--request-timeout", "120", "--no-color"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("{report}");
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}"
+    );
+}
+
+#[test]
+fn schemathesis_finds_no_server_error_and_every_error_in_the_openai_shape() {
+    let dir = scratch_dir("openapi-fuzz");
+    let data = dir.join("adapters");
+    // An open server, with the admin key on every request: every route, admin ones included.
+    let server = Server::tiny(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--admin-api-key",
+        "fuzz-admin-key",
+    ]);
+    schemathesis(&server, "fuzz-admin-key", "1");
+    drop(server);
+    // API keys on: requests carry a tenant's key (the admin routes answer 401).
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        "[[key]]\nkey = \"fuzz-tenant-key-0123\"\ntenant = \"acme\"\nrights = [\"infer\", \"adapt\", \"train\"]\n",
+    )
+    .unwrap();
+    let server = Server::tiny(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--api-keys-file",
+        keys.to_str().unwrap(),
+    ]);
+    schemathesis(&server, "fuzz-tenant-key-0123", "2");
+    let _ = std::fs::remove_dir_all(dir);
 }

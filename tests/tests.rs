@@ -20,6 +20,8 @@ mod beside_learning;
 mod durability;
 // API keys, rights and tenants that own their adapters.
 mod tenancy;
+// Exported adapters in HF peft: the same logits.
+mod interop;
 // The OpenAPI document against the router and real responses.
 mod openapi;
 // Test-time adaptation over HTTP and in-process on the default model.

@@ -26,19 +26,20 @@ pub struct StoredAdapter {
     pub version: u64,
 }
 
-/// What a start found on disk.
-#[derive(Default)]
-pub struct Loaded {
-    pub adapters: Vec<StoredAdapter>,
-    /// Names on disk with no loadable version, and why: never to be replaced by a fresh one.
-    pub unloadable: Vec<(String, String)>,
-}
-
 pub trait AdapterStore: Send {
     /// Writes `version` durably and makes it current.
     fn save(&self, adapter: &Adapter, version: u64) -> Result<()>;
-    /// Every adapter at its current (or last good) version.
-    fn load_all(&self, model: &ModelConfig, dtype: DType, device: &Device) -> Result<Loaded>;
+    /// The keys of every stored adapter.
+    fn names(&self) -> Vec<String>;
+    /// One adapter at its current (or last good) version, after recovering what an
+    /// interrupted save left; one by one, so a start never holds every adapter at once.
+    fn load(
+        &self,
+        name: &str,
+        model: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<StoredAdapter>;
     /// One stored version, for a rollback.
     fn load_version(
         &self,
@@ -50,6 +51,8 @@ pub trait AdapterStore: Send {
     ) -> Result<Adapter>;
     /// Whether anything is stored under `name`.
     fn exists(&self, name: &str) -> bool;
+    /// Bytes its stored versions take on disk.
+    fn bytes(&self, name: &str) -> u64;
     /// The folder holding the current version's PEFT files, for export.
     fn path_of(&self, name: &str) -> Result<PathBuf>;
 }
@@ -79,6 +82,11 @@ pub fn valid_key(key: &str) -> bool {
         Some((tenant, name)) => valid_name(tenant) && valid_name(name),
         None => valid_name(key),
     }
+}
+
+/// The tenant owning an adapter key; `""` for the one namespace of a server without keys.
+pub fn owner(key: &str) -> &str {
+    key.split_once('@').map_or("", |(tenant, _)| tenant)
 }
 
 /// `<root>/<name>/CURRENT` names the current `<root>/<name>/v<N>/` (PEFT files plus
@@ -305,26 +313,27 @@ impl AdapterStore for LocalDirStore {
         Ok(())
     }
 
-    fn load_all(&self, model: &ModelConfig, dtype: DType, device: &Device) -> Result<Loaded> {
-        let mut loaded = Loaded::default();
-        for entry in std::fs::read_dir(&self.root)?.flatten() {
-            let path = entry.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(String::from) else {
-                continue;
-            };
-            if !valid_key(&name) || !path.is_dir() {
-                continue;
-            }
-            match self.recover(&name, model, dtype, device) {
-                Ok(stored) => loaded.adapters.push(stored),
-                Err(e) => {
-                    tracing::error!("adapter `{name}` cannot be served: {e}");
-                    loaded.unloadable.push((name, e.to_string()));
-                }
-            }
-        }
-        loaded.adapters.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(loaded)
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .filter(|n| valid_key(n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn load(
+        &self,
+        name: &str,
+        model: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<StoredAdapter> {
+        self.recover(name, model, dtype, device)
     }
 
     fn load_version(
@@ -343,6 +352,26 @@ impl AdapterStore for LocalDirStore {
 
     fn exists(&self, name: &str) -> bool {
         valid_key(name) && self.dir(name).is_dir()
+    }
+
+    fn bytes(&self, name: &str) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        if valid_key(name) {
+            walk(&self.dir(name))
+        } else {
+            0
+        }
     }
 
     fn path_of(&self, name: &str) -> Result<PathBuf> {
@@ -407,9 +436,9 @@ mod tests {
         // Leftovers of an interrupted save: a temp folder and an orphan newer than CURRENT.
         std::fs::create_dir_all(root.join("a/.v5.tmp")).unwrap();
         std::fs::create_dir_all(root.join("a/v9")).unwrap();
-        let loaded = store.load_all(&config, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(loaded.adapters.len(), 1);
-        assert_eq!(loaded.adapters[0].version, 3);
+        assert_eq!(store.names(), vec!["a"]);
+        let loaded = store.load("a", &config, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.version, 3);
         assert_eq!(store.current("a"), Some(3));
         let names: Vec<String> = std::fs::read_dir(root.join("a"))
             .unwrap()
@@ -427,16 +456,18 @@ mod tests {
     }
 
     #[test]
-    fn a_name_with_no_loadable_version_is_reported_not_dropped() {
+    fn a_name_with_no_loadable_version_fails_to_load_but_stays() {
         let config = tiny();
         let root = scratch("unloadable");
         let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
         store.save(&adapter(&config, 1), 1).unwrap();
         std::fs::write(root.join("a/v1/adapter_config.json"), b"{").unwrap();
-        let loaded = store.load_all(&config, DType::F32, &Device::Cpu).unwrap();
-        assert!(loaded.adapters.is_empty());
-        assert_eq!(loaded.unloadable.len(), 1);
+        assert!(store.load("a", &config, DType::F32, &Device::Cpu).is_err());
         assert!(store.exists("a"));
+        assert!(
+            store.bytes("a") > 0,
+            "the unloadable version is kept, quarantined"
+        );
         let _ = std::fs::remove_dir_all(root);
     }
 
@@ -452,8 +483,8 @@ mod tests {
         )
         .unwrap();
         let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
-        let loaded = store.load_all(&config, DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(loaded.adapters[0].version, 5);
+        let loaded = store.load("a", &config, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(loaded.version, 5);
         assert_eq!(store.current("a"), Some(5));
         let _ = std::fs::remove_dir_all(root);
     }

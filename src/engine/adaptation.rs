@@ -112,20 +112,24 @@ impl Scheduler {
             return;
         };
         let config = episode.request.config.clone();
-        let learner =
-            match self
-                .adapters
-                .check_out(&episode.key, &config, &self.model, self.episode_count)
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    let error = EngineError::from(e);
-                    for queued in episode.jobs {
-                        queued.fail(error.clone());
-                    }
-                    return;
+        let in_use = self.running_adapters();
+        let in_use: Vec<&str> = in_use.iter().map(String::as_str).collect();
+        let checked_out = self.adapters.check_out(
+            &episode.key,
+            &config,
+            &self.model,
+            self.episode_count,
+            &in_use,
+        );
+        let learner = match checked_out {
+            Ok(l) => l,
+            Err(error) => {
+                for queued in episode.jobs {
+                    queued.fail(error.clone());
                 }
-            };
+                return;
+            }
+        };
         let questions: Vec<_> = episode
             .jobs
             .iter()

@@ -139,15 +139,17 @@ impl Scheduler {
                 )));
                 continue;
             }
-            if let Some(name) = queued
-                .job
-                .adapter
-                .as_deref()
-                .filter(|n| !self.adapters.contains(n))
-            {
-                let name = name.to_string();
-                queued.fail(EngineError::AdapterNotFound(name));
-                continue;
+            if let Some(name) = queued.job.adapter.clone() {
+                if !self.adapters.contains(&name) {
+                    queued.fail(EngineError::AdapterNotFound(name));
+                    continue;
+                }
+                let in_use = self.running_adapters();
+                let in_use: Vec<&str> = in_use.iter().map(String::as_str).collect();
+                if let Err(e) = self.adapters.make_resident(&name, &self.model, &in_use) {
+                    queued.fail(e);
+                    continue;
+                }
             }
             metrics::counter!(m::PROMPT_TOKENS, "model" => self.model_label.clone())
                 .increment((queued.job.prompt.len() * queued.job.n) as u64);
@@ -156,6 +158,14 @@ impl Scheduler {
             active.fault = fault;
             self.running.push(active);
         }
+    }
+
+    /// The adapters running jobs decode with: none of them may leave memory.
+    pub(super) fn running_adapters(&self) -> Vec<String> {
+        self.running
+            .iter()
+            .filter_map(|a| a.job.adapter.clone())
+            .collect()
     }
 
     /// Frees the sequences and queue places of jobs whose client went away.

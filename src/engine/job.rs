@@ -129,6 +129,9 @@ pub enum EngineError {
     /// The request can never be served as asked (too big for the KV budget, a bad import).
     #[error("{0}")]
     Invalid(String),
+    /// Creating or growing a named adapter would pass a cap; `cap` names the setting.
+    #[error("{message}")]
+    CapReached { cap: &'static str, message: String },
     /// The engine is stopping or stopped; retrying elsewhere may work.
     #[error("{0}")]
     Unavailable(String),

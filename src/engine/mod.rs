@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use faults::Faults;
 pub use job::{AdaptRequest, AdaptationReport, EngineError, Event, GenerateJob, TreeLeaf};
-pub use registry::AdapterInfo;
+pub use registry::{AdapterCaps, AdapterInfo};
 
 use crate::adapt::store::AdapterStore;
 use crate::adapt::AdaptConfig;
@@ -40,6 +40,7 @@ pub struct EngineConfig {
     pub kv_cache_positions: Option<usize>,
     /// Nice value of the trainer's threads.
     pub trainer_nice: i32,
+    pub adapter_caps: AdapterCaps,
     pub faults: Faults,
 }
 
@@ -98,7 +99,13 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("ttrl-engine".into())
             .spawn(move || {
-                let adapters = Registry::load(&model, model_label.clone(), store, adapt_defaults);
+                let adapters = Registry::load(
+                    &model,
+                    model_label.clone(),
+                    store,
+                    adapt_defaults,
+                    config.adapter_caps.clone(),
+                );
                 Scheduler::new(
                     model,
                     tokenizer,

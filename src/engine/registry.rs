@@ -1,11 +1,13 @@
-//! The adapters the engine serves and trains. A named adapter is either at rest (its learner:
-//! weights, optimizer, version) or out with the trainer, in which case serving keeps
-//! answering with a copy of the weights it had when the episode started.
+//! The adapters the engine serves and trains. A named adapter is at rest (its learner:
+//! weights, optimizer, version), out with the trainer (serving keeps answering with a copy
+//! of the weights it had when the episode started), or only on disk: the least recently used
+//! ones leave memory when more than `max_resident` are in it, and load again on use.
+//! Caps bound how many exist, per tenant and in all, and the disk a tenant's take.
 
 use std::collections::HashMap;
 
 use super::job::EngineError;
-use crate::adapt::store::AdapterStore;
+use crate::adapt::store::{owner, AdapterStore};
 use crate::adapt::{AdaptConfig, Learner};
 use crate::model::lora::lora_dtype;
 use crate::model::{Adapter, LoraConfig, Model};
@@ -24,6 +26,26 @@ enum Slot {
         serving: Adapter,
         version: u64,
     },
+    /// Saved and dropped from memory; loaded again when a request uses it. Its optimizer
+    /// moments are not kept: they start again from zero.
+    OnDisk {
+        version: u64,
+    },
+}
+
+/// Bounds on named adapters. A tenant is the owner of an API key; on a server without keys,
+/// every adapter belongs to one anonymous tenant.
+#[derive(Debug, Clone)]
+pub struct AdapterCaps {
+    /// Named adapters in all, in memory or on disk.
+    pub max_adapters: usize,
+    pub max_adapters_per_tenant: usize,
+    /// Named adapters kept in memory. Only adapters that running requests use, plus the one
+    /// in training, can take it over.
+    pub max_resident: usize,
+    /// Disk a tenant's adapters may take, all kept versions counted, and the next version
+    /// while it is written.
+    pub max_disk_bytes_per_tenant: u64,
 }
 
 /// Ephemeral adapters live under names no request can spell.
@@ -50,45 +72,70 @@ pub struct Registry {
     store: Option<Box<dyn AdapterStore>>,
     defaults: AdaptConfig,
     model_label: String,
+    caps: AdapterCaps,
+    /// When each named adapter was last used, on `clock`: the least recent leaves memory first.
+    last_used: HashMap<String, u64>,
+    clock: u64,
 }
 
 impl Registry {
-    /// Loads every stored adapter; one that fails to load is logged and left out.
+    /// Loads the stored adapters one by one, keeping the first `max_resident` in memory and
+    /// the rest on disk; one that fails to load is logged and marked unloadable.
     pub fn load(
         model: &Model,
         model_label: String,
         store: Option<Box<dyn AdapterStore>>,
         defaults: AdaptConfig,
+        caps: AdapterCaps,
     ) -> Self {
-        let mut slots = HashMap::new();
-        let mut unloadable = HashMap::new();
-        if let Some(store) = &store {
-            match store.load_all(model.config(), lora_dtype(model.dtype()), model.device()) {
-                Ok(loaded) => {
-                    unloadable.extend(loaded.unloadable);
-                    for s in loaded.adapters {
-                        tracing::info!("loaded adapter `{}` version {}", s.name, s.version);
-                        match Learner::new(s.adapter, &defaults, s.version) {
-                            Ok(l) => {
-                                slots.insert(s.name, Slot::AtRest(l));
-                            }
-                            Err(e) => tracing::error!("adapter `{}`: {e}", s.name),
-                        }
-                    }
-                }
-                Err(e) => tracing::error!("loading adapters: {e}"),
-            }
-        }
-        let registry = Self {
-            slots,
-            unloadable,
+        let mut registry = Self {
+            slots: HashMap::new(),
+            unloadable: HashMap::new(),
             store,
             defaults,
             model_label,
+            caps,
+            last_used: HashMap::new(),
+            clock: 0,
         };
+        let names = registry
+            .store
+            .as_ref()
+            .map(|s| s.names())
+            .unwrap_or_default();
+        for name in names {
+            let store = registry.store.as_ref().expect("names came from the store");
+            let stored = store.load(
+                &name,
+                model.config(),
+                lora_dtype(model.dtype()),
+                model.device(),
+            );
+            let slot = match stored {
+                Ok(s) if registry.resident() < registry.caps.max_resident => {
+                    Learner::new(s.adapter, &registry.defaults, s.version).map(Slot::AtRest)
+                }
+                Ok(s) => Ok(Slot::OnDisk { version: s.version }),
+                Err(e) => Err(e),
+            };
+            match slot {
+                Ok(slot) => {
+                    tracing::info!(
+                        "loaded adapter `{name}` version {}",
+                        registry.version_in(&slot)
+                    );
+                    registry.slots.insert(name, slot);
+                }
+                Err(e) => {
+                    tracing::error!("adapter `{name}` cannot be served: {e}");
+                    registry.unloadable.insert(name, e.to_string());
+                }
+            }
+        }
         for info in registry.list() {
             registry.publish_version(&info.name, info.version);
         }
+        registry.publish_counts();
         registry
     }
 
@@ -100,58 +147,220 @@ impl Registry {
         matches!(self.slots.get(key), Some(Slot::Training { .. }))
     }
 
-    /// The weights requests with this adapter decode with.
+    /// The weights requests with this adapter decode with, if it is in memory.
     pub fn serving(&self, key: &str) -> Option<&Adapter> {
-        self.slots.get(key).map(|slot| match slot {
-            Slot::AtRest(l) => &l.adapter,
-            Slot::Training { serving, .. } => serving,
+        self.slots.get(key).and_then(|slot| match slot {
+            Slot::AtRest(l) => Some(&l.adapter),
+            Slot::Training { serving, .. } => Some(serving),
+            Slot::OnDisk { .. } => None,
         })
     }
 
     pub fn version_of(&self, key: &str) -> Option<u64> {
-        self.slots.get(key).map(|slot| match slot {
+        self.slots.get(key).map(|slot| self.version_in(slot))
+    }
+
+    fn version_in(&self, slot: &Slot) -> u64 {
+        match slot {
             Slot::AtRest(l) => l.version,
-            Slot::Training { version, .. } => *version,
-        })
+            Slot::Training { version, .. } | Slot::OnDisk { version } => *version,
+        }
+    }
+
+    /// Marks a named adapter used now and loads it if it was on disk, first dropping the
+    /// least recently used resident ones that no request in `in_use` needs.
+    pub fn make_resident(
+        &mut self,
+        key: &str,
+        model: &Model,
+        in_use: &[&str],
+    ) -> Result<(), EngineError> {
+        if is_ephemeral(key) {
+            return Ok(());
+        }
+        self.clock += 1;
+        self.last_used.insert(key.to_string(), self.clock);
+        let Some(Slot::OnDisk { version }) = self.slots.get(key) else {
+            return Ok(());
+        };
+        let version = *version;
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal(format!("adapter `{key}` has no store")))?;
+        let adapter = store.load_version(
+            key,
+            version,
+            model.config(),
+            lora_dtype(model.dtype()),
+            model.device(),
+        )?;
+        self.make_room(key, in_use);
+        let learner = Learner::new(adapter, &self.defaults, version)?;
+        self.slots.insert(key.to_string(), Slot::AtRest(learner));
+        self.publish_counts();
+        Ok(())
+    }
+
+    /// Named adapters in memory.
+    fn resident(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(k, s)| !is_ephemeral(k) && !matches!(s, Slot::OnDisk { .. }))
+            .count()
+    }
+
+    /// Saves and drops least recently used resident adapters until one more fits under
+    /// `max_resident`, sparing `key` and those in `in_use`. Without a store nothing can
+    /// leave memory; an adapter that cannot be saved stays (memory over a lost adapter).
+    fn make_room(&mut self, key: &str, in_use: &[&str]) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let mut candidates: Vec<(u64, String)> = self
+            .slots
+            .iter()
+            .filter(|(k, s)| {
+                matches!(s, Slot::AtRest(_))
+                    && !is_ephemeral(k)
+                    && k.as_str() != key
+                    && !in_use.contains(&k.as_str())
+            })
+            .map(|(k, _)| (self.last_used.get(k).copied().unwrap_or(0), k.clone()))
+            .collect();
+        candidates.sort();
+        let mut candidates = candidates.into_iter();
+        while self.resident() >= self.caps.max_resident {
+            let Some((_, victim)) = candidates.next() else {
+                return;
+            };
+            let Some(Slot::AtRest(learner)) = self.slots.get(&victim) else {
+                continue;
+            };
+            let version = learner.version;
+            match store.save(&learner.adapter, version) {
+                Ok(()) => {
+                    tracing::debug!("adapter `{victim}` v{version} leaves memory");
+                    self.slots.insert(victim, Slot::OnDisk { version });
+                    self.publish_counts();
+                }
+                Err(e) => tracing::error!("adapter `{victim}` stays in memory: saving: {e}"),
+            }
+        }
+    }
+
+    /// The named adapters `tenant` owns, loaded or not.
+    fn owned_by<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        self.slots
+            .keys()
+            .chain(self.unloadable.keys())
+            .filter(move |k| !is_ephemeral(k) && owner(k) == tenant)
+    }
+
+    /// Refuses a new named adapter over `max_adapters` or `max_adapters_per_tenant`.
+    fn check_count(&self, key: &str) -> Result<(), EngineError> {
+        let total = self.slots.keys().filter(|k| !is_ephemeral(k)).count() + self.unloadable.len();
+        if total >= self.caps.max_adapters {
+            return Err(EngineError::CapReached {
+                cap: "max_adapters",
+                message: format!(
+                    "The server holds its limit of {} named adapters (engine.max_adapters); \
+                     `{key}` cannot be created.",
+                    self.caps.max_adapters
+                ),
+            });
+        }
+        let owned = self.owned_by(owner(key)).count();
+        if owned >= self.caps.max_adapters_per_tenant {
+            return Err(EngineError::CapReached {
+                cap: "max_adapters_per_tenant",
+                message: format!(
+                    "This tenant has its limit of {} named adapters \
+                     (engine.max_adapters_per_tenant); train an existing one instead.",
+                    self.caps.max_adapters_per_tenant
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses to write a version of `key` (`bytes` of weights) that would take its tenant's
+    /// adapters over `max_disk_bytes_per_tenant` while it is written.
+    fn check_disk(&self, key: &str, bytes: u64) -> Result<(), EngineError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        // `key` itself may be out of the slots (checked out) or not yet in them.
+        let others: u64 = self
+            .owned_by(owner(key))
+            .filter(|k| k.as_str() != key)
+            .map(|k| store.bytes(k))
+            .sum();
+        let used = others + store.bytes(key);
+        let cap = self.caps.max_disk_bytes_per_tenant;
+        if used + bytes > cap {
+            return Err(EngineError::CapReached {
+                cap: "max_adapter_disk_bytes_per_tenant",
+                message: format!(
+                    "This tenant's adapters take {used} bytes on disk; another version of \
+                     `{key}` ({bytes} bytes) would pass the limit of {cap} \
+                     (engine.max_adapter_disk_bytes_per_tenant)."
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Hands the learner to the trainer, creating a fresh one (version 0) if the name is new.
     /// A named adapter keeps serving a copy of its weights meanwhile; an ephemeral one is
-    /// used by nobody until it comes back.
+    /// used by nobody until it comes back. A named adapter's new version must fit the caps.
     pub fn check_out(
         &mut self,
         key: &str,
         config: &AdaptConfig,
         model: &Model,
         seed: u64,
-    ) -> crate::Result<Learner> {
+        in_use: &[&str],
+    ) -> Result<Learner, EngineError> {
+        let existed = self.slots.contains_key(key);
+        if !is_ephemeral(key) {
+            if !existed && !self.unloadable.contains_key(key) {
+                self.check_count(key)?;
+                self.make_room(key, in_use);
+            }
+            self.make_resident(key, model, in_use)?;
+        }
         let learner = match self.slots.remove(key) {
             Some(Slot::AtRest(l)) => l,
-            Some(training @ Slot::Training { .. }) => {
-                self.slots.insert(key.to_string(), training);
-                return Err(crate::Error::Adapter {
-                    name: key.into(),
-                    reason: "already training".into(),
-                });
+            Some(other) => {
+                self.slots.insert(key.to_string(), other);
+                return Err(EngineError::Invalid(format!(
+                    "adapter `{key}` is already training"
+                )));
             }
             None => {
                 if let Some(why) = self.unloadable.get(key) {
-                    return Err(crate::Error::Adapter {
-                        name: key.into(),
-                        reason: format!(
-                            "stored on disk but does not load ({why}); it is not replaced by a \
-                             fresh adapter: reset or import it through the admin API"
-                        ),
-                    });
+                    return Err(EngineError::Invalid(format!(
+                        "adapter `{key}` is stored on disk but does not load ({why}); it is \
+                         not replaced by a fresh adapter: reset or import it through the \
+                         admin API"
+                    )));
                 }
                 Learner::new(fresh(key, config.lora.clone(), model, seed)?, config, 0)?
             }
         };
         if !is_ephemeral(key) {
+            if let Err(e) = self.check_disk(key, learner.adapter.bytes()) {
+                if existed {
+                    self.slots.insert(key.to_string(), Slot::AtRest(learner));
+                }
+                return Err(e);
+            }
             let serving = learner.adapter.deep_copy()?;
             let version = learner.version;
             self.slots
                 .insert(key.to_string(), Slot::Training { serving, version });
+            self.publish_counts();
         }
         Ok(learner)
     }
@@ -239,16 +448,16 @@ impl Registry {
 
     /// Saves the adapter (the weights being served) and returns the folder of its PEFT files.
     pub fn export(&self, name: &str) -> Result<std::path::PathBuf, EngineError> {
-        let (adapter, version) = match self.slots.get(name) {
-            Some(Slot::AtRest(l)) => (&l.adapter, l.version),
-            Some(Slot::Training { serving, version }) => (serving, *version),
-            None => return Err(EngineError::AdapterNotFound(name.into())),
-        };
         let store = self
             .store
             .as_ref()
             .ok_or_else(|| EngineError::Invalid("no adapter store is configured".into()))?;
-        store.save(adapter, version)?;
+        match self.slots.get(name) {
+            Some(Slot::AtRest(l)) => store.save(&l.adapter, l.version)?,
+            Some(Slot::Training { serving, version }) => store.save(serving, *version)?,
+            Some(Slot::OnDisk { .. }) => {} // saved when it left memory
+            None => return Err(EngineError::AdapterNotFound(name.into())),
+        }
         Ok(store.path_of(name)?)
     }
 
@@ -276,10 +485,18 @@ impl Registry {
         self.install(adapter)
     }
 
-    /// Versions only grow, so no client ever sees an older number for newer weights.
+    /// Versions only grow, so no client ever sees an older number for newer weights. The
+    /// caps hold here too.
     fn install(&mut self, adapter: Adapter) -> Result<AdapterInfo, EngineError> {
         let name = adapter.name().to_string();
         let version = self.version_of(&name).map_or(0, |v| v + 1);
+        if !self.slots.contains_key(&name) && !self.unloadable.contains_key(&name) {
+            self.check_count(&name)?;
+        }
+        self.check_disk(&name, adapter.bytes())?;
+        if !matches!(self.slots.get(&name), Some(Slot::AtRest(_))) {
+            self.make_room(&name, &[]);
+        }
         if let Some(store) = &self.store {
             store.save(&adapter, version)?;
         }
@@ -287,7 +504,15 @@ impl Registry {
         self.slots.insert(name.clone(), Slot::AtRest(learner));
         self.unloadable.remove(&name);
         self.publish_version(&name, version);
+        self.publish_counts();
         Ok(AdapterInfo { name, version })
+    }
+
+    fn publish_counts(&self) {
+        let resident = self.resident();
+        let named = self.slots.keys().filter(|k| !is_ephemeral(k)).count();
+        metrics::gauge!(m::ADAPTERS, "state" => "resident").set(resident as f64);
+        metrics::gauge!(m::ADAPTERS, "state" => "stored").set((named - resident) as f64);
     }
 
     fn publish_version(&self, name: &str, version: u64) {

@@ -286,6 +286,14 @@ impl Adapter {
         Ok(Some(delta.to_dtype(x.dtype())?))
     }
 
+    /// Bytes of its weights: what one saved version adds on disk, about.
+    pub fn bytes(&self) -> u64 {
+        self.vars()
+            .iter()
+            .map(|v| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
     /// A copy with its own storage: serving keeps answering with it while the original trains.
     pub fn deep_copy(&self) -> Result<Self> {
         let copy = |v: &Var| Var::from_tensor(&v.as_detached_tensor().copy()?);

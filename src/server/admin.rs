@@ -1,10 +1,11 @@
 //! `/admin/adapters`: list, reset, export (PEFT files in a zip) and import named adapters.
 //! Behind a bearer token; with no token configured the admin API stays off.
 
+use std::fs::File;
 use std::io::{Cursor, Read, Write};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,8 +13,9 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery};
 use super::AppState;
-use crate::adapt::store::valid_name;
+use crate::adapt::store::valid_key;
 use crate::engine::{AdapterInfo, Engine, EngineError, SubmitError};
 
 /// The PEFT files an export carries and an import expects.
@@ -43,13 +45,17 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Engine, ApiError> 
         .ok_or_else(|| ApiError::Unavailable("The model is still loading.".into()))
 }
 
+/// The operator names any adapter: `name`, or `tenant@name` for a tenant's.
 fn checked(name: &str) -> Result<(), ApiError> {
-    if valid_name(name) {
+    if valid_key(name) {
         Ok(())
     } else {
         Err(ApiError::invalid(
             "name",
-            format!("`{name}` is not a valid adapter name (1-64 letters, digits, `.`, `_`, `-`)"),
+            format!(
+                "`{name}` is not a valid adapter name (1-64 letters, digits, `.`, `_`, `-`; \
+                 `tenant@name` for a tenant's)"
+            ),
         ))
     }
 }
@@ -77,7 +83,7 @@ pub async fn list(
 pub async fn reset(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
@@ -99,8 +105,8 @@ pub struct RollbackQuery {
 pub async fn rollback(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(name): Path<String>,
-    Query(query): Query<RollbackQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<RollbackQuery>,
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
@@ -116,7 +122,7 @@ pub async fn rollback(
 pub async fn export(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
@@ -154,50 +160,24 @@ pub async fn export(
         .into_response())
 }
 
-/// The key is checked before the body is read; the body and each unzipped file are capped at
-/// what an adapter of this model can weigh (`Ready::import_limit_bytes`); the adapter's rank,
+/// The key is checked before the body is read; the body streams to a temporary file and it
+/// and each unzipped file are capped at what an adapter of this model can weigh
+/// (`Ready::import_limit_bytes`), so memory stays flat whatever is sent; the adapter's rank,
 /// alpha, shapes and values are checked before it is built, and its base model compared.
 pub async fn import(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Body,
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
     let ready = state.ready()?;
-    let limit = ready.import_limit_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::BodyTooLarge(format!("an adapter of this model is at most {limit} bytes"))
-    })?;
-    let bad = |e: &dyn std::fmt::Display| {
-        ApiError::invalid(
-            "body",
-            format!("expected a zip of {}: {e}", FILES.join(" and ")),
-        )
-    };
-    let mut zip = zip::ZipArchive::new(Cursor::new(body)).map_err(|e| bad(&e))?;
     let dir = std::env::temp_dir().join(format!("ttrl-import-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(e.to_string()))?;
     let result = async {
-        for file in FILES {
-            let entry = zip.by_name(file).map_err(|e| bad(&e))?;
-            // The zip's own size fields can lie: count what actually comes out.
-            let mut bytes = Vec::new();
-            entry
-                .take(limit as u64 + 1)
-                .read_to_end(&mut bytes)
-                .map_err(|e| bad(&e))?;
-            if bytes.len() > limit {
-                return Err(ApiError::BodyTooLarge(format!(
-                    "{file} unpacks to more than {limit} bytes"
-                )));
-            }
-            if file == CONFIG_FILE {
-                check_base_model(&bytes, &ready.model_name)?;
-            }
-            std::fs::write(dir.join(file), bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
-        }
+        let upload = receive(body, &dir.join("upload.zip"), ready.import_limit_bytes).await?;
+        unpack(upload, &dir, ready.import_limit_bytes, &ready.model_name)?;
         engine
             .import_adapter(name, dir.clone())
             .await
@@ -207,6 +187,64 @@ pub async fn import(
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Json(result?))
+}
+
+/// Streams the request body to `path`, refusing it once it passes `limit` bytes.
+async fn receive(body: Body, path: &std::path::Path, limit: usize) -> Result<File, ApiError> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let io = |e: std::io::Error| ApiError::Internal(format!("storing the upload: {e}"));
+    let mut file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .await
+        .map_err(io)?;
+    let mut stream = body.into_data_stream();
+    let mut received = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid("body", format!("reading it: {e}")))?;
+        received += chunk.len();
+        if received > limit {
+            return Err(ApiError::BodyTooLarge(format!(
+                "an adapter of this model is at most {limit} bytes"
+            )));
+        }
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.flush().await.map_err(io)?;
+    Ok(file.into_std().await)
+}
+
+/// Writes the PEFT files of the uploaded zip into `dir`, each capped at `limit` bytes as it
+/// unpacks (the zip's own size fields can lie).
+fn unpack(upload: File, dir: &std::path::Path, limit: usize, served: &str) -> Result<(), ApiError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        ApiError::invalid(
+            "body",
+            format!("expected a zip of {}: {e}", FILES.join(" and ")),
+        )
+    };
+    let mut zip = zip::ZipArchive::new(upload).map_err(|e| bad(&e))?;
+    for file in FILES {
+        let entry = zip.by_name(file).map_err(|e| bad(&e))?;
+        let mut bytes = Vec::new();
+        entry
+            .take(limit as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(&e))?;
+        if bytes.len() > limit {
+            return Err(ApiError::BodyTooLarge(format!(
+                "{file} unpacks to more than {limit} bytes"
+            )));
+        }
+        if file == CONFIG_FILE {
+            check_base_model(&bytes, served)?;
+        }
+        std::fs::write(dir.join(file), bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// An adapter trained on another base model is refused (by the name's last path part, so

@@ -33,6 +33,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Over a cap on adapters; `cap` (the setting's name) is the error code.
+    #[error("{message}")]
+    CapReached { cap: &'static str, message: String },
     #[error("Internal error: {0}")]
     Internal(String),
 }
@@ -113,6 +116,7 @@ impl ApiError {
                 "insufficient_permissions",
                 None,
             ),
+            CapReached { cap, .. } => (StatusCode::FORBIDDEN, "insufficient_quota", cap, None),
             Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -161,6 +165,7 @@ impl From<EngineError> for ApiError {
                 message,
                 param: None,
             },
+            EngineError::CapReached { cap, message } => ApiError::CapReached { cap, message },
             EngineError::Unavailable(message) => ApiError::Unavailable(message),
             EngineError::Internal(message) => ApiError::Internal(message),
         }

@@ -1,42 +1,57 @@
-//! Our JSON extractor: axum's rejections (bad JSON, wrong content type, body too large)
-//! come back in the OpenAI error shape instead of axum's plain text.
+//! Our extractors: axum's own (`Json`, `Query`, `Path`) whose rejections (bad JSON, a wrong
+//! content type, a body too large, a missing query field, a path that is not UTF-8) come back
+//! in the OpenAI error shape instead of axum's plain text.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::StatusCode;
-use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
-impl<S, T> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(rejection_to_error(rejection)),
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::BodyTooLarge(rejection.body_text());
+        }
+        let message = match &rejection {
+            JsonRejection::MissingJsonContentType(_) => {
+                "Expected request with `Content-Type: application/json`".to_string()
+            }
+            other => other.body_text(),
+        };
+        ApiError::InvalidRequest {
+            message,
+            param: None,
         }
     }
 }
 
-fn rejection_to_error(rejection: JsonRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::BodyTooLarge(rejection.body_text());
-    }
-    let message = match &rejection {
-        JsonRejection::MissingJsonContentType(_) => {
-            "Expected request with `Content-Type: application/json`".to_string()
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::InvalidRequest {
+            message: rejection.body_text(),
+            param: None,
         }
-        other => other.body_text(),
-    };
-    ApiError::InvalidRequest {
-        message,
-        param: None,
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::InvalidRequest {
+            message: rejection.body_text(),
+            param: None,
+        }
     }
 }

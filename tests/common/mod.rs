@@ -137,3 +137,42 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A deflated zip of `(name, bytes)` files, as an adapter import takes.
+pub fn zip_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in files {
+        zip.start_file(*name, options).unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+/// One file of a zip.
+pub fn unzip(zip: &[u8], file: &str) -> Vec<u8> {
+    use std::io::Read;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+    let mut bytes = Vec::new();
+    archive
+        .by_name(file)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    bytes
+}
+
+/// A PEFT zip of random LoRA weights for the tiny llama (written out in `dir` first): answers
+/// with it differ from the base model's.
+pub fn random_adapter_zip(dir: &std::path::Path) -> Vec<u8> {
+    let loaded = load_tiny("llama", DType::F32);
+    let adapter = randomized_adapter(&loaded.model, DType::F32);
+    adapter.write_files(dir, None, &[]).unwrap();
+    let file = |name: &'static str| (name, std::fs::read(dir.join(name)).unwrap());
+    zip_of(&[
+        file("adapter_model.safetensors"),
+        file("adapter_config.json"),
+    ])
+}
