@@ -57,6 +57,14 @@ fn resident_set_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
+/// The highest resident memory of this process so far (`VmHWM`, Linux).
+pub fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The highest reading of [`in_use`] over a stretch of work, above where it started.
 pub struct PeakMemory<'a> {
     device: &'a Device,

@@ -11,11 +11,10 @@ mod generate;
 mod info;
 mod logprobs;
 pub mod openai;
+mod state;
 mod ui;
 pub mod validation;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -24,113 +23,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::adapt::AdaptConfig;
-use crate::engine::Engine;
-use crate::model::TextTokenizer;
 use crate::telemetry;
-use auth::ApiKeys;
 use error::{ApiError, ErrorCode};
-use validation::Limits;
 
 pub use info::OPENAPI;
-
-/// Everything a handler needs once the model is loaded.
-pub struct Ready {
-    pub engine: Engine,
-    pub tokenizer: Arc<TextTokenizer>,
-    pub model_name: String,
-    pub max_model_len: usize,
-    /// Positions the KV-cache budget holds (`engine.kv_cache_bytes`), if there is one.
-    pub kv_cache_positions: Option<usize>,
-    pub adapt_defaults: AdaptConfig,
-    /// The most an imported adapter (zipped, and each file unzipped) may weigh.
-    pub import_limit_bytes: usize,
-}
-
-impl Ready {
-    pub fn limits(&self) -> Limits<'_> {
-        Limits {
-            model_name: &self.model_name,
-            max_model_len: self.max_model_len,
-            kv_cache_positions: self.kv_cache_positions,
-            tokenizer: &self.tokenizer,
-            adapt_defaults: &self.adapt_defaults,
-        }
-    }
-}
-
-/// Shared state: cheap to clone. `ready` is set once the weights are loaded.
-#[derive(Clone)]
-pub struct AppState {
-    ready: Arc<OnceLock<Arc<Ready>>>,
-    shutting_down: Arc<AtomicBool>,
-    prometheus: PrometheusHandle,
-    process_metrics: Arc<metrics_process::Collector>,
-    started: u64,
-    admin_key: Option<Arc<str>>,
-    /// Keys for `/v1/*`; `None`: the server is open.
-    api_keys: Option<Arc<ApiKeys>>,
-}
-
-impl AppState {
-    pub fn new(
-        prometheus: PrometheusHandle,
-        admin_key: Option<String>,
-        api_keys: Option<ApiKeys>,
-    ) -> Self {
-        let process_metrics = metrics_process::Collector::new("process_");
-        process_metrics.describe();
-        Self {
-            ready: Arc::new(OnceLock::new()),
-            shutting_down: Arc::new(AtomicBool::new(false)),
-            prometheus,
-            process_metrics: Arc::new(process_metrics),
-            started: generate::unix_now(),
-            admin_key: admin_key.map(Arc::from),
-            api_keys: api_keys.map(Arc::new),
-        }
-    }
-
-    /// Marks the model loaded; /ready turns 200.
-    pub fn set_ready(&self, ready: Ready) {
-        let _ = self.ready.set(Arc::new(ready));
-    }
-
-    pub fn engine(&self) -> Option<Engine> {
-        self.ready.get().map(|r| r.engine.clone())
-    }
-
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
-    }
-
-    fn ready(&self) -> Result<Arc<Ready>, ApiError> {
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ApiError::Unavailable("The server is shutting down.".into()));
-        }
-        let ready = self
-            .ready
-            .get()
-            .cloned()
-            .ok_or_else(|| ApiError::Unavailable("The model is still loading.".into()))?;
-        if !ready.engine.is_alive() {
-            return Err(ApiError::Unavailable(info::ENGINE_DEAD.into()));
-        }
-        Ok(ready)
-    }
-
-    fn model_label(&self) -> String {
-        self.ready
-            .get()
-            .map(|r| r.model_name.clone())
-            .unwrap_or_default()
-    }
-}
+pub use state::{AppState, Ready};
 
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone, Copy)]

@@ -18,7 +18,7 @@ use ttrl_serve::server::auth::ApiKeys;
 use ttrl_serve::server::{self, AppState, HttpLimits, Ready};
 use ttrl_serve::telemetry;
 
-use crate::ModelArgs;
+use super::ModelArgs;
 
 #[derive(Args)]
 pub struct ServeArgs {

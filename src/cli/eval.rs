@@ -14,7 +14,7 @@ use ttrl_serve::eval::data::BUILTIN;
 use ttrl_serve::eval::results::Results;
 use ttrl_serve::eval::{self, Arm, EvalOptions, Protocol};
 
-use crate::ModelArgs;
+use super::ModelArgs;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -168,7 +168,7 @@ fn in_process(args: &EvalArgs) -> Result<Results> {
         let url = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (state_tx, state_rx) = std::sync::mpsc::channel();
-        let mut server = tokio::spawn(crate::serve::serve_on(listener, settings, move |state| {
+        let mut server = tokio::spawn(super::serve::serve_on(listener, settings, move |state| {
             let _ = state_tx.send(state);
             async {
                 let _ = stopped.await;

@@ -14,7 +14,7 @@ use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
 use ttrl_serve::reward::AnswerFormat;
 use ttrl_serve::sampling::{Sampler, Sampling};
 
-use crate::ModelArgs;
+use super::ModelArgs;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -44,23 +44,6 @@ pub struct BenchArgs {
     episode_samples: usize,
     #[arg(long, default_value_t = 64)]
     episode_max_tokens: usize,
-}
-
-/// Peak resident memory of this process, from the kernel (Linux); 0 elsewhere.
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_string)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Deterministic pseudo-random token ids inside the vocabulary.
@@ -230,7 +213,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     println!(
         "| peak resident memory | {:.2} GB |",
-        peak_rss_bytes() as f64 / 1e9
+        ttrl_serve::model::memory::peak_resident_bytes().unwrap_or(0) as f64 / 1e9
     );
     Ok(())
 }
