@@ -20,13 +20,13 @@ COPY static static
 COPY configs configs
 # Cargo.toml names the integration test target, so its folder must exist.
 COPY tests tests
-RUN cargo build --release --features cuda --locked
+RUN cargo build --profile dist --features cuda --locked
 
 # Run: the CUDA runtime libraries only; python3 + pip fetch the default model on first use.
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/ttrl-serve /usr/local/bin/ttrl-serve
+COPY --from=build /src/target/dist/ttrl-serve /usr/local/bin/ttrl-serve
 COPY configs /etc/ttrl-serve
 ENV TTRL_SERVE_CACHE=/cache \
     TTRL_DATA_DIR=/data \

@@ -35,6 +35,10 @@ USER_DATA="${XDG_DATA_HOME:-$HOME/.local/share}/ttrl-serve"
 snapshot() { find "$USER_DATA" -printf '%P %s %T@\n' 2>/dev/null | sort | sha256sum; }
 BEFORE="$(snapshot)"
 
+# No dependency the code does not use.
+command -v cargo-machete >/dev/null 2>&1 || cargo install --quiet --locked cargo-machete
+cargo machete
+
 cargo build --release --bins
 cargo test --release -- --test-threads=2
 

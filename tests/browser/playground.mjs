@@ -1,7 +1,8 @@
 // Browser test of the playground: Debian's chromium, headless, driven by playwright-core,
 // against the real server on the default model. Asks a question with adaptation on, waits for
 // the answer, and checks that the tree, the vote chart and the step metrics show the values
-// the API returned. Saves desktop and phone screenshots. Prints "N passed, M failed".
+// the API returned, and that server errors are shown. Then a real 16-leaf adaptation for the
+// desktop and phone screenshots. Prints "N passed, M failed".
 //
 //   TTRL_BIN=.../ttrl-serve NODE_PATH=.../node_modules node tests/browser/playground.mjs
 import { spawn } from "node:child_process";
@@ -96,8 +97,24 @@ try {
   await page.waitForSelector("#error:not([hidden])");
   check("a server error is shown", (await page.locator("#error").textContent()).includes("temperature"));
   check("the refused question is not left in the chat", (await page.locator("#messages li").count()) === 2);
+
+  // The pictures in the README: a fresh page and a real adaptation on a question with a
+  // checkable answer, 16 leaves, numbers voted on.
+  await page.goto(base + "/");
+  await page.waitForFunction(() => document.querySelectorAll("#model option").length > 0);
+  await page.check("#adapt");
+  await page.fill("#samples", "16");
+  await page.fill("#adapter", "showcase");
+  await page.selectOption("#answer_format", "number");
+  await page.fill("#prompt", "What is 7 plus 5? Answer with just the number.");
+  const showcasePromise = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
+  await page.press("#prompt", "Enter");
+  const showcase = (await (await showcasePromise).text()).split("\n").filter((l) => l.startsWith("data: {"))
+    .map((l) => JSON.parse(l.slice(6))).find((c) => c.adaptation).adaptation;
+  await page.waitForFunction(() => document.body.dataset.answered, null, { timeout: 600000 });
+  check("the showcase tree shows its 16 leaves", (await page.locator("#ep-tree li").count()) === 16 && showcase.tree.length === 16);
+  console.log(`showcase: majority ${showcase.majority_answer}, votes ${JSON.stringify(showcase.votes)}, applied ${showcase.applied}`);
   check("no script errors", pageErrors.length === 0, pageErrors.join("; "));
-  await page.fill("#temperature", "0");
   await page.screenshot({ path: join(artifacts, "playground-desktop.png"), fullPage: true });
   await page.setViewportSize({ width: 390, height: 844 });
   await page.screenshot({ path: join(artifacts, "playground-phone.png"), fullPage: true });
