@@ -328,6 +328,7 @@ fn clients_that_leave_while_queued_behind_an_episode_give_their_places_back() {
             json!({"stream": true, "max_tokens": 2, "adaptation": {"enabled": true, "adapter": "queue"}}),
         )
     };
+    let leave = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         // The first holds the trainer; the others queue behind it, then leave.
         let first = s.spawn(|| {
@@ -338,24 +339,28 @@ fn clients_that_leave_while_queued_behind_an_episode_give_their_places_back() {
         wait_until("the episode to start", Duration::from_secs(60), || {
             episodes_running(&server) == 1.0
         });
+        // The leavers stay connected (a keep-alive comment arrives every second) until all
+        // three are seen queued, then hang up.
         let agent = ureq::AgentBuilder::new()
-            .timeout_read(Duration::from_millis(1500))
+            .timeout_read(Duration::from_secs(30))
             .build();
         let leavers: Vec<_> = (0..3)
             .map(|i| {
                 let (agent, body) = (agent.clone(), body(&format!("What is {i} plus 2?")));
-                let url = server.url("/v1/chat/completions");
+                let (url, leave) = (server.url("/v1/chat/completions"), &leave);
                 s.spawn(move || {
-                    let r = agent.post(&url).send_json(body).unwrap();
-                    // Keep-alive comments arrive; read a little, then hang up.
+                    let mut reader = agent.post(&url).send_json(body).unwrap().into_reader();
                     let mut buf = [0u8; 16];
-                    let _ = std::io::Read::read(&mut r.into_reader(), &mut buf);
+                    while !leave.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::io::Read::read(&mut reader, &mut buf).unwrap();
+                    }
                 })
             })
             .collect();
-        wait_until("the leavers to queue", Duration::from_secs(30), || {
+        wait_until("the leavers to queue", Duration::from_secs(60), || {
             metric(&server.get_text("/metrics"), "ttrl_requests_waiting", &[]) >= 3.0
         });
+        leave.store(true, std::sync::atomic::Ordering::SeqCst);
         for l in leavers {
             l.join().unwrap();
         }

@@ -114,26 +114,65 @@ impl TextTokenizer {
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// Turns generated ids into text piece by piece: a byte-level BPE token can end inside a
-/// UTF-8 character, so text is released only once it decodes cleanly.
+/// Turns generated ids into text piece by piece, with the tokenizers crate's `DecodeStream`
+/// step: text is released once it decodes cleanly (a byte-level BPE token can end inside a
+/// UTF-8 character), and each step decodes only a short window, not the whole response.
+/// (`DecodeStream` itself borrows the tokenizer; its step function keeps the state here, so a
+/// sequence can own its decoder.)
 #[derive(Debug, Default, Clone)]
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    prefix: String,
+    prefix_index: usize,
 }
 
 impl IncrementalDecoder {
     /// Adds a token and returns the new text it completes (possibly empty).
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') {
-            return Ok(String::new());
+        let new = tokenizers::tokenizer::step_decode_stream(
+            &tok.inner,
+            vec![id],
+            true,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(new.unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_text_is_the_whole_decode_even_inside_multibyte_characters() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-qwen2/tokenizer.json"
+        );
+        let tok = TextTokenizer::new(
+            tokenizers::Tokenizer::from_file(path).unwrap(),
+            None,
+            None,
+            None,
+        );
+        let text = "Grüße, 世界 🙂: 12 + 7 = 19.";
+        let ids = tok.encode(text).unwrap();
+        let mut decoder = IncrementalDecoder::default();
+        let mut streamed = String::new();
+        let mut held_back = false;
+        for &id in &ids {
+            let piece = decoder.push(&tok, id).unwrap();
+            held_back |= piece.is_empty();
+            streamed.push_str(&piece);
         }
-        let Some(new) = text.get(self.emitted..).map(str::to_string) else {
-            return Ok(String::new());
-        };
-        self.emitted = text.len();
-        Ok(new)
+        assert_eq!(streamed, tok.decode(&ids).unwrap());
+        assert_eq!(streamed, text);
+        assert!(
+            held_back,
+            "some token ends inside a character and is held back"
+        );
     }
 }
