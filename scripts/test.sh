@@ -34,6 +34,8 @@ fi
 USER_DATA="${XDG_DATA_HOME:-$HOME/.local/share}/ttrl-serve"
 snapshot() { find "$USER_DATA" -printf '%P %s %T@\n' 2>/dev/null | sort | sha256sum; }
 BEFORE="$(snapshot)"
+# Nor the work tree: whatever a test writes goes to temporary folders.
+TREE_BEFORE="$(git status --porcelain 2>/dev/null || true)"
 
 # No dependency the code does not use.
 command -v cargo-machete >/dev/null 2>&1 || cargo install --quiet --locked cargo-machete
@@ -47,5 +49,10 @@ TTRL_BIN="$CARGO_TARGET_DIR/release/ttrl-serve" NODE_PATH="$BROWSER_DEPS/node_mo
 
 if [ "$(snapshot)" != "$BEFORE" ]; then
     echo "the tests changed the user's data folder $USER_DATA" >&2
+    exit 1
+fi
+if [ "$(git status --porcelain 2>/dev/null || true)" != "$TREE_BEFORE" ]; then
+    echo "the tests changed the work tree:" >&2
+    git status --short >&2
     exit 1
 fi

@@ -205,3 +205,94 @@ fn lora_gradients_under_a_half_precision_base_on_the_test_device_match_f32_on_th
         }
     }
 }
+
+/// The update never holds a micro-batch's logits whole: the loss is taken leaf by leaf from
+/// the final hidden states and joined by a surrogate. Its value and every LoRA gradient equal
+/// those of the whole loss computed directly, one unpacked forward per leaf.
+#[test]
+fn the_leaf_by_leaf_training_loss_has_the_value_and_gradients_of_the_whole_one() {
+    use ttrl_serve::adapt::objective::{
+        leaf_loss, leaves_loss, Denominators, ObjectiveConfig, ObjectiveStats, TrainLeaf,
+    };
+    let loaded = load_tiny("llama", DType::F32);
+    let model = &loaded.model;
+    let adapter = randomized_adapter(model, DType::F32);
+    let leaf = |prompt: &[u32], response: Vec<u32>, advantage: f32| {
+        let n = response.len();
+        TrainLeaf {
+            prompt: prompt.to_vec(),
+            old_logprobs: (0..n).map(|i| -5.4 - 0.05 * i as f32).collect(),
+            ref_logprobs: (0..n).map(|i| -5.6 + 0.03 * i as f32).collect(),
+            mask: (0..n).map(|i| i % 3 != 1).collect(),
+            response,
+            advantage,
+        }
+    };
+    // Two responses share a prompt (packed once); a third has its own.
+    let (a, b) = ([1u32, 5, 9, 13], [2u32, 7]);
+    let leaves = vec![
+        leaf(&a, vec![20, 30, 40, 50, 60], 1.0),
+        leaf(&a, vec![21, 31, 41], -0.5),
+        leaf(&b, vec![100, 120, 140, 160], 0.7),
+    ];
+    let config = ObjectiveConfig {
+        temperature: 0.8,
+        clip_epsilon: 0.2,
+        lambda_kl: 0.1,
+        lambda_band: 0.5,
+    };
+    // A band the tiny model's entropies (about ln 267) lie above: that term is active.
+    let denom = Denominators {
+        selected_tokens: 8.0,
+        band: Some((1.0, 2.0)),
+    };
+    let chunked = leaves_loss(model, &adapter, &leaves, &config, denom).unwrap();
+    let chunked_grads = chunked.surrogate.backward().unwrap();
+
+    let mut whole = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    let mut stats = ObjectiveStats::default();
+    for l in &leaves {
+        let seq: Vec<u32> = l.prompt.iter().chain(&l.response).copied().collect();
+        let logits = model
+            .forward(&mut [SeqInput::new(&seq)], Some(&adapter), LogitsFor::All)
+            .unwrap();
+        let n = l.response.len();
+        let rows = (logits.narrow(0, l.prompt.len() - 1, n).unwrap() / 0.8).unwrap();
+        let logp_all = candle_nn::ops::log_softmax(&rows, D::Minus1).unwrap();
+        let ids = Tensor::new(l.response.as_slice(), &Device::Cpu)
+            .unwrap()
+            .reshape((n, 1))
+            .unwrap();
+        let logp = logp_all.gather(&ids, 1).unwrap().squeeze(1).unwrap();
+        let entropy = (logp_all.exp().unwrap() * &logp_all)
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .neg()
+            .unwrap();
+        let term = leaf_loss(l, &logp, &entropy, &config, denom, &mut stats).unwrap();
+        whole = (whole + term).unwrap();
+    }
+    let value = f64::from(whole.to_scalar::<f32>().unwrap());
+    assert!(
+        (value - chunked.value).abs() < 1e-5,
+        "{value} vs {}",
+        chunked.value
+    );
+    let whole_grads = whole.backward().unwrap();
+    let mut compared = 0;
+    for var in adapter.vars() {
+        let (w, c) = (
+            whole_grads.get(var.as_tensor()).unwrap(),
+            chunked_grads.get(var.as_tensor()).unwrap(),
+        );
+        let scale = max_abs_diff(w, &w.zeros_like().unwrap()).max(1e-6);
+        let diff = max_abs_diff(w, c);
+        assert!(
+            diff / scale < 1e-4,
+            "gradient differs by {diff} (scale {scale})"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, adapter.vars().len());
+}

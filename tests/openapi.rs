@@ -172,7 +172,9 @@ fn schemathesis(server: &Server, bearer: &str, seed: &str) {
     };
     let st = std::path::Path::new(&python).with_file_name("st");
     let out = std::process::Command::new(st)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz"))
+        // Its caches go to a scratch folder, not the repo; the hooks come from tests/fuzz.
+        .current_dir(scratch_dir(&format!("schemathesis-{seed}")))
+        .env("PYTHONPATH", concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz"))
         .env("SCHEMATHESIS_HOOKS", "schemathesis_hooks")
         .args(["run", &server.url("/openapi.json")])
         .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])

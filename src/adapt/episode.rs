@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::advantage::{band_bounds, ear, forking_threshold, grpo};
 use super::config::{AdaptConfig, Method};
 use super::objective::{
-    k3, leaves_loss, reference, token_logprobs, Denominators, ObjectiveConfig, ObjectiveStats,
-    TrainLeaf,
+    k3, leaves_loss, reference, token_values, Denominators, MicroBatchLoss, ObjectiveConfig,
+    ObjectiveStats, TrainLeaf,
 };
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
@@ -305,12 +305,13 @@ fn mean_kl(
     if refs.is_empty() {
         return Ok(0.0);
     }
-    let adapted = token_logprobs(model, Some(adapter), &refs, config.temperature)?;
+    let adapted = token_values(model, Some(adapter), &refs, config.temperature)?;
     let mut sum = 0.0;
     let mut count = 0;
     for (leaf, (logp, _)) in refs.iter().zip(&adapted) {
         let ref_logp = Tensor::new(leaf.ref_logprobs.as_slice(), model.device())?;
-        let k = k3(&ref_logp, &logp.detach())?;
+        let logp = Tensor::new(logp.as_slice(), model.device())?;
+        let k = k3(&ref_logp, &logp)?;
         sum += f64::from(k.sum_all()?.to_scalar::<f32>()?);
         count += k.elem_count();
     }
@@ -518,16 +519,21 @@ fn run_rounds(
             let mut loss_value = 0.0f64;
             for chunk in leaves.chunks(config.micro_batch.max(1)) {
                 limits.interrupt.check()?;
-                let (mut loss, s) = leaves_loss(model, &learner.adapter, chunk, &objective, denom)?;
+                let MicroBatchLoss {
+                    mut surrogate,
+                    mut value,
+                    stats: s,
+                } = leaves_loss(model, &learner.adapter, chunk, &objective, denom)?;
                 if config.test_force_nonfinite_loss {
-                    loss = (loss * f64::NAN)?;
+                    surrogate = (surrogate * f64::NAN)?;
+                    value = f64::NAN;
                 }
-                loss_value += f64::from(loss.to_scalar::<f32>()?);
+                loss_value += value;
                 stats.kl_sum += s.kl_sum;
                 stats.kl_tokens += s.kl_tokens;
                 stats.selected_entropy_sum += s.selected_entropy_sum;
                 stats.selected_tokens += s.selected_tokens;
-                let store = loss.backward()?;
+                let store = surrogate.backward()?;
                 memory.sample();
                 for (acc, g) in grads.iter_mut().zip(learner.optimizer.gradients(&store)) {
                     *acc = match (acc.take(), g) {

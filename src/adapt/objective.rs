@@ -5,7 +5,7 @@
 //! 80/20 code's token-mean over its loss mask). TTRL is the same with every token selected
 //! and no band.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor, Var, D};
 
 use crate::error::Result;
 use crate::model::{Adapter, LogitsFor, Model, SeqInput};
@@ -52,16 +52,15 @@ pub struct ObjectiveStats {
     pub selected_tokens: usize,
 }
 
-/// Per leaf: log-probs of its response under `adapter` (or the base model) and the entropy
-/// of softmax(logits / T) at each response position, (tokens,) tensors differentiable through
-/// the adapter. All leaves run packed in one forward pass.
-pub(crate) fn token_logprobs(
+/// The final hidden states at the rows that predict the leaves' response tokens, leaf after
+/// leaf: (sum of response lengths, hidden), differentiable through `adapter`. All leaves run
+/// packed in one forward pass, each distinct prompt once, its responses attending to its keys
+/// and values.
+fn response_hidden(
     model: &Model,
     adapter: Option<&Adapter>,
     leaves: &[&TrainLeaf],
-    temperature: f32,
-) -> Result<Vec<(Tensor, Tensor)>> {
-    // Each distinct prompt runs once; its responses attend to its keys and values.
+) -> Result<Tensor> {
     let mut prompts: Vec<&[u32]> = Vec::new();
     let owner: Vec<usize> = leaves
         .iter()
@@ -99,18 +98,46 @@ pub(crate) fn token_logprobs(
         let start = starts[prompts.len() + j];
         rows.extend((start..start + leaf.response.len() - 1).map(|r| r as u32));
     }
-    let logits = model.forward(&mut inputs, adapter, LogitsFor::Rows(rows))?;
+    model.hidden(&mut inputs, adapter, LogitsFor::Rows(rows))
+}
+
+/// Log-probs of `response` and the entropies of softmax(logits / T), from the hidden rows
+/// that predict it: only these rows' logits exist at a time.
+fn logp_entropy(
+    model: &Model,
+    hidden: &Tensor,
+    response: &[u32],
+    temperature: f32,
+) -> Result<(Tensor, Tensor)> {
+    let logits = model.logits(hidden)?.to_dtype(DType::F32)?;
+    let logp_all = candle_nn::ops::log_softmax(&(logits / f64::from(temperature))?, D::Minus1)?;
+    let ids = Tensor::new(response, model.device())?.reshape((response.len(), 1))?;
+    let logp = logp_all.gather(&ids, 1)?.squeeze(1)?;
+    let entropy = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
+    Ok((logp, entropy))
+}
+
+/// Per leaf, as plain numbers: the log-probs of its response under `adapter` (or the base
+/// model) and the entropies at its positions. No graph is kept; logits exist one leaf at a time.
+pub(crate) fn token_values(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    leaves: &[&TrainLeaf],
+    temperature: f32,
+) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+    let hidden = response_hidden(model, adapter, leaves)?.detach();
     let mut out = Vec::with_capacity(leaves.len());
     let mut start = 0;
     for leaf in leaves {
         let n = leaf.response.len();
-        let rows = logits.narrow(0, start, n)?.to_dtype(DType::F32)?;
+        let (logp, entropy) = logp_entropy(
+            model,
+            &hidden.narrow(0, start, n)?,
+            &leaf.response,
+            temperature,
+        )?;
         start += n;
-        let logp_all = candle_nn::ops::log_softmax(&(rows / f64::from(temperature))?, D::Minus1)?;
-        let ids = Tensor::new(leaf.response.as_slice(), model.device())?.reshape((n, 1))?;
-        let logp = logp_all.gather(&ids, 1)?.squeeze(1)?;
-        let entropy = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
-        out.push((logp, entropy));
+        out.push((logp.to_vec1::<f32>()?, entropy.to_vec1::<f32>()?));
     }
     Ok(out)
 }
@@ -141,64 +168,111 @@ pub fn reference(
 ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
     let mut out = Vec::with_capacity(leaves.len());
     for chunk in leaves.chunks(micro_batch.max(1)) {
-        for (logp, entropy) in token_logprobs(model, None, chunk, temperature)? {
-            out.push((logp.to_vec1::<f32>()?, entropy.to_vec1::<f32>()?));
-        }
+        out.extend(token_values(model, None, chunk, temperature)?);
     }
     Ok(out)
 }
 
-/// The loss of these leaves (already divided by the step's denominators) and its stats.
+/// What one micro-batch contributes to the step: a tensor whose gradient with respect to
+/// the adapter is the loss's, the loss itself (already divided by the step's denominators),
+/// and its stats.
+pub struct MicroBatchLoss {
+    pub surrogate: Tensor,
+    pub value: f64,
+    pub stats: ObjectiveStats,
+}
+
+/// The loss of these leaves without ever holding their logits whole. The forward pass stops
+/// at the final hidden states; then, leaf by leaf, the vocabulary projection and the loss are
+/// computed from a detached copy of that leaf's rows and differentiated back to it, and the
+/// leaf's graph is dropped. The row gradients G make the surrogate sum(hidden * G), whose
+/// gradient through the network is the loss's (the chain rule, cut at the hidden states).
 pub fn leaves_loss(
     model: &Model,
     adapter: &Adapter,
     leaves: &[TrainLeaf],
     config: &ObjectiveConfig,
     denom: Denominators,
-) -> Result<(Tensor, ObjectiveStats)> {
+) -> Result<MicroBatchLoss> {
     let device = model.device();
     let mut stats = ObjectiveStats::default();
-    let mut total = Tensor::zeros((), DType::F32, device)?;
     let leaves: Vec<&TrainLeaf> = leaves
         .iter()
         .filter(|l| l.mask.iter().any(|&m| m))
         .collect();
     if leaves.is_empty() {
-        return Ok((total, stats));
+        return Ok(MicroBatchLoss {
+            surrogate: Tensor::zeros((), DType::F32, device)?,
+            value: 0.0,
+            stats,
+        });
     }
-    let policy_side = token_logprobs(model, Some(adapter), &leaves, config.temperature)?;
+    let hidden = response_hidden(model, Some(adapter), &leaves)?;
+    let mut row_grads = Vec::with_capacity(leaves.len());
+    let mut value = 0.0;
+    let mut start = 0;
+    for leaf in &leaves {
+        let n = leaf.response.len();
+        let rows = Var::from_tensor(&hidden.narrow(0, start, n)?.detach())?;
+        start += n;
+        let (logp, entropy) =
+            logp_entropy(model, rows.as_tensor(), &leaf.response, config.temperature)?;
+        let loss = leaf_loss(leaf, &logp, &entropy, config, denom, &mut stats)?;
+        value += f64::from(loss.to_scalar::<f32>()?);
+        let grads = loss.backward()?;
+        row_grads.push(match grads.get(rows.as_tensor()) {
+            Some(g) => g.clone(),
+            None => rows.as_tensor().zeros_like()?,
+        });
+    }
+    let g = Tensor::cat(&row_grads, 0)?;
+    Ok(MicroBatchLoss {
+        surrogate: (hidden * g)?.sum_all()?,
+        value,
+        stats,
+    })
+}
+
+/// One leaf's term of the step's loss, from its log-probs and entropies: PPO-clip and k3 KL
+/// on the selected tokens, and the entropy band on those outside it, each over the step's
+/// selected tokens.
+pub fn leaf_loss(
+    leaf: &TrainLeaf,
+    logp: &Tensor,
+    entropy: &Tensor,
+    config: &ObjectiveConfig,
+    denom: Denominators,
+    stats: &mut ObjectiveStats,
+) -> Result<Tensor> {
+    let device = logp.device();
+    let mask_f: Vec<f32> = leaf.mask.iter().map(|&m| f32::from(u8::from(m))).collect();
+    let mask = Tensor::new(mask_f.as_slice(), device)?;
+    let old = Tensor::new(leaf.old_logprobs.as_slice(), device)?;
+    let ref_logp = Tensor::new(leaf.ref_logprobs.as_slice(), device)?;
+
+    let policy = (ppo_clip(logp, &old, leaf.advantage, config.clip_epsilon)? * &mask)?.sum_all()?;
+    let kl = (k3(&ref_logp, logp)? * &mask)?.sum_all()?;
+    stats.kl_sum += f64::from(kl.to_scalar::<f32>()?);
+    stats.kl_tokens += leaf.mask.iter().filter(|&&m| m).count();
+    let mut loss = (policy + (kl * f64::from(config.lambda_kl))?)?;
+
+    let selected: Vec<u32> = (0..leaf.mask.len() as u32)
+        .filter(|&i| leaf.mask[i as usize])
+        .collect();
+    let idx = Tensor::new(selected.as_slice(), device)?;
+    let h = entropy.index_select(&idx, 0)?;
+    let h_values = h.to_vec1::<f32>()?;
+    stats.selected_entropy_sum += h_values.iter().map(|&x| f64::from(x)).sum::<f64>();
+    stats.selected_tokens += h_values.len();
+    if let (Some((lo, hi)), true) = (denom.band, config.lambda_band > 0.0) {
+        // Zero inside the base model's band; pushes back only the forks outside it.
+        let above = (&h - f64::from(hi))?.relu()?;
+        let below = (h.neg()? + f64::from(lo))?.relu()?;
+        let band = (above + below)?.sum_all()?;
+        loss = (loss + (band * f64::from(config.lambda_band))?)?;
+    }
     let per_token = 1.0 / f64::from(denom.selected_tokens.max(1.0));
-    for (leaf, (logp, entropy)) in leaves.iter().zip(policy_side) {
-        let mask_f: Vec<f32> = leaf.mask.iter().map(|&m| f32::from(u8::from(m))).collect();
-        let mask = Tensor::new(mask_f.as_slice(), device)?;
-        let old = Tensor::new(leaf.old_logprobs.as_slice(), device)?;
-        let ref_logp = Tensor::new(leaf.ref_logprobs.as_slice(), device)?;
-
-        let policy =
-            (ppo_clip(&logp, &old, leaf.advantage, config.clip_epsilon)? * &mask)?.sum_all()?;
-        let kl = (k3(&ref_logp, &logp)? * &mask)?.sum_all()?;
-        stats.kl_sum += f64::from(kl.to_scalar::<f32>()?);
-        stats.kl_tokens += leaf.mask.iter().filter(|&&m| m).count();
-        let mut loss = (policy + (kl * f64::from(config.lambda_kl))?)?;
-
-        let selected: Vec<u32> = (0..leaf.mask.len() as u32)
-            .filter(|&i| leaf.mask[i as usize])
-            .collect();
-        let idx = Tensor::new(selected.as_slice(), device)?;
-        let h = entropy.index_select(&idx, 0)?;
-        let h_values = h.to_vec1::<f32>()?;
-        stats.selected_entropy_sum += h_values.iter().map(|&x| f64::from(x)).sum::<f64>();
-        stats.selected_tokens += h_values.len();
-        if let (Some((lo, hi)), true) = (denom.band, config.lambda_band > 0.0) {
-            // Zero inside the base model's band; pushes back only the forks outside it.
-            let above = (&h - f64::from(hi))?.relu()?;
-            let below = (h.neg()? + f64::from(lo))?.relu()?;
-            let band = (above + below)?.sum_all()?;
-            loss = (loss + (band * f64::from(config.lambda_band))?)?;
-        }
-        total = (total + (loss * per_token)?)?;
-    }
-    Ok((total, stats))
+    Ok((loss * per_token)?)
 }
 
 #[cfg(test)]

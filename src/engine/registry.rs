@@ -184,22 +184,27 @@ impl Registry {
             return Ok(());
         };
         let version = *version;
-        let store = self
-            .store
-            .as_ref()
-            .ok_or_else(|| EngineError::Internal(format!("adapter `{key}` has no store")))?;
-        let adapter = store.load_version(
-            key,
-            version,
-            model.config(),
-            lora_dtype(model.dtype()),
-            model.device(),
-        )?;
+        let adapter = self.load_stored(key, version, model)?;
         self.make_room(key, in_use);
         let learner = Learner::new(adapter, &self.defaults, version)?;
         self.slots.insert(key.to_string(), Slot::AtRest(learner));
         self.publish_counts();
         Ok(())
+    }
+
+    /// One stored version of `key`, built for the served model.
+    fn load_stored(&self, key: &str, version: u64, model: &Model) -> Result<Adapter, EngineError> {
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("no adapter store is configured".into()))?;
+        Ok(store.load_version(
+            key,
+            version,
+            model.config(),
+            lora_dtype(model.dtype()),
+            model.device(),
+        )?)
     }
 
     /// Named adapters in memory.
@@ -468,20 +473,10 @@ impl Registry {
         version: u64,
         model: &Model,
     ) -> Result<AdapterInfo, EngineError> {
-        let store = self
-            .store
-            .as_ref()
-            .ok_or_else(|| EngineError::Invalid("no adapter store is configured".into()))?;
-        if !store.exists(name) {
+        if !self.store.as_ref().is_some_and(|s| s.exists(name)) {
             return Err(EngineError::AdapterNotFound(name.into()));
         }
-        let adapter = store.load_version(
-            name,
-            version,
-            model.config(),
-            lora_dtype(model.dtype()),
-            model.device(),
-        )?;
+        let adapter = self.load_stored(name, version, model)?;
         self.install(adapter)
     }
 

@@ -369,6 +369,35 @@ impl Model {
         adapters: &[Option<&Adapter>],
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
+        let hidden = self.hidden_mixed(seqs, adapters, logits_for)?;
+        self.logits(&hidden)
+    }
+
+    /// The final hidden states (after the last norm) of the rows `rows` selects, (rows,
+    /// hidden): [`Self::logits`] of them is what [`Self::forward`] returns. Training takes the
+    /// vocabulary projection from here a few rows at a time, so the full logits never exist.
+    pub fn hidden(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        adapter: Option<&Adapter>,
+        rows: LogitsFor,
+    ) -> Result<Tensor> {
+        let adapters = vec![adapter; seqs.len()];
+        self.hidden_mixed(seqs, &adapters, rows)
+    }
+
+    /// The vocabulary projection of final hidden states: (rows, hidden) to (rows, vocab).
+    /// Frozen: the gradient flows to the hidden states only.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(frozen_matmul(hidden, &self.lm_head)?)
+    }
+
+    fn hidden_mixed(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        adapters: &[Option<&Adapter>],
+        logits_for: LogitsFor,
+    ) -> Result<Tensor> {
         if adapters.len() != seqs.len() {
             return Err(Error::InvalidConfig(format!(
                 "{} adapters for {} sequences",
@@ -450,8 +479,7 @@ impl Model {
                 x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
             }
         };
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        Ok(frozen_matmul(&x, &self.lm_head)?)
+        Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }
 
     /// The batch's distinct adapters, each with the packed rows it applies to (`None`: all
