@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::admission::Queued;
+use super::admission::{adapters_in_use, Queued};
 use super::job::{AdaptRequest, AdaptationReport, EngineError, Event, TreeLeaf};
 use super::registry::{is_ephemeral, CheckIn, EPHEMERAL_PREFIX};
 use super::scheduler::Scheduler;
@@ -112,14 +112,12 @@ impl Scheduler {
             return;
         };
         let config = episode.request.config.clone();
-        let in_use = self.running_adapters();
-        let in_use: Vec<&str> = in_use.iter().map(String::as_str).collect();
         let checked_out = self.adapters.check_out(
             &episode.key,
             &config,
             &self.model,
             self.episode_count,
-            &in_use,
+            &adapters_in_use(&self.running),
         );
         let learner = match checked_out {
             Ok(l) => l,

@@ -144,8 +144,7 @@ impl Scheduler {
                     queued.fail(EngineError::AdapterNotFound(name));
                     continue;
                 }
-                let in_use = self.running_adapters();
-                let in_use: Vec<&str> = in_use.iter().map(String::as_str).collect();
+                let in_use = adapters_in_use(&self.running);
                 if let Err(e) = self.adapters.make_resident(&name, &self.model, &in_use) {
                     queued.fail(e);
                     continue;
@@ -158,14 +157,6 @@ impl Scheduler {
             active.fault = fault;
             self.running.push(active);
         }
-    }
-
-    /// The adapters running jobs decode with: none of them may leave memory.
-    pub(super) fn running_adapters(&self) -> Vec<String> {
-        self.running
-            .iter()
-            .filter_map(|a| a.job.adapter.clone())
-            .collect()
     }
 
     /// Frees the sequences and queue places of jobs whose client went away.
@@ -188,4 +179,12 @@ impl Scheduler {
         metrics::gauge!(m::REQUESTS_WAITING, "model" => self.model_label.clone())
             .set(self.load.waiting.load(Ordering::SeqCst) as f64);
     }
+}
+
+/// The adapters running jobs decode with: none of them may leave memory.
+pub(super) fn adapters_in_use(running: &[Active]) -> Vec<&str> {
+    running
+        .iter()
+        .filter_map(|a| a.job.adapter.as_deref())
+        .collect()
 }

@@ -428,10 +428,15 @@ impl Registry {
     }
 
     /// A fresh adapter under `name` as its next version, saved; replaces any, even one in
-    /// training.
-    pub fn reset(&mut self, name: &str, model: &Model) -> Result<AdapterInfo, EngineError> {
+    /// training. `in_use`: the adapters running requests decode with, which stay in memory.
+    pub fn reset(
+        &mut self,
+        name: &str,
+        model: &Model,
+        in_use: &[&str],
+    ) -> Result<AdapterInfo, EngineError> {
         let adapter = fresh(name, self.defaults.lora.clone(), model, 0)?;
-        self.install(adapter)
+        self.install(adapter, in_use)
     }
 
     /// PEFT files from `dir` as the named adapter's next version, saved.
@@ -440,6 +445,7 @@ impl Registry {
         name: &str,
         dir: &std::path::Path,
         model: &Model,
+        in_use: &[&str],
     ) -> Result<AdapterInfo, EngineError> {
         let adapter = Adapter::load(
             name,
@@ -448,7 +454,7 @@ impl Registry {
             lora_dtype(model.dtype()),
             model.device(),
         )?;
-        self.install(adapter)
+        self.install(adapter, in_use)
     }
 
     /// Saves the adapter (the weights being served) and returns the folder of its PEFT files.
@@ -472,17 +478,18 @@ impl Registry {
         name: &str,
         version: u64,
         model: &Model,
+        in_use: &[&str],
     ) -> Result<AdapterInfo, EngineError> {
         if !self.store.as_ref().is_some_and(|s| s.exists(name)) {
             return Err(EngineError::AdapterNotFound(name.into()));
         }
         let adapter = self.load_stored(name, version, model)?;
-        self.install(adapter)
+        self.install(adapter, in_use)
     }
 
     /// Versions only grow, so no client ever sees an older number for newer weights. The
     /// caps hold here too.
-    fn install(&mut self, adapter: Adapter) -> Result<AdapterInfo, EngineError> {
+    fn install(&mut self, adapter: Adapter, in_use: &[&str]) -> Result<AdapterInfo, EngineError> {
         let name = adapter.name().to_string();
         let version = self.version_of(&name).map_or(0, |v| v + 1);
         if !self.slots.contains_key(&name) && !self.unloadable.contains_key(&name) {
@@ -490,7 +497,7 @@ impl Registry {
         }
         self.check_disk(&name, adapter.bytes())?;
         if !matches!(self.slots.get(&name), Some(Slot::AtRest(_))) {
-            self.make_room(&name, &[]);
+            self.make_room(&name, in_use);
         }
         if let Some(store) = &self.store {
             store.save(&adapter, version)?;

@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::adaptation::{EpisodeQueue, InFlight, PendingBatch};
-use super::admission::{Load, Queued};
+use super::admission::{adapters_in_use, Load, Queued};
 use super::faults::{Fault, Faults};
 use super::job::{EngineError, Event};
 use super::registry::{AdapterInfo, Registry};
@@ -191,17 +191,20 @@ impl Scheduler {
                 let _ = reply.send(self.adapters.list());
             }
             AdminCommand::Reset(name, reply) => {
-                let result = self.adapters.reset(&name, &self.model);
+                let in_use = adapters_in_use(&self.running);
+                let result = self.adapters.reset(&name, &self.model, &in_use);
                 self.weights_changed(&name);
                 let _ = reply.send(result);
             }
             AdminCommand::Import(name, dir, reply) => {
-                let result = self.adapters.import(&name, &dir, &self.model);
+                let in_use = adapters_in_use(&self.running);
+                let result = self.adapters.import(&name, &dir, &self.model, &in_use);
                 self.weights_changed(&name);
                 let _ = reply.send(result);
             }
             AdminCommand::Rollback(name, version, reply) => {
-                let result = self.adapters.rollback(&name, version, &self.model);
+                let in_use = adapters_in_use(&self.running);
+                let result = self.adapters.rollback(&name, version, &self.model, &in_use);
                 self.weights_changed(&name);
                 let _ = reply.send(result);
             }

@@ -177,7 +177,14 @@ pub async fn import(
     std::fs::create_dir_all(&dir).map_err(|e| ApiError::Internal(e.to_string()))?;
     let result = async {
         let upload = receive(body, &dir.join("upload.zip"), ready.import_limit_bytes).await?;
-        unpack(upload, &dir, ready.import_limit_bytes, &ready.model_name)?;
+        let (files, limit, served) = (
+            dir.clone(),
+            ready.import_limit_bytes,
+            ready.model_name.clone(),
+        );
+        tokio::task::spawn_blocking(move || unpack(upload, &files, limit, &served))
+            .await
+            .map_err(|e| ApiError::Internal(format!("unpacking the upload: {e}")))??;
         engine
             .import_adapter(name, dir.clone())
             .await
@@ -217,8 +224,9 @@ async fn receive(body: Body, path: &std::path::Path, limit: usize) -> Result<Fil
     Ok(file.into_std().await)
 }
 
-/// Writes the PEFT files of the uploaded zip into `dir`, each capped at `limit` bytes as it
-/// unpacks (the zip's own size fields can lie).
+/// Writes the PEFT files of the uploaded zip into `dir`, each streamed to its file and capped
+/// at `limit` bytes as it unpacks (the zip's own size fields can lie). Blocking: run it off
+/// the async workers.
 fn unpack(upload: File, dir: &std::path::Path, limit: usize, served: &str) -> Result<(), ApiError> {
     let bad = |e: &dyn std::fmt::Display| {
         ApiError::invalid(
@@ -229,22 +237,19 @@ fn unpack(upload: File, dir: &std::path::Path, limit: usize, served: &str) -> Re
     let mut zip = zip::ZipArchive::new(upload).map_err(|e| bad(&e))?;
     for file in FILES {
         let entry = zip.by_name(file).map_err(|e| bad(&e))?;
-        let mut bytes = Vec::new();
-        entry
-            .take(limit as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| bad(&e))?;
-        if bytes.len() > limit {
+        let mut out =
+            File::create(dir.join(file)).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let written =
+            std::io::copy(&mut entry.take(limit as u64 + 1), &mut out).map_err(|e| bad(&e))?;
+        if written > limit as u64 {
             return Err(ApiError::BodyTooLarge(format!(
                 "{file} unpacks to more than {limit} bytes"
             )));
         }
-        if file == CONFIG_FILE {
-            check_base_model(&bytes, served)?;
-        }
-        std::fs::write(dir.join(file), bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
     }
-    Ok(())
+    let config =
+        std::fs::read(dir.join(CONFIG_FILE)).map_err(|e| ApiError::Internal(e.to_string()))?;
+    check_base_model(&config, served)
 }
 
 /// An adapter trained on another base model is refused (by the name's last path part, so
