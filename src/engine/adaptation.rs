@@ -294,6 +294,19 @@ impl Scheduler {
         }
     }
 
+    /// The grace period is over: besides what [`Self::stop_adaptation`] does, the requests of
+    /// an episode still out with the trainer are answered (503) instead of dropped unanswered.
+    pub(super) fn abort_adaptation(&mut self) {
+        self.stop_adaptation();
+        if let Some(f) = self.in_flight.take() {
+            for queued in f.episode.jobs {
+                queued.fail(EngineError::Unavailable(
+                    "the server is shutting down".into(),
+                ));
+            }
+        }
+    }
+
     fn record_episode(&mut self, report: &EpisodeReport) {
         let label = self.model_label.clone();
         if let Some(peak) = report.peak_memory_bytes {

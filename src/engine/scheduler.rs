@@ -336,7 +336,7 @@ impl Scheduler {
             a.emit(&self.model_label);
         }
         self.running.clear();
-        self.stop_adaptation();
+        self.abort_adaptation();
         for queued in self.waiting.drain(..) {
             queued.fail(EngineError::Unavailable(
                 "the server is shutting down".into(),
