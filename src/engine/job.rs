@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::adapt::{AdaptConfig, Question, StepReport};
@@ -49,8 +48,8 @@ impl AdaptRequest {
     }
 }
 
-/// The `adaptation` object of an adapted response, plus what the playground draws.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// What an episode says to one of its requests (the server turns it into the wire report).
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdaptationReport {
     pub applied: bool,
     pub method: &'static str,
@@ -84,7 +83,7 @@ pub struct AdaptationReport {
 }
 
 /// One leaf for the tree view: tokens with their entropies, and where it forked.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TreeLeaf {
     /// Index (within this question's leaves) of the root it branched from, and the position.
     pub parent: Option<usize>,

@@ -13,7 +13,7 @@ use crate::model::lora::lora_dtype;
 use crate::model::{Adapter, LoraConfig, Model};
 use crate::telemetry as m;
 
-#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdapterInfo {
     pub name: String,
     pub version: u64,

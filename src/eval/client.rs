@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::model::ChatMessage;
+use crate::server::adaptation::{AdaptationReport, AdaptationSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -30,49 +30,13 @@ pub struct ChatRequest<'a> {
     pub max_tokens: usize,
     pub seed: u64,
     /// The `adaptation` object, for ttrl-serve.
-    pub adaptation: Option<Value>,
-}
-
-/// The parts of ttrl-serve's `adaptation` report the eval reads.
-#[derive(Debug, Clone, Deserialize)]
-pub struct AdaptationSummary {
-    pub applied: bool,
-    pub adapter_version_before: u64,
-    pub adapter_version: u64,
-    pub rollout_tokens: usize,
-    pub flat_equivalent_tokens: usize,
-    pub majority_answer: Option<String>,
-    pub vote_share: f32,
-    #[serde(default)]
-    pub votes: Vec<(String, usize)>,
-    /// Why the question did not train, when it did not (ttrl-serve's gates).
-    #[serde(default)]
-    pub no_signal: Option<String>,
-    pub loss: f32,
-    pub kl: f32,
-    pub duration_ms: u64,
-    #[serde(default)]
-    pub step_metrics: Vec<StepSummary>,
-    pub tree: Vec<LeafSummary>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct StepSummary {
-    #[serde(default)]
-    pub kl_after: f32,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct LeafSummary {
-    pub entropies: Vec<f32>,
-    pub answer: Option<String>,
-    pub reward: f32,
+    pub adaptation: Option<AdaptationSpec>,
 }
 
 pub struct ChatResponse {
     pub texts: Vec<String>,
     pub completion_tokens: usize,
-    pub adaptation: Option<AdaptationSummary>,
+    pub adaptation: Option<AdaptationReport>,
 }
 
 pub struct Client {
@@ -160,7 +124,7 @@ impl Client {
             "seed": req.seed,
         });
         if let Some(adaptation) = &req.adaptation {
-            body["adaptation"] = adaptation.clone();
+            body["adaptation"] = json!(adaptation);
         }
         let url = format!("{}/v1/chat/completions", self.base);
         let value = self.send(self.agent.post(&url), Some(body))?;

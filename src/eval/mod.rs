@@ -15,14 +15,14 @@ use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::adapt::advantage::forking_threshold;
 use crate::adapt::Method;
 use crate::model::assets::sha256_file;
 use crate::reward::majority_vote;
 use crate::rollout::RolloutKind;
-use client::{AdaptationSummary, ChatRequest, ChatResponse, Client};
+use crate::server::adaptation::{AdaptationReport, AdaptationSpec};
+use client::{ChatRequest, ChatResponse, Client};
 use data::Item;
 use results::{histogram, Batch, Evaluation, QuestionVote, Results, Setup};
 
@@ -360,7 +360,7 @@ impl Runner<'_> {
         n: usize,
         temperature: f32,
         seed: u64,
-        adaptation: Option<serde_json::Value>,
+        adaptation: Option<AdaptationSpec>,
     ) -> anyhow::Result<ChatResponse> {
         let item = &self.items[i];
         Ok(self.client.chat(
@@ -438,19 +438,15 @@ impl Runner<'_> {
         let first = questions.start;
         let count = questions.len();
         let responses = self.parallel(questions, count, |i| {
-            let mut adaptation = json!({
-                "enabled": true,
-                "method": method.as_str(),
-                "rollout": rollout.as_str(),
-                "steps": o.steps,
-                "answer_format": serde_json::to_value(self.items[i].format)?,
-            });
-            if named {
-                adaptation["adapter"] = json!(self.adapter(arm));
-            }
-            if let Some(samples) = o.samples {
-                adaptation["samples"] = json!(samples);
-            }
+            let adaptation = AdaptationSpec {
+                enabled: Some(true),
+                method: Some(method.into()),
+                rollout: Some(rollout.into()),
+                steps: Some(o.steps as i64),
+                answer_format: Some(self.items[i].format.into()),
+                adapter: named.then(|| self.adapter(arm)),
+                samples: o.samples.map(|s| s as i64),
+            };
             let (n, temperature) = if named {
                 (1, 0.0)
             } else {
@@ -481,12 +477,12 @@ impl Runner<'_> {
         responses: &[(usize, ChatResponse)],
         started: Instant,
     ) -> Batch {
-        let responses: Vec<(usize, &AdaptationSummary, usize)> = responses
+        let responses: Vec<(usize, &AdaptationReport, usize)> = responses
             .iter()
             .filter_map(|(i, r)| Some((*i, r.adaptation.as_ref()?, r.completion_tokens)))
             .collect();
         // Requests of one server episode share its totals; count each episode once.
-        let mut episodes: Vec<&AdaptationSummary> = Vec::new();
+        let mut episodes: Vec<&AdaptationReport> = Vec::new();
         for &(_, r, _) in &responses {
             let key = (r.adapter_version_before, r.adapter_version, r.duration_ms);
             if !episodes

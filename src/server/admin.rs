@@ -9,14 +9,17 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery};
+use super::openai::ErrorResponse;
 use super::AppState;
 use crate::adapt::store::valid_key;
-use crate::engine::{AdapterInfo, Engine, EngineError, SubmitError};
+use crate::engine::{self, Engine, EngineError, SubmitError};
 
 /// The PEFT files an export carries and an import expects.
 /// The exported version, on an export's response.
@@ -71,15 +74,68 @@ fn adapter_error(e: EngineError) -> ApiError {
     }
 }
 
+/// A named adapter and the version it serves.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterInfo {
+    /// `name`, or `tenant@name` for a tenant's adapter.
+    pub name: String,
+    pub version: u64,
+}
+
+impl From<engine::AdapterInfo> for AdapterInfo {
+    fn from(a: engine::AdapterInfo) -> Self {
+        Self {
+            name: a.name,
+            version: a.version,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterList {
+    pub object: &'static str,
+    pub data: Vec<AdapterInfo>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/admin/adapters",
+    tag = "admin",
+    summary = "Named adapters and their versions",
+    responses(
+        (status = 200, description = "Every named adapter", body = AdapterList),
+        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
+        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+    ),
+    security(("admin" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AdapterList>, ApiError> {
     let engine = authorize(&state, &headers)?;
-    let data: Vec<AdapterInfo> = engine.adapters().await.map_err(engine_gone)?;
-    Ok(Json(json!({"object": "list", "data": data})))
+    let adapters = engine.adapters().await.map_err(engine_gone)?;
+    Ok(Json(AdapterList {
+        object: "list",
+        data: adapters.into_iter().map(AdapterInfo::from).collect(),
+    }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/adapters/{name}/reset",
+    tag = "admin",
+    summary = "Replace a named adapter with a fresh one, published as its next version",
+    params(("name" = String, Path, description = "`name`, or `tenant@name` for a tenant's adapter")),
+    responses(
+        (status = 200, description = "The new version", body = AdapterInfo),
+        (status = 400, description = "Invalid name", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
+        (status = 403, description = "A cap on adapters is reached", body = ErrorResponse),
+        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+    ),
+    security(("admin" = []))
+)]
 pub async fn reset(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -87,21 +143,38 @@ pub async fn reset(
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
-    Ok(Json(
-        engine
-            .reset_adapter(name)
-            .await
-            .map_err(engine_gone)?
-            .map_err(adapter_error)?,
-    ))
+    let info = engine
+        .reset_adapter(name)
+        .await
+        .map_err(engine_gone)?
+        .map_err(adapter_error)?;
+    Ok(Json(info.into()))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RollbackQuery {
+    /// A kept version of the adapter.
     version: u64,
 }
 
 /// Publishes a kept version's weights as the adapter's next version.
+#[utoipa::path(
+    post,
+    path = "/admin/adapters/{name}/rollback",
+    tag = "admin",
+    summary = "Publish a kept version's weights as the adapter's next version",
+    params(("name" = String, Path, description = "`name`, or `tenant@name` for a tenant's adapter"), RollbackQuery),
+    responses(
+        (status = 200, description = "The new version", body = AdapterInfo),
+        (status = 400, description = "Invalid name or version", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
+        (status = 403, description = "A cap on adapters is reached", body = ErrorResponse),
+        (status = 404, description = "No such adapter or version", body = ErrorResponse),
+        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+    ),
+    security(("admin" = []))
+)]
 pub async fn rollback(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -110,15 +183,29 @@ pub async fn rollback(
 ) -> Result<Json<AdapterInfo>, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
-    Ok(Json(
-        engine
-            .rollback_adapter(name, query.version)
-            .await
-            .map_err(engine_gone)?
-            .map_err(adapter_error)?,
-    ))
+    let info = engine
+        .rollback_adapter(name, query.version)
+        .await
+        .map_err(engine_gone)?
+        .map_err(adapter_error)?;
+    Ok(Json(info.into()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/adapters/{name}/export",
+    tag = "admin",
+    summary = "PEFT files (adapter_model.safetensors, adapter_config.json) as a zip",
+    params(("name" = String, Path, description = "`name`, or `tenant@name` for a tenant's adapter")),
+    responses(
+        (status = 200, description = "The zip; `x-ttrl-adapter-version` names the version", body = Vec<u8>, content_type = "application/zip"),
+        (status = 400, description = "Invalid name", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
+        (status = 404, description = "No such adapter", body = ErrorResponse),
+        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+    ),
+    security(("admin" = []))
+)]
 pub async fn export(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -164,6 +251,23 @@ pub async fn export(
 /// and each unzipped file are capped at what an adapter of this model can weigh
 /// (`Ready::import_limit_bytes`), so memory stays flat whatever is sent; the adapter's rank,
 /// alpha, shapes and values are checked before it is built, and its base model compared.
+#[utoipa::path(
+    post,
+    path = "/admin/adapters/{name}/import",
+    tag = "admin",
+    summary = "Load PEFT files (a zip body) as the named adapter's next version",
+    params(("name" = String, Path, description = "`name`, or `tenant@name` for a tenant's adapter")),
+    request_body(content = Vec<u8>, content_type = "application/zip"),
+    responses(
+        (status = 200, description = "The new version", body = AdapterInfo),
+        (status = 400, description = "Invalid name, zip or adapter", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
+        (status = 403, description = "A cap on adapters is reached", body = ErrorResponse),
+        (status = 413, description = "Body or a file in it over the limit", body = ErrorResponse),
+        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+    ),
+    security(("admin" = []))
+)]
 pub async fn import(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -193,7 +297,7 @@ pub async fn import(
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(Json(result?))
+    Ok(Json(result?.into()))
 }
 
 /// Streams the request body to `path`, refusing it once it passes `limit` bytes.

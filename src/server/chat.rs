@@ -13,15 +13,34 @@ use super::generate::{
     collect, log_ignored_fields, request_id, stream, submit, unix_now, ChunkFormat,
 };
 use super::openai::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, Delta, Usage,
+    AdaptationReport, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+    ChatCompletionChunk, ChatCompletionRequest, Delta, ErrorResponse, Usage,
 };
 use super::validation::validate_chat;
 use super::{logprobs, AppState, Ready};
-use crate::engine::AdaptationReport;
 use crate::generation::FinishReason;
 use crate::sampling::SampledToken;
 
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    summary = "Chat completion (SSE when `stream` is true)",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its chunks as server-sent events",
+            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        (status = 400, description = "Invalid request (the message and `param` name the field)", body = ErrorResponse),
+        (status = 401, description = "Missing or unknown API key", body = ErrorResponse),
+        (status = 403, description = "The key lacks the right, or a cap on adapters is reached", body = ErrorResponse),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
+        (status = 413, description = "Body over the limit", body = ErrorResponse),
+        (status = 429, description = "Queue full (see `Retry-After`)", body = ErrorResponse),
+        (status = 500, description = "The engine failed this request", body = ErrorResponse),
+        (status = 503, description = "Loading, shutting down, or the engine has stopped", body = ErrorResponse)
+    ),
+    security(("apiKey" = []), ())
+)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -12,13 +12,34 @@ use super::extract::ApiJson;
 use super::generate::{
     collect, log_ignored_fields, request_id, stream, submit, unix_now, ChunkFormat,
 };
-use super::openai::{Completion, CompletionChoice, CompletionRequest, Usage};
+use super::openai::{
+    AdaptationReport, Completion, CompletionChoice, CompletionRequest, ErrorResponse, Usage,
+};
 use super::validation::validate_completion;
 use super::{logprobs, AppState, Ready};
-use crate::engine::AdaptationReport;
 use crate::generation::FinishReason;
 use crate::sampling::SampledToken;
 
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    summary = "Text completion (SSE when `stream` is true)",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its chunks as server-sent events",
+            content((Completion = "application/json"), (Completion = "text/event-stream"))),
+        (status = 400, description = "Invalid request (the message and `param` name the field)", body = ErrorResponse),
+        (status = 401, description = "Missing or unknown API key", body = ErrorResponse),
+        (status = 403, description = "The key lacks the right, or a cap on adapters is reached", body = ErrorResponse),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
+        (status = 413, description = "Body over the limit", body = ErrorResponse),
+        (status = 429, description = "Queue full (see `Retry-After`)", body = ErrorResponse),
+        (status = 500, description = "The engine failed this request", body = ErrorResponse),
+        (status = 503, description = "Loading, shutting down, or the engine has stopped", body = ErrorResponse)
+    ),
+    security(("apiKey" = []), ())
+)]
 pub async fn completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

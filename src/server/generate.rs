@@ -8,10 +8,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::ApiError;
-use super::openai::Usage;
+use super::openai::{AdaptationReport, Usage};
 use super::validation::ValidRequest;
 use super::Ready;
-use crate::engine::{AdaptationReport, Event, GenerateJob};
+use crate::engine::{Event, GenerateJob};
 use crate::generation::FinishReason;
 use crate::sampling::SampledToken;
 
@@ -99,7 +99,7 @@ pub async fn collect(
                 open -= 1;
             }
             Event::Adapted(r) => {
-                report.get_or_insert(*r);
+                report.get_or_insert_with(|| AdaptationReport::from(*r));
             }
             Event::Error(e) => return Err(e.into()),
         }
@@ -209,7 +209,9 @@ pub fn stream<F: ChunkFormat>(
                     open -= 1;
                     format.chunk(vec![format.finished(index, reason, text)], None, None)
                 }
-                Event::Adapted(report) => format.chunk(Vec::new(), None, Some(*report)),
+                Event::Adapted(report) => {
+                    format.chunk(Vec::new(), None, Some(AdaptationReport::from(*report)))
+                }
                 Event::Error(e) => {
                     send_json(&tx, &ApiError::from(e).body()).await;
                     return;

@@ -1,6 +1,7 @@
 //! The HTTP edge: axum routes, the OpenAI schema, SSE, errors, limits and metrics.
 //! It knows nothing of tensors: it validates requests into jobs and hands them to the engine.
 
+pub mod adaptation;
 mod admin;
 pub mod auth;
 mod chat;
@@ -21,16 +22,18 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::telemetry;
 use error::{ApiError, ErrorCode};
 
-pub use info::OPENAPI;
 pub use state::{AppState, Ready};
 
 /// Limits of the HTTP layer.
@@ -39,55 +42,80 @@ pub struct HttpLimits {
     pub body_limit_bytes: usize,
 }
 
-/// Every route, for the router and for the test that holds the OpenAPI document to it.
-pub const ROUTES: [(&str, &str); 17] = [
-    ("post", "/v1/chat/completions"),
-    ("post", "/v1/completions"),
-    ("get", "/v1/models"),
-    ("get", "/health"),
-    ("get", "/ready"),
-    ("get", "/metrics"),
-    ("get", "/version"),
-    ("get", "/openapi.json"),
-    ("get", "/docs"),
-    ("get", "/admin/adapters"),
-    ("post", "/admin/adapters/{name}/reset"),
-    ("get", "/admin/adapters/{name}/export"),
-    ("post", "/admin/adapters/{name}/rollback"),
-    ("post", "/admin/adapters/{name}/import"),
-    ("get", "/"),
-    ("get", "/static/style.css"),
-    ("get", "/static/app.js"),
-];
+/// The document's frame; the paths and schemas come from the handlers and the wire types.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ttrl-serve",
+        description = "OpenAI-compatible inference server that can adapt LoRA weights to its questions by label-free test-time RL."
+    ),
+    modifiers(&SecuritySchemes)
+)]
+struct ApiFrame;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let bearer = |description: &str| {
+            let mut scheme = Http::new(HttpAuthScheme::Bearer);
+            scheme.description = Some(description.to_string());
+            SecurityScheme::Http(scheme)
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "apiKey",
+            bearer("An API key from server.api_keys_file; a server without keys needs none."),
+        );
+        components.add_security_scheme("admin", bearer("The admin key (server.admin_api_key)."));
+    }
+}
+
+/// Routes behind API keys, when the server has them.
+fn inference_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(chat::chat_completions))
+        .routes(routes!(completions::completions))
+        .routes(routes!(info::models))
+}
+
+/// Routes without API keys: operations, the playground, and the admin API (its own key).
+fn open_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(info::health))
+        .routes(routes!(info::ready))
+        .routes(routes!(info::metrics))
+        .routes(routes!(info::version))
+        .routes(routes!(info::openapi))
+        .routes(routes!(info::docs))
+        .routes(routes!(ui::index))
+        .routes(routes!(ui::style))
+        .routes(routes!(ui::script))
+        .routes(routes!(admin::list))
+        .routes(routes!(admin::reset))
+        .routes(routes!(admin::export))
+        .routes(routes!(admin::rollback))
+        // The import handler reads its own body, after the key check, up to a limit from
+        // the model's adapter size.
+        .routes(routes!(admin::import))
+}
+
+/// The OpenAPI document of every route the router serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    OpenApiRouter::with_openapi(ApiFrame::openapi())
+        .merge(inference_routes())
+        .merge(open_routes())
+        .into_openapi()
+}
 
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
-    let inference = Router::new()
-        .route("/v1/chat/completions", post(chat::chat_completions))
-        .route("/v1/completions", post(completions::completions))
-        .route("/v1/models", get(info::models))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ));
-    Router::new()
-        .merge(inference)
-        .route("/health", get(info::health))
-        .route("/ready", get(info::ready))
-        .route("/metrics", get(info::metrics))
-        .route("/version", get(info::version))
-        .route("/openapi.json", get(info::openapi))
-        .route("/docs", get(info::openapi))
-        .route("/", get(ui::index))
-        .route("/static/style.css", get(ui::style))
-        .route("/static/app.js", get(ui::script))
-        .route("/admin/adapters", get(admin::list))
-        .route("/admin/adapters/{name}/reset", post(admin::reset))
-        .route("/admin/adapters/{name}/export", get(admin::export))
-        .route("/admin/adapters/{name}/rollback", post(admin::rollback))
-        // The import handler reads its own body, after the key check, up to a limit from
-        // the model's adapter size.
-        .route("/admin/adapters/{name}/import", post(admin::import))
+    let inference = inference_routes().route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::authenticate,
+    ));
+    let (routes, _) = inference.merge(open_routes()).split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count_errors))

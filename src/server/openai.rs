@@ -1,36 +1,38 @@
-//! OpenAI wire types. Numbers arrive loosely typed (f64 / i64) so that validation, not serde,
-//! rejects out-of-range values, with a message that names the field.
+//! OpenAI wire types; the OpenAPI document is generated from them. Numbers arrive loosely
+//! typed (f64 / i64) so that validation, not serde, rejects out-of-range values, with a
+//! message that names the field.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
-pub use crate::engine::AdaptationReport;
+pub use super::adaptation::{AdaptationReport, AdaptationSpec};
 
 /// `stop`: one string or a list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// Message content: a string or a list of `{"type": "text", "text": ...}` parts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -38,28 +40,35 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(as = ChatMessage)]
 pub struct ChatMessageIn {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
 }
 
 /// Fields shared by chat and completions requests.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct SamplingFields {
     /// Served model name; absent means the default model.
     pub model: Option<String>,
     /// Choices to generate (default 1).
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<i64>,
     /// 0 = greedy; at most 2.
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
     /// Nucleus mass in (0, 1].
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
     /// Keep only the k most likely tokens; -1 or 0 = off (vLLM's convention).
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
     /// `max_completion_tokens` is the newer spelling.
     #[serde(alias = "max_completion_tokens")]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
     /// Same seed, same tokens.
     pub seed: Option<i64>,
@@ -71,12 +80,17 @@ pub struct SamplingFields {
     #[serde(default)]
     pub ignore_eos: bool,
     /// ttrl-serve's extension: adapt to this request's batch before answering, or pick a
-    /// named adapter. Validated field by field into `adaptation.<field>` errors.
+    /// named adapter.
+    // Read into `AdaptationSpec` by validation, whose errors name the field
+    // (`adaptation.samples`): serde's `flatten`, which these requests use, loses the path of
+    // an error inside a nested object.
+    #[schema(value_type = Option<AdaptationSpec>)]
     pub adaptation: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -84,14 +98,16 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     /// Alternatives per token, 0..=20; needs `logprobs`.
+    #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<i64>,
     /// Fields we do not know are logged and ignored, as vLLM does.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: HashMap<String, Value>,
 }
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptSpec {
     Text(String),
@@ -100,21 +116,23 @@ pub enum PromptSpec {
     IdLists(Vec<Vec<i64>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub prompt: PromptSpec,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// Alternatives per token, 0..=5.
+    #[schema(minimum = 0, maximum = 5)]
     pub logprobs: Option<i64>,
     /// Prepend the prompt to the returned text.
     #[serde(default)]
     pub echo: bool,
     #[serde(flatten)]
+    #[schema(ignore)]
     pub extra: HashMap<String, Value>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -131,14 +149,14 @@ impl Usage {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct TokenLogprob {
     pub token: String,
     pub logprob: f32,
@@ -146,18 +164,18 @@ pub struct TokenLogprob {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChoiceLogprobs {
     pub content: Vec<TokenLogprob>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: &'static str,
     pub content: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
@@ -165,7 +183,7 @@ pub struct ChatChoice {
     pub finish_reason: &'static str,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatCompletion {
     pub id: String,
     pub object: &'static str,
@@ -177,7 +195,7 @@ pub struct ChatCompletion {
     pub adaptation: Option<AdaptationReport>,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, ToSchema)]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -185,7 +203,7 @@ pub struct Delta {
     pub content: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: Delta,
@@ -193,7 +211,7 @@ pub struct ChatChunkChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ChatCompletionChunk {
     pub id: String,
     pub object: &'static str,
@@ -207,7 +225,7 @@ pub struct ChatCompletionChunk {
 }
 
 /// The legacy completions log-prob layout.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
@@ -215,7 +233,7 @@ pub struct CompletionLogprobs {
     pub text_offset: Vec<usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
@@ -223,7 +241,7 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Completion {
     pub id: String,
     pub object: &'static str,
@@ -236,7 +254,7 @@ pub struct Completion {
     pub adaptation: Option<AdaptationReport>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelCard {
     pub id: String,
     pub object: &'static str,
@@ -245,13 +263,13 @@ pub struct ModelCard {
     pub max_model_len: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelCard>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ErrorBody {
     pub message: String,
     #[serde(rename = "type")]
@@ -260,7 +278,24 @@ pub struct ErrorBody {
     pub code: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ErrorResponse {
     pub error: ErrorBody,
+}
+
+/// `/health` and `/ready`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Status {
+    pub status: &'static str,
+    /// The served model, once ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Version {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// The server's clock, in Unix seconds.
+    pub time: u64,
 }

@@ -5,17 +5,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use super::adaptation::{MAX_ADAPT_SAMPLES, MAX_ADAPT_STEPS};
 use super::error::ApiError;
 use super::openai::{
-    ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields, StopSpec,
+    AdaptationSpec, ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec,
+    SamplingFields, StopSpec,
 };
 use crate::adapt::store::valid_name;
-use crate::adapt::{AdaptConfig, Method, Question};
+use crate::adapt::{AdaptConfig, Question};
 use crate::engine::AdaptRequest;
 use crate::generation::StopRules;
 use crate::model::{ChatMessage, TextTokenizer};
 use crate::reward::AnswerFormat;
-use crate::rollout::RolloutKind;
 use crate::sampling::Sampling;
 
 pub const MAX_N: i64 = 16;
@@ -87,156 +88,72 @@ fn check_model(
     }
 }
 
-fn enum_field<T>(
-    obj: &serde_json::Map<String, Value>,
-    field: &str,
-    parse: impl Fn(&str) -> Option<T>,
-    allowed: &str,
-) -> Result<Option<T>, ApiError> {
-    let param = format!("adaptation.{field}");
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse(s).map(Some).ok_or_else(|| {
-            ApiError::invalid(
-                &param,
-                format!("`{param}` must be one of {allowed}. Given: {s:?}"),
-            )
-        }),
-        Some(other) => Err(ApiError::invalid(
-            &param,
-            format!("`{param}` must be a string. Given: {other}"),
-        )),
-    }
+/// Reads the `adaptation` object into its wire type; an error names the field it is in
+/// (`adaptation.samples`), or `adaptation` itself.
+fn adaptation_spec(value: &Option<Value>) -> Result<AdaptationSpec, ApiError> {
+    let Some(value) = value.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(AdaptationSpec::default());
+    };
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let param = match e.path().to_string().as_str() {
+            "." => "adaptation".to_string(),
+            path => format!("adaptation.{path}"),
+        };
+        ApiError::invalid(&param, format!("`{param}`: {}", e.inner()))
+    })
 }
 
-fn int_field(
-    obj: &serde_json::Map<String, Value>,
-    field: &str,
-    lo: i64,
-    hi: i64,
-) -> Result<Option<usize>, ApiError> {
-    let param = format!("adaptation.{field}");
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_i64() {
-            Some(n) if (lo..=hi).contains(&n) => Ok(Some(n as usize)),
-            _ => Err(ApiError::invalid(
-                &param,
-                format!("`{param}` must be an integer in [{lo}, {hi}]. Given: {v}"),
-            )),
-        },
-    }
-}
-
-pub const MAX_ADAPT_SAMPLES: i64 = 64;
-pub const MAX_ADAPT_STEPS: i64 = 8;
-const ADAPTATION_FIELDS: [&str; 7] = [
-    "enabled",
-    "method",
-    "adapter",
-    "rollout",
-    "samples",
-    "steps",
-    "answer_format",
-];
-
-/// Validates the `adaptation` object, field by field.
+/// Validates the `adaptation` object against the server's defaults.
 fn adaptation(
     value: &Option<Value>,
     alias_on: bool,
     defaults: &AdaptConfig,
 ) -> Result<AdaptChoice, ApiError> {
-    let mut choice = AdaptChoice {
-        enabled: alias_on,
-        config: defaults.clone(),
-        adapter: None,
-        format: AnswerFormat::Auto,
-    };
-    let obj = match value {
-        None | Some(Value::Null) => return Ok(choice),
-        Some(Value::Object(o)) => o,
-        Some(other) => {
+    let explicit = value.as_ref().is_some_and(|v| !v.is_null());
+    let spec = adaptation_spec(value)?;
+    let enabled = match spec.enabled {
+        Some(on) => on || alias_on,
+        None if alias_on || !explicit => alias_on,
+        None => {
             return Err(ApiError::invalid(
-                "adaptation",
-                format!("`adaptation` must be an object. Given: {other}"),
+                "adaptation.enabled",
+                "`adaptation.enabled` must be true or false. Given: nothing",
             ))
         }
     };
-    if let Some(unknown) = obj
-        .keys()
-        .find(|k| !ADAPTATION_FIELDS.contains(&k.as_str()))
-    {
+    let mut config = defaults.clone();
+    if let Some(m) = spec.method {
+        config.method = m.into();
+    }
+    if let Some(r) = spec.rollout {
+        config.rollout = r.into();
+    }
+    config.samples = range_i(
+        "adaptation.samples",
+        spec.samples,
+        2,
+        MAX_ADAPT_SAMPLES,
+        config.samples as i64,
+    )? as usize;
+    config.steps = range_i(
+        "adaptation.steps",
+        spec.steps,
+        1,
+        MAX_ADAPT_STEPS,
+        config.steps as i64,
+    )? as usize;
+    if let Some(name) = spec.adapter.as_deref().filter(|n| !valid_name(n)) {
         return Err(ApiError::invalid(
-            &format!("adaptation.{unknown}"),
-            format!(
-                "unknown field `adaptation.{unknown}`; known: {}",
-                ADAPTATION_FIELDS.join(", ")
-            ),
+            "adaptation.adapter",
+            format!("`adaptation.adapter` must be 1-64 letters, digits, `.`, `_` or `-`. Given: {name:?}"),
         ));
     }
-    match obj.get("enabled") {
-        Some(Value::Bool(b)) => choice.enabled = *b || alias_on,
-        None if alias_on => {}
-        other => {
-            let given = other.map_or("nothing".to_string(), Value::to_string);
-            return Err(ApiError::invalid(
-                "adaptation.enabled",
-                format!("`adaptation.enabled` must be true or false. Given: {given}"),
-            ));
-        }
-    }
-    if let Some(m) = enum_field(
-        obj,
-        "method",
-        |s| match s {
-            "spine" => Some(Method::Spine),
-            "ttrl" => Some(Method::Ttrl),
-            _ => None,
-        },
-        "\"spine\", \"ttrl\"",
-    )? {
-        choice.config.method = m;
-    }
-    if let Some(r) = enum_field(
-        obj,
-        "rollout",
-        |s| match s {
-            "tree" => Some(RolloutKind::Tree),
-            "flat" => Some(RolloutKind::Flat),
-            _ => None,
-        },
-        "\"tree\", \"flat\"",
-    )? {
-        choice.config.rollout = r;
-    }
-    if let Some(f) = enum_field(
-        obj,
-        "answer_format",
-        |s| match s {
-            "auto" => Some(AnswerFormat::Auto),
-            "boxed" => Some(AnswerFormat::Boxed),
-            "number" => Some(AnswerFormat::Number),
-            "choice" => Some(AnswerFormat::Choice),
-            "text" => Some(AnswerFormat::Text),
-            _ => None,
-        },
-        "\"auto\", \"boxed\", \"number\", \"choice\", \"text\"",
-    )? {
-        choice.format = f;
-    }
-    choice.adapter = enum_field(
-        obj,
-        "adapter",
-        |s| valid_name(s).then(|| s.to_string()),
-        "1-64 letters, digits, `.`, `_` or `-`",
-    )?;
-    if let Some(n) = int_field(obj, "samples", 2, MAX_ADAPT_SAMPLES)? {
-        choice.config.samples = n;
-    }
-    if let Some(n) = int_field(obj, "steps", 1, MAX_ADAPT_STEPS)? {
-        choice.config.steps = n;
-    }
-    Ok(choice)
+    Ok(AdaptChoice {
+        enabled,
+        config,
+        adapter: spec.adapter,
+        format: spec.answer_format.map_or(AnswerFormat::Auto, Into::into),
+    })
 }
 
 fn range_f(
