@@ -14,9 +14,8 @@ use serde_json::Value;
 use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{AdminErrors, ApiError};
 use super::extract::{ApiPath, ApiQuery};
-use super::openai::ErrorResponse;
 use super::AppState;
 use crate::adapt::store::valid_key;
 use crate::engine::{self, Engine, EngineError, SubmitError};
@@ -104,8 +103,7 @@ pub struct AdapterList {
     summary = "Named adapters and their versions",
     responses(
         (status = 200, description = "Every named adapter", body = AdapterList),
-        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
-        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+        AdminErrors
     ),
     security(("admin" = []))
 )]
@@ -129,10 +127,7 @@ pub async fn list(
     params(("name" = String, Path, description = "`name`, or `tenant@name` for a tenant's adapter")),
     responses(
         (status = 200, description = "The new version", body = AdapterInfo),
-        (status = 400, description = "Invalid name", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
-        (status = 403, description = "A cap on adapters is reached", body = ErrorResponse),
-        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+        AdminErrors
     ),
     security(("admin" = []))
 )]
@@ -167,11 +162,7 @@ pub struct RollbackQuery {
     params(("name" = String, Path, description = "`name`, or `tenant@name` for a tenant's adapter"), RollbackQuery),
     responses(
         (status = 200, description = "The new version", body = AdapterInfo),
-        (status = 400, description = "Invalid name or version", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
-        (status = 403, description = "A cap on adapters is reached", body = ErrorResponse),
-        (status = 404, description = "No such adapter or version", body = ErrorResponse),
-        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+        AdminErrors
     ),
     security(("admin" = []))
 )]
@@ -199,10 +190,7 @@ pub async fn rollback(
     params(("name" = String, Path, description = "`name`, or `tenant@name` for a tenant's adapter")),
     responses(
         (status = 200, description = "The zip; `x-ttrl-adapter-version` names the version", body = Vec<u8>, content_type = "application/zip"),
-        (status = 400, description = "Invalid name", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
-        (status = 404, description = "No such adapter", body = ErrorResponse),
-        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+        AdminErrors
     ),
     security(("admin" = []))
 )]
@@ -260,11 +248,7 @@ pub async fn export(
     request_body(content = Vec<u8>, content_type = "application/zip"),
     responses(
         (status = 200, description = "The new version", body = AdapterInfo),
-        (status = 400, description = "Invalid name, zip or adapter", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong admin key, or the admin API is off", body = ErrorResponse),
-        (status = 403, description = "A cap on adapters is reached", body = ErrorResponse),
-        (status = 413, description = "Body or a file in it over the limit", body = ErrorResponse),
-        (status = 503, description = "Still loading, or the engine has stopped", body = ErrorResponse)
+        AdminErrors
     ),
     security(("admin" = []))
 )]

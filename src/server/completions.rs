@@ -7,14 +7,12 @@ use axum::Json;
 use std::sync::Arc;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, GenerationErrors};
 use super::extract::ApiJson;
 use super::generate::{
     collect, log_ignored_fields, request_id, stream, submit, unix_now, ChunkFormat,
 };
-use super::openai::{
-    AdaptationReport, Completion, CompletionChoice, CompletionRequest, ErrorResponse, Usage,
-};
+use super::openai::{AdaptationReport, Completion, CompletionChoice, CompletionRequest, Usage};
 use super::validation::validate_completion;
 use super::{logprobs, AppState, Ready};
 use crate::generation::FinishReason;
@@ -29,14 +27,7 @@ use crate::sampling::SampledToken;
     responses(
         (status = 200, description = "The completion, or its chunks as server-sent events",
             content((Completion = "application/json"), (Completion = "text/event-stream"))),
-        (status = 400, description = "Invalid request (the message and `param` name the field)", body = ErrorResponse),
-        (status = 401, description = "Missing or unknown API key", body = ErrorResponse),
-        (status = 403, description = "The key lacks the right, or a cap on adapters is reached", body = ErrorResponse),
-        (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
-        (status = 413, description = "Body over the limit", body = ErrorResponse),
-        (status = 429, description = "Queue full (see `Retry-After`)", body = ErrorResponse),
-        (status = 500, description = "The engine failed this request", body = ErrorResponse),
-        (status = 503, description = "Loading, shutting down, or the engine has stopped", body = ErrorResponse)
+        GenerationErrors
     ),
     security(("apiKey" = []), ())
 )]

@@ -1,9 +1,13 @@
 //! One error enum for the HTTP edge. Its single `match` derives the status, the OpenAI
 //! `type` and `code`, and the `ttrl_request_errors_total{code}` label, so they cannot drift.
 
+use std::collections::BTreeMap;
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use utoipa::openapi::{self, RefOr};
+use utoipa::IntoResponses;
 
 use super::openai::{ErrorBody, ErrorResponse};
 use crate::engine::{EngineError, SubmitError};
@@ -194,4 +198,65 @@ impl From<crate::Error> for ApiError {
             other => ApiError::Internal(other.to_string()),
         }
     }
+}
+
+/// The errors a generation endpoint may answer, for the OpenAPI document.
+pub struct GenerationErrors;
+
+impl IntoResponses for GenerationErrors {
+    fn responses() -> BTreeMap<String, RefOr<openapi::Response>> {
+        error_responses(&[
+            (
+                400,
+                "Invalid request: the message and `param` name the field",
+            ),
+            (401, "Missing or unknown API key"),
+            (
+                403,
+                "The key lacks the right, or a cap on adapters is reached",
+            ),
+            (404, "Unknown model or adapter"),
+            (413, "Body over the limit"),
+            (
+                429,
+                "The queue is full; `Retry-After` says when to come back",
+            ),
+            (500, "The engine failed this request"),
+            (503, "Loading, shutting down, or the engine has stopped"),
+        ])
+    }
+}
+
+/// The errors an admin endpoint may answer, for the OpenAPI document.
+pub struct AdminErrors;
+
+impl IntoResponses for AdminErrors {
+    fn responses() -> BTreeMap<String, RefOr<openapi::Response>> {
+        error_responses(&[
+            (400, "Invalid name, version, zip or adapter"),
+            (401, "Missing or wrong admin key, or the admin API is off"),
+            (403, "A cap on adapters is reached"),
+            (404, "No such adapter or version"),
+            (413, "An upload, or a file in it, over the limit"),
+            (503, "Still loading, or the engine has stopped"),
+        ])
+    }
+}
+
+fn error_responses(statuses: &[(u16, &str)]) -> BTreeMap<String, RefOr<openapi::Response>> {
+    statuses
+        .iter()
+        .map(|&(status, description)| {
+            let response = openapi::ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    openapi::ContentBuilder::new()
+                        .schema(Some(openapi::Ref::from_schema_name("ErrorResponse")))
+                        .build(),
+                )
+                .build();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
 }

@@ -49,6 +49,7 @@ pub struct HttpLimits {
         title = "ttrl-serve",
         description = "OpenAI-compatible inference server that can adapt LoRA weights to its questions by label-free test-time RL."
     ),
+    components(schemas(openai::ErrorResponse)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiFrame;
