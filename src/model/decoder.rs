@@ -10,12 +10,12 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
-use super::ops::{frozen_matmul, rms_norm, Rope};
+use super::ops::{frozen_matmul, rms_norm, softmax_last_dim, Rope};
 use crate::error::{Error, Result};
 
 /// A frozen linear layer with an optional bias.
@@ -736,8 +736,7 @@ impl Model {
         } else {
             DType::F32
         };
-        let probs =
-            candle_nn::ops::softmax(&scores.to_dtype(compute)?, D::Minus1)?.to_dtype(self.dtype)?;
+        let probs = softmax_last_dim(&scores.to_dtype(compute)?)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
         Ok(out
             .reshape((heads, n, d))?

@@ -1,9 +1,12 @@
 //! Differentiable building blocks. candle's fused kernels (`rms_norm`, `rope`, `sdpa`,
-//! `softmax_last_dim`) have no backward and silently cut LoRA gradients, so everything on the forward path is written from
-//! primitive ops, except the frozen matmul below whose backward is deliberately partial.
+//! `softmax_last_dim`) have no backward and silently cut LoRA gradients, so everything on the
+//! forward path is either written from primitive ops or is one of our own fused ops with its
+//! backward written out (RMSNorm and softmax on the CPU, the frozen matmul, whose backward
+//! is deliberately partial); tests compare each with the primitive chain.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
 use super::config::RopeLayout;
 
@@ -72,8 +75,18 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x2.apply_op2(w, FrozenMatmul)?.reshape(out_dims)
 }
 
-/// RMSNorm as HF computes it: statistics in f32, scaled by the (frozen) weight.
+/// RMSNorm as HF computes it: statistics in f32, scaled by the (frozen) weight. f32 rows on
+/// the CPU take one fused pass each way (a chain of seven generic ops and their backward
+/// otherwise); other dtypes and devices take the chain.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2(weight, RmsNorm { eps });
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// RMSNorm from primitive ops, for any dtype and device.
+fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let compute = if dtype == DType::F64 {
         DType::F64
@@ -84,6 +97,180 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Te
     let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xf.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
     normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// f32 RMSNorm rows on the CPU in one pass (rows in parallel). Its backward gives the
+/// input's gradient only: the norm weights are frozen.
+struct RmsNorm {
+    eps: f64,
+}
+
+/// The contiguous f32 values of a CPU tensor.
+fn f32_values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("fused op: the input must be contiguous"),
+    }
+}
+
+/// `1 / sqrt(mean(x^2) + eps)`, accumulated in f32 as HF does.
+fn inv_rms(x: &[f32], eps: f64) -> f32 {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (mean_sq + eps as f32).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (xs, ws) = (f32_values(x, x_l)?, f32_values(w, w_l)?);
+        let d = ws.len();
+        if x_l.dims().last() != Some(&d) {
+            candle_core::bail!("rms norm: rows of {:?}, a weight of {d}", x_l.dims());
+        }
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(d)
+            .zip(xs.par_chunks(d))
+            .for_each(|(o, x)| {
+                let inv = inv_rms(x, self.eps);
+                for ((o, x), w) in o.iter_mut().zip(x).zip(ws) {
+                    *o = x * inv * w;
+                }
+            });
+        Ok((CpuStorage::F32(out), x_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = RmsNormGrad { eps: self.eps };
+        let dx = x.apply_op3_no_bwd(w, &grad_out.contiguous()?, &grad)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// The input gradient of [`RmsNorm`], row by row:
+/// `dx = r (w g) - x r^3 sum(w g x) / d`, with `r = 1 / rms(x)`.
+struct RmsNormGrad {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (xs, ws, gs) = (
+            f32_values(x, x_l)?,
+            f32_values(w, w_l)?,
+            f32_values(g, g_l)?,
+        );
+        let d = ws.len();
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(d)
+            .zip(xs.par_chunks(d).zip(gs.par_chunks(d)))
+            .for_each(|(dx, (x, g))| {
+                let r = inv_rms(x, self.eps);
+                let dot: f32 = x.iter().zip(g).zip(ws).map(|((x, g), w)| x * g * w).sum();
+                let c = r * r * r * dot / d as f32;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(ws) {
+                    *dx = r * w * g - c * x;
+                }
+            });
+        Ok((CpuStorage::F32(dx), x_l.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, in f32 (or f64) as HF takes it. f32 on the CPU takes one
+/// fused pass each way; otherwise candle-nn's composed softmax, which has a backward (its
+/// fused `softmax_last_dim` has none).
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(SoftmaxLastDim)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let xs = f32_values(x, l)?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(d)
+            .zip(xs.par_chunks(d))
+            .for_each(|(o, x)| {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, x) in o.iter_mut().zip(x) {
+                    *o = (x - max).exp();
+                    sum += *o;
+                }
+                o.iter_mut().for_each(|o| *o /= sum);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// The input gradient of a softmax row `p`: `p (g - sum(g p))`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        p_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ps, gs) = (f32_values(p, p_l)?, f32_values(g, g_l)?);
+        let d = p_l.dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = vec![0f32; ps.len()];
+        dx.par_chunks_mut(d)
+            .zip(ps.par_chunks(d).zip(gs.par_chunks(d)))
+            .for_each(|(dx, (p, g))| {
+                let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                for ((dx, p), g) in dx.iter_mut().zip(p).zip(g) {
+                    *dx = p * (g - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), p_l.shape().clone()))
+    }
 }
 
 /// Rotary tables: `cos`/`sin` of shape (max_positions, head_dim / 2), computed in f32 like HF
@@ -174,6 +361,67 @@ mod tests {
         let gdiff = (gx - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(gdiff < 1e-5, "{gdiff}");
         assert!(grads.get(&w).is_none());
+        Ok(())
+    }
+
+    /// Values and input gradients of `fused` and `composed` on the same input, against a
+    /// random upstream gradient (so every row's gradient differs).
+    fn compare_with_gradients(
+        x: &Tensor,
+        fused: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+        composed: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<(f32, f32)> {
+        let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        let upstream = Tensor::randn(0f32, 1., x.dims(), x.device())?;
+        let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+            let v = Var::from_tensor(x)?;
+            let y = f(v.as_tensor())?;
+            let grads = (y.clone() * &upstream)?.sum_all()?.backward()?;
+            let g = grads.get(v.as_tensor()).expect("input gradient").clone();
+            Ok::<_, candle_core::Error>((y, g))
+        };
+        let (y1, g1) = run(&fused)?;
+        let (y2, g2) = run(&composed)?;
+        Ok((max_diff(&y1, &y2)?, max_diff(&g1, &g2)?))
+    }
+
+    #[test]
+    fn fused_rms_norm_has_the_values_and_input_gradients_of_the_composed_one(
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (3, 5, 64), &dev)? * 3.0)?;
+        let w = Tensor::randn(1f32, 0.2, 64, &dev)?;
+        let (dy, dg) = compare_with_gradients(
+            &x,
+            |x| rms_norm(x, &w, 1e-5),
+            |x| rms_norm_composed(x, &w, 1e-5),
+        )?;
+        assert!(dy < 1e-5 && dg < 1e-4, "values {dy}, gradients {dg}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_softmax_has_the_values_and_input_gradients_of_the_composed_one(
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // A causal mask's -inf entries included.
+        let mask: Vec<f32> = (0..6 * 6)
+            .map(|i| {
+                if i % 6 <= i / 6 {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (6, 6), &dev)?;
+        let x = (Tensor::randn(0f32, 2., (4, 6, 6), &dev)?.broadcast_add(&mask))?;
+        let (dy, dg) = compare_with_gradients(&x, softmax_last_dim, |x| {
+            candle_nn::ops::softmax(x, D::Minus1)
+        })?;
+        assert!(dy < 1e-6 && dg < 1e-5, "values {dy}, gradients {dg}");
         Ok(())
     }
 
