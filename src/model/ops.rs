@@ -1,7 +1,7 @@
 //! Differentiable building blocks. candle's fused kernels (`rms_norm`, `rope`, `sdpa`,
 //! `softmax_last_dim`) have no backward and silently cut LoRA gradients, so everything on the
 //! forward path is either written from primitive ops or is one of our own fused ops with its
-//! backward written out (RMSNorm and softmax on the CPU, the frozen matmul, whose backward
+//! backward written out (RMSNorm, softmax and RoPE on the CPU, the frozen matmul, whose backward
 //! is deliberately partial); tests compare each with the primitive chain.
 
 use candle_core::backend::BackendStorage;
@@ -312,11 +312,31 @@ impl Rope {
     }
 
     /// Rotates `x` of shape (tokens, heads, head_dim); `positions` (tokens) are absolute.
+    /// f32 on the CPU takes one fused pass each way; otherwise the composed ops.
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        let cos = self.cos.index_select(positions, 0)?;
+        let sin = self.sin.index_select(positions, 0)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 && cos.dtype() == DType::F32 {
+            let rotate = Rotate {
+                layout: self.layout,
+                inverse: false,
+            };
+            return x.contiguous()?.apply_op3(&cos, &sin, rotate);
+        }
+        self.apply_composed(x, &cos, &sin)
+    }
+
+    /// The rotation from primitive ops; `cos`, `sin`: (tokens, head_dim / 2).
+    fn apply_composed(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (t, h, d) = x.dims3()?;
         let half = d / 2;
-        let cos = self.cos.index_select(positions, 0)?.reshape((t, 1, half))?;
-        let sin = self.sin.index_select(positions, 0)?.reshape((t, 1, half))?;
+        let cos = cos.reshape((t, 1, half))?;
+        let sin = sin.reshape((t, 1, half))?;
         match self.layout {
             RopeLayout::Half => {
                 let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -334,6 +354,79 @@ impl Rope {
                 Tensor::stack(&[r1, r2], D::Minus1)?.reshape((t, h, d))
             }
         }
+    }
+}
+
+/// RoPE of f32 rows on the CPU in one pass: `x` (tokens, heads, head_dim) with `cos`, `sin`
+/// (tokens, head_dim / 2). The backward rotates the gradient back (the inverse rotation);
+/// the tables are constants.
+struct Rotate {
+    layout: RopeLayout,
+    inverse: bool,
+}
+
+impl CustomOp3 for Rotate {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        cos: &CpuStorage,
+        cos_l: &Layout,
+        sin: &CpuStorage,
+        sin_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, h, d) = x_l.shape().dims3()?;
+        let half = d / 2;
+        let (xs, cs, ss) = (
+            f32_values(x, x_l)?,
+            f32_values(cos, cos_l)?,
+            f32_values(sin, sin_l)?,
+        );
+        if cs.len() != t * half || ss.len() != t * half {
+            candle_core::bail!("rope: tables for {t} tokens of {half} frequencies expected");
+        }
+        // Rotating by -theta negates the sine.
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(h * d)
+            .zip(xs.par_chunks(h * d))
+            .enumerate()
+            .for_each(|(token, (o, x))| {
+                let (c, s) = (&cs[token * half..][..half], &ss[token * half..][..half]);
+                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                    for i in 0..half {
+                        // The pair (a, b) this layout rotates by frequency i.
+                        let (ia, ib) = match self.layout {
+                            RopeLayout::Half => (i, i + half),
+                            RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        };
+                        let (a, b, sin) = (x[ia], x[ib], sign * s[i]);
+                        o[ia] = a * c[i] - b * sin;
+                        o[ib] = b * c[i] + a * sin;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), x_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let back = Rotate {
+            layout: self.layout,
+            inverse: !self.inverse,
+        };
+        let dx = grad_out.contiguous()?.apply_op3_no_bwd(cos, sin, &back)?;
+        Ok((Some(dx), None, None))
     }
 }
 
@@ -422,6 +515,31 @@ mod tests {
             candle_nn::ops::softmax(x, D::Minus1)
         })?;
         assert!(dy < 1e-6 && dg < 1e-5, "values {dy}, gradients {dg}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_rope_has_the_values_and_input_gradients_of_the_composed_one() -> candle_core::Result<()>
+    {
+        let dev = Device::Cpu;
+        let pos = Tensor::new(&[0u32, 3, 4, 9, 15], &dev)?;
+        let x = Tensor::randn(0f32, 1., (5, 3, 8), &dev)?;
+        for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
+            let rope = Rope::new(8, 10_000., 16, layout, DType::F32, &dev)?;
+            let (cos, sin) = (
+                rope.cos.index_select(&pos, 0)?,
+                rope.sin.index_select(&pos, 0)?,
+            );
+            let (dy, dg) = compare_with_gradients(
+                &x,
+                |x| rope.apply(x, &pos),
+                |x| rope.apply_composed(x, &cos, &sin),
+            )?;
+            assert!(
+                dy < 1e-6 && dg < 1e-6,
+                "{layout:?}: values {dy}, gradients {dg}"
+            );
+        }
         Ok(())
     }
 
