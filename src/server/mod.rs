@@ -24,6 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -124,10 +125,22 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("the handler panicked".into()).into_response()
         }))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().on_failure(log_failure))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// Server errors as tower-http logs them, except 503s: those are expected while the model
+/// loads and while the server stops (a load balancer polls `/ready` through both), so they are
+/// logged at debug, not as errors.
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            tracing::debug!(?latency, "503 Service Unavailable")
+        }
+        other => tracing::error!(classification = %other, ?latency, "response failed"),
+    }
 }
 
 async fn not_found(req: Request) -> ApiError {
