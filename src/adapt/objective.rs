@@ -5,9 +5,10 @@
 //! 80/20 code's token-mean over its loss mask). TTRL is the same with every token selected
 //! and no band.
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::Result;
+use crate::model::ops::token_logp_entropy;
 use crate::model::{Adapter, LogitsFor, Model, SeqInput};
 
 /// One response to train on.
@@ -110,11 +111,7 @@ fn logp_entropy(
     temperature: f32,
 ) -> Result<(Tensor, Tensor)> {
     let logits = model.logits(hidden)?.to_dtype(DType::F32)?;
-    let logp_all = candle_nn::ops::log_softmax(&(logits / f64::from(temperature))?, D::Minus1)?;
-    let ids = Tensor::new(response, model.device())?.reshape((response.len(), 1))?;
-    let logp = logp_all.gather(&ids, 1)?.squeeze(1)?;
-    let entropy = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
-    Ok((logp, entropy))
+    Ok(token_logp_entropy(&logits, response, temperature)?)
 }
 
 /// Per leaf, as plain numbers: the log-probs of its response under `adapter` (or the base

@@ -4,12 +4,13 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::DType;
 use clap::Args;
 
 use ttrl_serve::adapt::{run_episode, AdaptConfig, EpisodeLimits, Learner, Question};
 use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
 use ttrl_serve::model::lora::lora_dtype;
+use ttrl_serve::model::ops::token_logp_entropy;
 use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
 use ttrl_serve::reward::AnswerFormat;
 use ttrl_serve::sampling::{Sampler, Sampling};
@@ -139,15 +140,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let t = Instant::now();
     let mut inputs: Vec<SeqInput> = seqs.iter().map(|s| SeqInput::new(s)).collect();
     let logits = model.forward(&mut inputs, Some(&adapter), LogitsFor::All)?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let targets: Vec<u32> = seqs
         .iter()
         .flat_map(|s| s[1..].iter().copied().chain([0]))
         .collect();
-    let targets = Tensor::new(targets.as_slice(), &Device::Cpu)?
-        .to_device(model.device())?
-        .unsqueeze(1)?;
-    let loss = logp.gather(&targets, 1)?.mean_all()?.neg()?;
+    // Next-token cross-entropy, through the log-probs the adaptation update takes.
+    let (logp, _) = token_logp_entropy(&logits.to_dtype(DType::F32)?, &targets, 1.0)?;
+    let loss = logp.mean_all()?.neg()?;
     let forward = t.elapsed().as_secs_f64();
     let grads = loss.backward()?;
     let total = t.elapsed().as_secs_f64();

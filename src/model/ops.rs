@@ -1,7 +1,8 @@
 //! Differentiable building blocks. candle's fused kernels (`rms_norm`, `rope`, `sdpa`,
 //! `softmax_last_dim`) have no backward and silently cut LoRA gradients, so everything on the
 //! forward path is either written from primitive ops or is one of our own fused ops with its
-//! backward written out (RMSNorm, softmax and RoPE on the CPU, the frozen matmul, whose backward
+//! backward written out (RMSNorm, softmax, RoPE and token log-probs with entropies on the
+//! CPU, the frozen matmul, whose backward
 //! is deliberately partial); tests compare each with the primitive chain.
 
 use candle_core::backend::BackendStorage;
@@ -357,6 +358,136 @@ impl Rope {
     }
 }
 
+/// Per row of `logits` (rows, vocab): the log-prob of that row's token in `ids` and the
+/// entropy, both of softmax(logits / temperature); (rows,) each. f32 on the CPU takes one fused
+/// pass each way, rows in parallel, and keeps no vocabulary-sized intermediate for backward
+/// (the probabilities are recomputed from the logits); otherwise the composed ops.
+pub fn token_logp_entropy(
+    logits: &Tensor,
+    ids: &[u32],
+    temperature: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let op = TokenLogpEntropy {
+            ids: ids.to_vec(),
+            temperature,
+        };
+        let both = logits.contiguous()?.apply_op1(op)?;
+        let column = |i| both.narrow(1, i, 1)?.squeeze(1)?.contiguous();
+        return Ok((column(0)?, column(1)?));
+    }
+    token_logp_entropy_composed(logits, ids, temperature)
+}
+
+fn token_logp_entropy_composed(
+    logits: &Tensor,
+    ids: &[u32],
+    temperature: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let logp_all = candle_nn::ops::log_softmax(&(logits / f64::from(temperature))?, D::Minus1)?;
+    let ids = Tensor::new(ids, logits.device())?.reshape((ids.len(), 1))?;
+    let logp = logp_all.gather(&ids, 1)?.squeeze(1)?;
+    let entropy = (logp_all.exp()? * &logp_all)?.sum(D::Minus1)?.neg()?;
+    Ok((logp, entropy))
+}
+
+struct TokenLogpEntropy {
+    ids: Vec<u32>,
+    temperature: f32,
+}
+
+impl TokenLogpEntropy {
+    /// `(max, log-sum-exp)` of a row of `z / T`.
+    fn normalizer(&self, z: &[f32]) -> (f32, f32) {
+        let t = self.temperature;
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) / t;
+        let sum: f32 = z.iter().map(|&v| (v / t - max).exp()).sum();
+        (max, max + sum.ln())
+    }
+}
+
+impl CustomOp1 for TokenLogpEntropy {
+    fn name(&self) -> &'static str {
+        "token-logp-entropy"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = l.shape().dims2()?;
+        if rows != self.ids.len() {
+            candle_core::bail!("token log-probs: {rows} rows for {} ids", self.ids.len());
+        }
+        let xs = f32_values(x, l)?;
+        let t = self.temperature;
+        let mut out = vec![0f32; rows * 2];
+        out.par_chunks_mut(2)
+            .zip(xs.par_chunks(vocab).zip(self.ids.par_iter()))
+            .for_each(|(o, (z, &id))| {
+                let (_, lse) = self.normalizer(z);
+                // H = lse - sum p z/T.
+                let expected: f32 = z.iter().map(|&v| (v / t - lse).exp() * v / t).sum();
+                o[0] = z[id as usize] / t - lse;
+                o[1] = lse - expected;
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = TokenLogpEntropyGrad {
+            forward: TokenLogpEntropy {
+                ids: self.ids.clone(),
+                temperature: self.temperature,
+            },
+        };
+        let upstream = Tensor::cat(&[out, &grad_out.contiguous()?], 1)?;
+        Ok(Some(logits.apply_op2_no_bwd(&upstream, &grad)?))
+    }
+}
+
+/// The logits' gradient of [`TokenLogpEntropy`], per row from `(logp, H, g_logp, g_H)`:
+/// `dz_j = (g_logp (1[j = id] - p_j) - g_H p_j (log p_j + H)) / T`.
+struct TokenLogpEntropyGrad {
+    forward: TokenLogpEntropy,
+}
+
+impl CustomOp2 for TokenLogpEntropyGrad {
+    fn name(&self) -> &'static str {
+        "token-logp-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        up: &CpuStorage,
+        up_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, vocab) = x_l.shape().dims2()?;
+        let (xs, ups) = (f32_values(x, x_l)?, f32_values(up, up_l)?);
+        let f = &self.forward;
+        let t = f.temperature;
+        let mut dz = vec![0f32; xs.len()];
+        dz.par_chunks_mut(vocab)
+            .zip(xs.par_chunks(vocab).zip(ups.par_chunks(4)))
+            .zip(f.ids.par_iter())
+            .for_each(|((dz, (z, up)), &id)| {
+                let (_, lse) = f.normalizer(z);
+                let (h, g_logp, g_h) = (up[1], up[2], up[3]);
+                for (j, (dz, &v)) in dz.iter_mut().zip(z).enumerate() {
+                    let logp = v / t - lse;
+                    let p = logp.exp();
+                    let hit = if j == id as usize { 1.0 } else { 0.0 };
+                    *dz = (g_logp * (hit - p) - g_h * p * (logp + h)) / t;
+                }
+            });
+        Ok((CpuStorage::F32(dz), x_l.shape().clone()))
+    }
+}
+
 /// RoPE of f32 rows on the CPU in one pass: `x` (tokens, heads, head_dim) with `cos`, `sin`
 /// (tokens, head_dim / 2). The backward rotates the gradient back (the inverse rotation);
 /// the tables are constants.
@@ -467,7 +598,8 @@ mod tests {
         let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
             (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
         };
-        let upstream = Tensor::randn(0f32, 1., x.dims(), x.device())?;
+        let out_dims = composed(x)?.dims().to_vec();
+        let upstream = Tensor::randn(0f32, 1., out_dims, x.device())?;
         let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
             let v = Var::from_tensor(x)?;
             let y = f(v.as_tensor())?;
@@ -540,6 +672,27 @@ mod tests {
                 "{layout:?}: values {dy}, gradients {dg}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_token_logp_and_entropy_have_the_values_and_gradients_of_the_composed_ones(
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let logits = (Tensor::randn(0f32, 1., (5, 40), &dev)? * 4.0)?;
+        let ids = [3u32, 0, 39, 17, 17];
+        // Both outputs reach the loss, with different weights per row.
+        let (wl, wh) = (
+            Tensor::randn(0f32, 1., 5, &dev)?,
+            Tensor::randn(0f32, 1., 5, &dev)?,
+        );
+        let joined = |(logp, h): (Tensor, Tensor)| (logp * &wl)? + (h * &wh)?;
+        let (dy, dg) = compare_with_gradients(
+            &logits,
+            |z| joined(token_logp_entropy(z, &ids, 0.7)?),
+            |z| joined(token_logp_entropy_composed(z, &ids, 0.7)?),
+        )?;
+        assert!(dy < 1e-4 && dg < 1e-4, "values {dy}, gradients {dg}");
         Ok(())
     }
 
