@@ -790,7 +790,7 @@ mod tests {
     fn few_rows_matmul_matches_gemm_and_gives_a_row_the_same_bits_in_any_batch(
     ) -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        // k = 100: three 32-float blocks and a tail; n = 130: a partial last task.
+        // k = 100: six 16-float blocks and a tail; n = 130: a partial last task.
         let w = Tensor::randn(0f32, 1., (130, 100), &dev)?;
         let x = Tensor::randn(0f32, 1., (FEW_ROWS, 100), &dev)?;
         let reference = x.matmul(&w.t()?)?;
