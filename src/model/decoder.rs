@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
-use super::ops::{frozen_matmul, rms_norm, softmax_last_dim, Rope};
+use super::ops::{frozen_matmul, rms_norm, silu_mul, softmax_last_dim, Rope};
 use crate::error::{Error, Result};
 
 /// A frozen linear layer with an optional bias.
@@ -581,9 +581,9 @@ impl Model {
         let x = (x + proj(&layer.o_proj, Projection::O, &attn)?)?;
 
         let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-        let gate = proj(&layer.gate_proj, Projection::Gate, &h)?.silu()?;
+        let gate = proj(&layer.gate_proj, Projection::Gate, &h)?;
         let up = proj(&layer.up_proj, Projection::Up, &h)?;
-        let mlp = proj(&layer.down_proj, Projection::Down, &(gate * up)?)?;
+        let mlp = proj(&layer.down_proj, Projection::Down, &silu_mul(&gate, &up)?)?;
         Ok((x + mlp)?)
     }
 
