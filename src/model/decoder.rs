@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
-use super::ops::{frozen_matmul, rms_norm, silu_mul, softmax_last_dim, Rope};
+use super::ops::{frozen_matmul, rms_norm, silu_mul, softmax_rows, Rope};
 use crate::error::{Error, Result};
 
 /// A frozen linear layer with an optional bias.
@@ -736,7 +736,7 @@ impl Model {
         } else {
             DType::F32
         };
-        let probs = softmax_last_dim(&scores.to_dtype(compute)?)?.to_dtype(self.dtype)?;
+        let probs = softmax_rows(&scores.to_dtype(compute)?)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
         Ok(out
             .reshape((heads, n, d))?

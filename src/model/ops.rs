@@ -403,22 +403,22 @@ impl CustomOp3 for SiluMulGrad {
     }
 }
 
-/// Softmax over the last dimension, in f32 (or f64) as HF takes it. f32 on the CPU takes one
-/// fused pass each way; otherwise candle-nn's composed softmax, which has a backward (its
-/// fused `softmax_last_dim` has none).
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+/// Softmax over the last dimension (each row), in f32 (or f64) as HF takes it. f32 on the CPU
+/// takes one fused pass each way; otherwise candle-nn's composed softmax, which has a backward
+/// (its fused last-dimension kernel has none).
+pub fn softmax_rows(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(SoftmaxLastDim)
+        x.contiguous()?.apply_op1(SoftmaxRows)
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
     }
 }
 
-struct SoftmaxLastDim;
+struct SoftmaxRows;
 
-impl CustomOp1 for SoftmaxLastDim {
+impl CustomOp1 for SoftmaxRows {
     fn name(&self) -> &'static str {
-        "softmax-last-dim"
+        "softmax-rows"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -843,9 +843,8 @@ mod tests {
             .collect();
         let mask = Tensor::from_vec(mask, (6, 6), &dev)?;
         let x = (Tensor::randn(0f32, 2., (4, 6, 6), &dev)?.broadcast_add(&mask))?;
-        let (dy, dg) = compare_with_gradients(&x, softmax_last_dim, |x| {
-            candle_nn::ops::softmax(x, D::Minus1)
-        })?;
+        let (dy, dg) =
+            compare_with_gradients(&x, softmax_rows, |x| candle_nn::ops::softmax(x, D::Minus1))?;
         assert!(dy < 1e-6 && dg < 1e-5, "values {dy}, gradients {dg}");
         Ok(())
     }
