@@ -596,16 +596,6 @@ struct TokenLogpEntropy {
     temperature: f32,
 }
 
-impl TokenLogpEntropy {
-    /// `(max, log-sum-exp)` of a row of `z / T`.
-    fn normalizer(&self, z: &[f32]) -> (f32, f32) {
-        let t = self.temperature;
-        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) / t;
-        let sum: f32 = z.iter().map(|&v| (v / t - max).exp()).sum();
-        (max, max + sum.ln())
-    }
-}
-
 impl CustomOp1 for TokenLogpEntropy {
     fn name(&self) -> &'static str {
         "token-logp-entropy"
@@ -622,11 +612,16 @@ impl CustomOp1 for TokenLogpEntropy {
         out.par_chunks_mut(2)
             .zip(xs.par_chunks(vocab).zip(self.ids.par_iter()))
             .for_each(|(o, (z, &id))| {
-                let (_, lse) = self.normalizer(z);
-                // H = lse - sum p z/T.
-                let expected: f32 = z.iter().map(|&v| (v / t - lse).exp() * v / t).sum();
+                // One pass: sum e and sum e z/T with e = exp(z/T - max); then
+                // lse = max + ln(sum e) and H = lse - sum p z/T.
+                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) / t;
+                let (sum, weighted) = z.iter().fold((0f32, 0f32), |(s, w), &v| {
+                    let e = (v / t - max).exp();
+                    (s + e, w + e * v / t)
+                });
+                let lse = max + sum.ln();
                 o[0] = z[id as usize] / t - lse;
-                o[1] = lse - expected;
+                o[1] = lse - weighted / sum;
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
     }
@@ -638,10 +633,8 @@ impl CustomOp1 for TokenLogpEntropy {
         grad_out: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let grad = TokenLogpEntropyGrad {
-            forward: TokenLogpEntropy {
-                ids: self.ids.clone(),
-                temperature: self.temperature,
-            },
+            ids: &self.ids,
+            temperature: self.temperature,
         };
         let upstream = Tensor::cat(&[out, &grad_out.contiguous()?], 1)?;
         Ok(Some(logits.apply_op2_no_bwd(&upstream, &grad)?))
@@ -649,12 +642,14 @@ impl CustomOp1 for TokenLogpEntropy {
 }
 
 /// The logits' gradient of [`TokenLogpEntropy`], per row from `(logp, H, g_logp, g_H)`:
-/// `dz_j = (g_logp (1[j = id] - p_j) - g_H p_j (log p_j + H)) / T`.
-struct TokenLogpEntropyGrad {
-    forward: TokenLogpEntropy,
+/// `dz_j = (g_logp (1[j = id] - p_j) - g_H p_j (log p_j + H)) / T`. The row's log-sum-exp
+/// comes from the forward's own output, `z_id / T - logp`, not from another pass.
+struct TokenLogpEntropyGrad<'a> {
+    ids: &'a [u32],
+    temperature: f32,
 }
 
-impl CustomOp2 for TokenLogpEntropyGrad {
+impl CustomOp2 for TokenLogpEntropyGrad<'_> {
     fn name(&self) -> &'static str {
         "token-logp-entropy-grad"
     }
@@ -668,15 +663,14 @@ impl CustomOp2 for TokenLogpEntropyGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, vocab) = x_l.shape().dims2()?;
         let (xs, ups) = (f32_values(x, x_l)?, f32_values(up, up_l)?);
-        let f = &self.forward;
-        let t = f.temperature;
+        let t = self.temperature;
         let mut dz = vec![0f32; xs.len()];
         dz.par_chunks_mut(vocab)
             .zip(xs.par_chunks(vocab).zip(ups.par_chunks(4)))
-            .zip(f.ids.par_iter())
+            .zip(self.ids.par_iter())
             .for_each(|((dz, (z, up)), &id)| {
-                let (_, lse) = f.normalizer(z);
-                let (h, g_logp, g_h) = (up[1], up[2], up[3]);
+                let (logp_id, h, g_logp, g_h) = (up[0], up[1], up[2], up[3]);
+                let lse = z[id as usize] / t - logp_id;
                 for (j, (dz, &v)) in dz.iter_mut().zip(z).enumerate() {
                     let logp = v / t - lse;
                     let p = logp.exp();
