@@ -12,7 +12,29 @@ pub struct Settings {
     pub model: ModelSettings,
     pub server: ServerSettings,
     pub engine: EngineSettings,
+    pub adapters: AdapterSettings,
     pub adaptation: crate::adapt::AdaptConfig,
+}
+
+/// Where named adapters are stored, and how often a replica looks for newer versions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdapterSettings {
+    /// `local` (the folder `engine.data_dir`) or `s3://bucket/prefix`, shared by replicas
+    /// (endpoint and credentials from the usual `AWS_*` environment variables).
+    pub store: String,
+    /// Seconds a replica trusts the version it serves before reading the store's pointer
+    /// again (training always reads it first).
+    pub refresh_seconds: f64,
+}
+
+impl Default for AdapterSettings {
+    fn default() -> Self {
+        Self {
+            store: "local".into(),
+            refresh_seconds: 2.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

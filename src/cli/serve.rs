@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use ttrl_serve::adapt::store::LocalDirStore;
+use ttrl_serve::adapt::store;
 use ttrl_serve::config::Settings;
 use ttrl_serve::engine::{AdapterCaps, Engine, EngineConfig, Faults};
 use ttrl_serve::model::lora::max_import_bytes;
@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Folder for named adapters.
     #[arg(long, env = "TTRL_DATA_DIR")]
     data_dir: Option<String>,
+    /// Adapter store: `local` (the data folder) or `s3://bucket/prefix`, shared by replicas.
+    #[arg(long, env = "TTRL_ADAPTER_STORE")]
+    adapter_store: Option<String>,
     /// Bearer token that unlocks /admin/*.
     #[arg(long, env = "TTRL_ADMIN_API_KEY")]
     admin_api_key: Option<String>,
@@ -77,6 +80,9 @@ impl ServeArgs {
         s.engine.kv_cache_bytes = self.kv_cache_bytes.or(s.engine.kv_cache_bytes);
         if let Some(v) = &self.data_dir {
             s.engine.data_dir = Some(v.clone());
+        }
+        if let Some(v) = &self.adapter_store {
+            s.adapters.store = v.clone();
         }
         if let Some(v) = &self.admin_api_key {
             s.server.admin_api_key = Some(v.clone());
@@ -203,21 +209,31 @@ where
             max_resident: settings.engine.max_resident_adapters.max(1),
             max_disk_bytes_per_tenant: settings.engine.max_adapter_disk_bytes_per_tenant,
         },
+        adapter_refresh: Duration::from_secs_f64(settings.adapters.refresh_seconds.max(0.0)),
         faults: Faults {
             panic_marker: settings.engine.test_panic_marker.clone(),
             exit_marker: settings.engine.test_exit_marker.clone(),
         },
     };
     let adapters_dir = settings.engine.adapters_dir();
-    let store = LocalDirStore::new(adapters_dir.clone(), &name, settings.engine.keep_versions)
-        .with_context(|| format!("opening the adapter folder {}", adapters_dir.display()))?;
-    tracing::info!("adapters live in {}", adapters_dir.display());
+    let store = store::open(
+        &settings.adapters.store,
+        &adapters_dir,
+        &name,
+        settings.engine.keep_versions,
+    )
+    .with_context(|| format!("opening the adapter store {}", settings.adapters.store))?;
+    if settings.adapters.store == "local" {
+        tracing::info!("adapters live in {}", adapters_dir.display());
+    } else {
+        tracing::info!("adapters live in {}", settings.adapters.store);
+    }
     let engine = Engine::start(
         loaded.model,
         tokenizer.clone(),
         name.clone(),
         engine_config,
-        Some(Box::new(store)),
+        Some(store),
         settings.adaptation.clone(),
     );
     let engine_handle = engine.clone();

@@ -148,7 +148,8 @@ impl Scheduler {
             config,
         };
         if let Err(task) = self.trainer.submit(task) {
-            self.adapters.check_in(&episode.key, task.learner, false);
+            self.adapters
+                .check_in(&episode.key, task.learner, false, &self.model);
             for queued in episode.jobs {
                 queued.fail(EngineError::Internal("the trainer has stopped".into()));
             }
@@ -189,13 +190,24 @@ impl Scheduler {
         let named = request.adapter.clone();
         let (report, answer_with) = match (done.outcome, done.learner) {
             (EpisodeOutcome::Finished(mut report), Some(learner)) => {
-                match self.adapters.check_in(&key, learner, report.applied) {
+                match self
+                    .adapters
+                    .check_in(&key, learner, report.applied, &self.model)
+                {
                     CheckIn::Kept if report.applied => self.weights_changed(&key),
                     CheckIn::Kept => {}
                     CheckIn::Replaced => {
                         report.applied = false;
                         report.note =
                             Some("the adapter was reset or replaced while it trained".into());
+                    }
+                    CheckIn::Lost { current } => {
+                        report.applied = false;
+                        report.note = Some(format!(
+                            "not applied: another replica published version {current} of this \
+                             adapter first; answered with that version"
+                        ));
+                        self.weights_changed(&key);
                     }
                     CheckIn::NotSaved(why) => {
                         report.applied = false;
@@ -213,7 +225,7 @@ impl Scheduler {
                 let answer_with = if is_ephemeral(&key) {
                     None
                 } else {
-                    self.adapters.check_in(&key, learner, false);
+                    self.adapters.check_in(&key, learner, false, &self.model);
                     Some(key.clone())
                 };
                 let report = EpisodeReport {
@@ -236,7 +248,7 @@ impl Scheduler {
                 tracing::error!("adaptation failed: {error}");
                 match learner {
                     Some(l) if !is_ephemeral(&key) => {
-                        self.adapters.check_in(&key, l, false);
+                        self.adapters.check_in(&key, l, false, &self.model);
                     }
                     _ => self.adapters.recover(&key),
                 }

@@ -140,13 +140,14 @@ impl Scheduler {
                 continue;
             }
             if let Some(name) = queued.job.adapter.clone() {
-                if !self.adapters.contains(&name) {
-                    queued.fail(EngineError::AdapterNotFound(name));
-                    continue;
-                }
+                // Loads it if it is only in the store (or newer there), before asking.
                 let in_use = adapters_in_use(&self.running);
                 if let Err(e) = self.adapters.make_resident(&name, &self.model, &in_use) {
                     queued.fail(e);
+                    continue;
+                }
+                if !self.adapters.contains(&name) {
+                    queued.fail(EngineError::AdapterNotFound(name));
                     continue;
                 }
             }

@@ -21,7 +21,7 @@ pub use faults::Faults;
 pub use job::{AdaptRequest, AdaptationReport, EngineError, Event, GenerateJob, TreeLeaf};
 pub use registry::{AdapterCaps, AdapterInfo};
 
-use crate::adapt::store::AdapterStore;
+use crate::adapt::store::{AdapterFiles, AdapterStore};
 use crate::adapt::AdaptConfig;
 use crate::model::{Model, TextTokenizer};
 use admission::{Load, Queued};
@@ -41,6 +41,9 @@ pub struct EngineConfig {
     /// Nice value of the trainer's threads.
     pub trainer_nice: i32,
     pub adapter_caps: AdapterCaps,
+    /// How long a named adapter's version is trusted before the store is asked again
+    /// (another replica may have published a newer one).
+    pub adapter_refresh: std::time::Duration,
     pub faults: Faults,
 }
 
@@ -105,6 +108,7 @@ impl Engine {
                     store,
                     adapt_defaults,
                     config.adapter_caps.clone(),
+                    config.adapter_refresh,
                 );
                 Scheduler::new(
                     model,
@@ -180,7 +184,7 @@ impl Engine {
     pub async fn export_adapter(
         &self,
         name: String,
-    ) -> Result<Result<PathBuf, EngineError>, SubmitError> {
+    ) -> Result<Result<AdapterFiles, EngineError>, SubmitError> {
         self.ask(|tx| AdminCommand::Export(name, tx)).await
     }
 

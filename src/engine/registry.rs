@@ -5,9 +5,10 @@
 //! Caps bound how many exist, per tenant and in all, and the disk a tenant's take.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use super::job::EngineError;
-use crate::adapt::store::{owner, AdapterStore};
+use crate::adapt::store::{owner, AdapterFiles, AdapterStore, Publish};
 use crate::adapt::{AdaptConfig, Learner};
 use crate::model::lora::lora_dtype;
 use crate::model::{Adapter, LoraConfig, Model};
@@ -63,6 +64,11 @@ pub enum CheckIn {
     /// Its new version could not be saved: the adapter is back at the version before the
     /// episode (the last one any client was told of).
     NotSaved(String),
+    /// Another replica published a version first: this one's update is dropped and the
+    /// winner's version, loaded from the store, serves.
+    Lost {
+        current: u64,
+    },
 }
 
 pub struct Registry {
@@ -76,6 +82,12 @@ pub struct Registry {
     /// When each named adapter was last used, on `clock`: the least recent leaves memory first.
     last_used: HashMap<String, u64>,
     clock: u64,
+    /// The store's current version of each adapter as last read or written here: what a
+    /// publish expects to replace. A fresh adapter not yet published has none.
+    stored: HashMap<String, u64>,
+    /// When each adapter's pointer was last read; serving reads it again after `refresh`.
+    checked: HashMap<String, Instant>,
+    refresh: Duration,
 }
 
 impl Registry {
@@ -87,6 +99,7 @@ impl Registry {
         store: Option<Box<dyn AdapterStore>>,
         defaults: AdaptConfig,
         caps: AdapterCaps,
+        refresh: Duration,
     ) -> Self {
         let mut registry = Self {
             slots: HashMap::new(),
@@ -97,6 +110,9 @@ impl Registry {
             caps,
             last_used: HashMap::new(),
             clock: 0,
+            stored: HashMap::new(),
+            checked: HashMap::new(),
+            refresh,
         };
         let names = registry
             .store
@@ -111,6 +127,9 @@ impl Registry {
                 lora_dtype(model.dtype()),
                 model.device(),
             );
+            if let Ok(s) = &stored {
+                registry.stored.insert(name.clone(), s.version);
+            }
             let slot = match stored {
                 Ok(s) if registry.resident() < registry.caps.max_resident => {
                     Learner::new(s.adapter, &registry.defaults, s.version).map(Slot::AtRest)
@@ -167,29 +186,75 @@ impl Registry {
         }
     }
 
-    /// Marks a named adapter used now and loads it if it was on disk, first dropping the
-    /// least recently used resident ones that no request in `in_use` needs.
+    /// Marks a named adapter used now and loads it if it was on disk, or if the store holds
+    /// a newer version (another replica published one), first dropping the least recently
+    /// used resident ones that no request in `in_use` needs.
     pub fn make_resident(
         &mut self,
         key: &str,
         model: &Model,
         in_use: &[&str],
     ) -> Result<(), EngineError> {
+        self.make_current(key, model, in_use, false)
+    }
+
+    /// As [`Self::make_resident`]; `force` reads the store's pointer whatever its age.
+    fn make_current(
+        &mut self,
+        key: &str,
+        model: &Model,
+        in_use: &[&str],
+        force: bool,
+    ) -> Result<(), EngineError> {
         if is_ephemeral(key) {
             return Ok(());
         }
         self.clock += 1;
         self.last_used.insert(key.to_string(), self.clock);
-        let Some(Slot::OnDisk { version }) = self.slots.get(key) else {
-            return Ok(());
+        let newer = self.newer_in_store(key, force);
+        let version = match (self.slots.get(key), newer) {
+            (Some(Slot::Training { .. }), _) | (None, None) => return Ok(()),
+            (_, Some(version)) => version,
+            (Some(Slot::OnDisk { version }), None) => *version,
+            (Some(Slot::AtRest(_)), None) => return Ok(()),
         };
-        let version = *version;
         let adapter = self.load_stored(key, version, model)?;
-        self.make_room(key, in_use);
+        if newer.is_some() {
+            tracing::info!("adapter `{key}`: the store holds version {version}; loaded it");
+            self.unloadable.remove(key);
+            self.publish_version(key, version);
+        }
+        if !matches!(self.slots.get(key), Some(Slot::AtRest(_))) {
+            self.make_room(key, in_use);
+        }
         let learner = Learner::new(adapter, &self.defaults, version)?;
         self.slots.insert(key.to_string(), Slot::AtRest(learner));
+        self.stored.insert(key.to_string(), version);
         self.publish_counts();
         Ok(())
+    }
+
+    /// The store's current version of `key` when it is newer than the one here (or `key`
+    /// is not here at all); the pointer is read at most once per `refresh` unless forced.
+    /// A store that cannot be read leaves the version here serving.
+    fn newer_in_store(&mut self, key: &str, force: bool) -> Option<u64> {
+        let store = self.store.as_ref()?;
+        let fresh = self
+            .checked
+            .get(key)
+            .is_some_and(|t| t.elapsed() < self.refresh);
+        if fresh && !force && self.slots.contains_key(key) {
+            return None;
+        }
+        self.checked.insert(key.to_string(), Instant::now());
+        match store.current(key) {
+            Ok(Some(current)) if self.version_of(key).is_none_or(|v| current > v) => Some(current),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("adapter `{key}`: reading the store's version: {e}");
+                None
+            }
+        }
     }
 
     /// One stored version of `key`, built for the served model.
@@ -243,7 +308,7 @@ impl Registry {
                 continue;
             };
             let version = learner.version;
-            match store.save(&learner.adapter, version) {
+            match persist(&**store, &learner.adapter, version) {
                 Ok(()) => {
                     tracing::debug!("adapter `{victim}` v{version} leaves memory");
                     self.slots.insert(victim, Slot::OnDisk { version });
@@ -327,13 +392,14 @@ impl Registry {
         seed: u64,
         in_use: &[&str],
     ) -> Result<Learner, EngineError> {
-        let existed = self.slots.contains_key(key);
         if !is_ephemeral(key) {
-            if !existed && !self.unloadable.contains_key(key) {
-                self.check_count(key)?;
-                self.make_room(key, in_use);
-            }
-            self.make_resident(key, model, in_use)?;
+            // Train on the store's newest version: another replica may have published one.
+            self.make_current(key, model, in_use, true)?;
+        }
+        let existed = self.slots.contains_key(key);
+        if !is_ephemeral(key) && !existed && !self.unloadable.contains_key(key) {
+            self.check_count(key)?;
+            self.make_room(key, in_use);
         }
         let learner = match self.slots.remove(key) {
             Some(Slot::AtRest(l)) => l,
@@ -372,7 +438,13 @@ impl Registry {
 
     /// Takes the learner back from the trainer. A named adapter whose episode changed it is
     /// saved before anyone is told its new version.
-    pub fn check_in(&mut self, key: &str, learner: Learner, changed: bool) -> CheckIn {
+    pub fn check_in(
+        &mut self,
+        key: &str,
+        learner: Learner,
+        changed: bool,
+        model: &Model,
+    ) -> CheckIn {
         if is_ephemeral(key) {
             self.slots.insert(key.to_string(), Slot::AtRest(learner));
             return CheckIn::Kept;
@@ -382,10 +454,23 @@ impl Registry {
         }
         if changed {
             if let Some(store) = &self.store {
-                if let Err(e) = store.save(&learner.adapter, learner.version) {
-                    tracing::error!("saving adapter `{key}`: {e}");
-                    self.recover(key);
-                    return CheckIn::NotSaved(e.to_string());
+                let expected = self.stored.get(key).copied();
+                match store.publish(&learner.adapter, learner.version, expected) {
+                    Ok(Publish::Published) => {
+                        self.stored.insert(key.to_string(), learner.version);
+                    }
+                    Ok(Publish::Lost { current }) => {
+                        tracing::info!(
+                            "adapter `{key}`: another replica published version {current:?} \
+                             first; this update is dropped"
+                        );
+                        return self.take_winner(key, current, model);
+                    }
+                    Err(e) => {
+                        tracing::error!("saving adapter `{key}`: {e}");
+                        self.recover(key);
+                        return CheckIn::NotSaved(e.to_string());
+                    }
                 }
             }
         }
@@ -403,6 +488,42 @@ impl Registry {
                     self.slots.insert(key.to_string(), Slot::AtRest(l));
                 }
                 Err(e) => tracing::error!("adapter `{key}` is lost: {e}"),
+            }
+        }
+    }
+
+    /// After a lost publish: the store's current version replaces the one that trained.
+    fn take_winner(&mut self, key: &str, current: Option<u64>, model: &Model) -> CheckIn {
+        let store = self
+            .store
+            .as_ref()
+            .expect("a publish was lost to the store");
+        let winner = store.load(
+            key,
+            model.config(),
+            lora_dtype(model.dtype()),
+            model.device(),
+        );
+        match winner {
+            Ok(stored) => match Learner::new(stored.adapter, &self.defaults, stored.version) {
+                Ok(learner) => {
+                    self.stored.insert(key.to_string(), stored.version);
+                    self.publish_version(key, stored.version);
+                    self.slots.insert(key.to_string(), Slot::AtRest(learner));
+                    CheckIn::Lost {
+                        current: stored.version,
+                    }
+                }
+                Err(e) => {
+                    self.recover(key);
+                    CheckIn::NotSaved(e.to_string())
+                }
+            },
+            Err(e) => {
+                self.recover(key);
+                CheckIn::NotSaved(format!(
+                    "another replica published version {current:?}, which does not load here: {e}"
+                ))
             }
         }
     }
@@ -457,19 +578,20 @@ impl Registry {
         self.install(adapter, in_use)
     }
 
-    /// Saves the adapter (the weights being served) and returns the folder of its PEFT files.
-    pub fn export(&self, name: &str) -> Result<std::path::PathBuf, EngineError> {
+    /// Saves the adapter (the weights being served) unless the store holds it or a newer
+    /// version, and returns the store's current version's PEFT files.
+    pub fn export(&self, name: &str) -> Result<AdapterFiles, EngineError> {
         let store = self
             .store
             .as_ref()
             .ok_or_else(|| EngineError::Invalid("no adapter store is configured".into()))?;
         match self.slots.get(name) {
-            Some(Slot::AtRest(l)) => store.save(&l.adapter, l.version)?,
-            Some(Slot::Training { serving, version }) => store.save(serving, *version)?,
+            Some(Slot::AtRest(l)) => persist(&**store, &l.adapter, l.version)?,
+            Some(Slot::Training { serving, version }) => persist(&**store, serving, *version)?,
             Some(Slot::OnDisk { .. }) => {} // saved when it left memory
             None => return Err(EngineError::AdapterNotFound(name.into())),
         }
-        Ok(store.path_of(name)?)
+        Ok(store.export(name)?)
     }
 
     /// A stored version's weights, published as the adapter's next version.
@@ -491,7 +613,7 @@ impl Registry {
     /// caps hold here too.
     fn install(&mut self, adapter: Adapter, in_use: &[&str]) -> Result<AdapterInfo, EngineError> {
         let name = adapter.name().to_string();
-        let version = self.version_of(&name).map_or(0, |v| v + 1);
+        let mut version = self.version_of(&name).map_or(0, |v| v + 1);
         if !self.slots.contains_key(&name) && !self.unloadable.contains_key(&name) {
             self.check_count(&name)?;
         }
@@ -500,7 +622,17 @@ impl Registry {
             self.make_room(&name, in_use);
         }
         if let Some(store) = &self.store {
-            store.save(&adapter, version)?;
+            // Next after whatever the store holds; a replica that publishes between the
+            // read and the swap makes us read again.
+            loop {
+                let current = store.current(&name)?;
+                version = version.max(current.map_or(0, |v| v + 1));
+                match store.publish(&adapter, version, current)? {
+                    Publish::Published => break,
+                    Publish::Lost { .. } => continue,
+                }
+            }
+            self.stored.insert(name.clone(), version);
         }
         let learner = Learner::new(adapter, &self.defaults, version)?;
         self.slots.insert(name.clone(), Slot::AtRest(learner));
@@ -523,6 +655,17 @@ impl Registry {
                 .set(version as f64);
         }
     }
+}
+
+/// Makes sure the store holds `version` of the adapter or a newer one (another replica's),
+/// so the copy here may leave memory.
+fn persist(store: &dyn AdapterStore, adapter: &Adapter, version: u64) -> crate::Result<()> {
+    let current = store.current(adapter.name())?;
+    if current.is_none_or(|c| c < version) {
+        // Lost: a newer version was published meanwhile, which is as good.
+        store.publish(adapter, version, current)?;
+    }
+    Ok(())
 }
 
 /// `/metrics` is open to scrapers: a tenant's adapter (`tenant@name`) is labelled by a short

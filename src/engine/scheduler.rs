@@ -41,7 +41,7 @@ pub enum AdminCommand {
     /// A fresh adapter as the next version, saved.
     Reset(String, Reply<AdapterInfo>),
     /// Saves the adapter and returns the folder holding its PEFT files.
-    Export(String, Reply<std::path::PathBuf>),
+    Export(String, Reply<crate::adapt::store::AdapterFiles>),
     /// Loads PEFT files from a folder as the named adapter's next version, saved.
     Import(String, std::path::PathBuf, Reply<AdapterInfo>),
     /// Publishes a stored version's weights as the adapter's next version.

@@ -143,7 +143,9 @@ fn no_bias() -> String {
 }
 
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-const CONFIG_FILE: &str = "adapter_config.json";
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The files PEFT writes and reads: what an export carries and an import expects.
+pub const PEFT_FILES: [&str; 2] = [WEIGHTS_FILE, CONFIG_FILE];
 
 fn peft_key(layer: usize, p: Projection, which: &str) -> String {
     format!(

@@ -19,12 +19,10 @@ use super::extract::{ApiPath, ApiQuery};
 use super::AppState;
 use crate::adapt::store::valid_key;
 use crate::engine::{self, Engine, EngineError, SubmitError};
+use crate::model::lora::{CONFIG_FILE, PEFT_FILES};
 
-/// The PEFT files an export carries and an import expects.
 /// The exported version, on an export's response.
 const VERSION_HEADER: &str = "x-ttrl-adapter-version";
-const CONFIG_FILE: &str = "adapter_config.json";
-const FILES: [&str; 2] = ["adapter_model.safetensors", CONFIG_FILE];
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Engine, ApiError> {
     let Some(key) = state.admin_key.as_deref() else {
@@ -201,7 +199,7 @@ pub async fn export(
 ) -> Result<Response, ApiError> {
     let engine = authorize(&state, &headers)?;
     checked(&name)?;
-    let dir = engine
+    let exported = engine
         .export_adapter(name.clone())
         .await
         .map_err(engine_gone)?
@@ -209,21 +207,14 @@ pub async fn export(
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
     let internal =
         |e: &dyn std::fmt::Display| ApiError::Internal(format!("exporting `{name}`: {e}"));
-    for file in FILES {
-        let bytes = std::fs::read(dir.join(file)).map_err(|e| internal(&e))?;
-        zip.start_file(file, zip::write::SimpleFileOptions::default())
+    for (file, bytes) in &exported.files {
+        zip.start_file(file.as_str(), zip::write::SimpleFileOptions::default())
             .map_err(|e| internal(&e))?;
-        zip.write_all(&bytes).map_err(|e| internal(&e))?;
+        zip.write_all(bytes).map_err(|e| internal(&e))?;
     }
     let bytes = zip.finish().map_err(|e| internal(&e))?.into_inner();
     let disposition = format!("attachment; filename=\"{name}.zip\"");
-    // The store keeps each version in a folder `v<N>`.
-    let version = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix('v'))
-        .unwrap_or_default()
-        .to_string();
+    let version = exported.version.to_string();
     Ok((
         [
             (header::CONTENT_TYPE, "application/zip".to_string()),
@@ -319,11 +310,11 @@ fn unpack(upload: File, dir: &std::path::Path, limit: usize, served: &str) -> Re
     let bad = |e: &dyn std::fmt::Display| {
         ApiError::invalid(
             "body",
-            format!("expected a zip of {}: {e}", FILES.join(" and ")),
+            format!("expected a zip of {}: {e}", PEFT_FILES.join(" and ")),
         )
     };
     let mut zip = zip::ZipArchive::new(upload).map_err(|e| bad(&e))?;
-    for file in FILES {
+    for file in PEFT_FILES {
         let entry = zip.by_name(file).map_err(|e| bad(&e))?;
         let mut out =
             File::create(dir.join(file)).map_err(|e| ApiError::Internal(e.to_string()))?;

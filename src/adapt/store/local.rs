@@ -1,10 +1,7 @@
-//! Where named adapters live between batches and across restarts. A small trait, so a
-//! shared object store can replace the local directory when several replicas serve one
-//! tenant's adapter.
-//!
-//! The local store keeps every version in its own folder and a `CURRENT` pointer file:
-//! a version is written and fsynced in a temp folder, renamed into place, and only then made
-//! current by an atomic replace of the pointer (fsynced, and the folder too). At every
+//! The local folder store: every version in its own folder and a `CURRENT` pointer file.
+//! A version is written and fsynced in a temp folder, renamed into place, and only then made
+//! current by an atomic replace of the pointer (fsynced, and the folder too), under a lock
+//! file so that the compare-and-swap holds between processes sharing the folder. At every
 //! instant some complete version is current, so a crash at any moment loses nothing that was
 //! reported to a client. At start, leftovers of interrupted saves are removed and a version
 //! that does not load is quarantined (renamed aside) in favour of the previous good one.
@@ -12,82 +9,18 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
-use crate::model::lora::write_synced;
+use super::{
+    adapter_error, valid_key, AdapterFiles, AdapterStore, Meta, Publish, StoredAdapter, META_FILE,
+};
+use crate::error::Result;
+use crate::model::lora::{write_synced, PEFT_FILES};
 use crate::model::{Adapter, ModelConfig};
 use crate::telemetry as m;
 
-/// A stored adapter: its tensors and the version that produced them.
-pub struct StoredAdapter {
-    pub name: String,
-    pub adapter: Adapter,
-    pub version: u64,
-}
-
-pub trait AdapterStore: Send {
-    /// Writes `version` durably and makes it current.
-    fn save(&self, adapter: &Adapter, version: u64) -> Result<()>;
-    /// The keys of every stored adapter.
-    fn names(&self) -> Vec<String>;
-    /// One adapter at its current (or last good) version, after recovering what an
-    /// interrupted save left; one by one, so a start never holds every adapter at once.
-    fn load(
-        &self,
-        name: &str,
-        model: &ModelConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<StoredAdapter>;
-    /// One stored version, for a rollback.
-    fn load_version(
-        &self,
-        name: &str,
-        version: u64,
-        model: &ModelConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Adapter>;
-    /// Whether anything is stored under `name`.
-    fn exists(&self, name: &str) -> bool;
-    /// Bytes its stored versions take on disk.
-    fn bytes(&self, name: &str) -> u64;
-    /// The folder holding the current version's PEFT files, for export.
-    fn path_of(&self, name: &str) -> Result<PathBuf>;
-}
-
-const META_FILE: &str = "ttrl_adapter.json";
 const CURRENT: &str = "CURRENT";
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Meta {
-    name: String,
-    version: u64,
-}
-
-/// Adapter names are folder names: letters, digits, `.`, `_`, `-`; 1 to 64 of them.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
-/// A stored adapter's key: a valid name, or `<tenant>@<name>` with both valid names.
-pub fn valid_key(key: &str) -> bool {
-    match key.split_once('@') {
-        Some((tenant, name)) => valid_name(tenant) && valid_name(name),
-        None => valid_name(key),
-    }
-}
-
-/// The tenant owning an adapter key; `""` for the one namespace of a server without keys.
-pub fn owner(key: &str) -> &str {
-    key.split_once('@').map_or("", |(tenant, _)| tenant)
-}
+/// Held (flock) while the pointer is compared and swapped.
+const LOCK: &str = "LOCK";
 
 /// `<root>/<name>/CURRENT` names the current `<root>/<name>/v<N>/` (PEFT files plus
 /// `ttrl_adapter.json`); the last `keep_versions` versions stay.
@@ -99,13 +32,6 @@ pub struct LocalDirStore {
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
-}
-
-fn adapter_error(name: &str, reason: impl ToString) -> Error {
-    Error::Adapter {
-        name: name.into(),
-        reason: reason.to_string(),
-    }
 }
 
 impl LocalDirStore {
@@ -277,24 +203,29 @@ impl LocalDirStore {
 }
 
 impl AdapterStore for LocalDirStore {
-    fn save(&self, adapter: &Adapter, version: u64) -> Result<()> {
+    fn publish(&self, adapter: &Adapter, version: u64, expected: Option<u64>) -> Result<Publish> {
         let name = adapter.name();
         if !valid_key(name) {
             return Err(adapter_error(name, "invalid adapter name"));
-        }
-        if self.current(name) == Some(version) {
-            return Ok(()); // already durable
         }
         let dir = self.dir(name);
         if !dir.exists() {
             std::fs::create_dir_all(&dir)?;
             sync_dir(&self.root)?;
         }
-        let meta = serde_json::to_string(&Meta {
-            name: name.into(),
-            version,
-        })
-        .map_err(|e| adapter_error(name, e))?;
+        let lock = std::fs::File::create(dir.join(LOCK))?;
+        lock.lock()?; // released when `lock` drops
+        let current = self.current(name);
+        if current != expected {
+            return Ok(Publish::Lost { current });
+        }
+        if expected.is_some_and(|e| version <= e) {
+            return Err(adapter_error(
+                name,
+                format!("version {version} is not newer than the current {current:?}"),
+            ));
+        }
+        let meta = Meta::json(name, version)?;
         let tmp = dir.join(format!(".v{version}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         let written = adapter
@@ -310,7 +241,11 @@ impl AdapterStore for LocalDirStore {
         sync_dir(&dir)?;
         self.set_current(name, version)?;
         self.prune(name, version);
-        Ok(())
+        Ok(Publish::Published)
+    }
+
+    fn current(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.current(name))
     }
 
     fn names(&self) -> Vec<String> {
@@ -374,46 +309,26 @@ impl AdapterStore for LocalDirStore {
         }
     }
 
-    fn path_of(&self, name: &str) -> Result<PathBuf> {
+    fn export(&self, name: &str) -> Result<AdapterFiles> {
         let version = self
             .current(name)
             .ok_or_else(|| adapter_error(name, "nothing stored"))?;
-        Ok(self.version_dir(name, version))
+        let dir = self.version_dir(name, version);
+        let files = PEFT_FILES
+            .iter()
+            .map(|f| Ok((f.to_string(), std::fs::read(dir.join(f))?)))
+            .collect::<Result<_>>()?;
+        Ok(AdapterFiles { version, files })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::ModelConfig;
-    use crate::model::LoraConfig;
+    use crate::adapt::store::conformance::{self, seeded_adapter, tiny_model};
 
-    #[test]
-    fn adapter_names_are_safe_folder_names() {
-        assert!(valid_name("team-a") && valid_name("v1.2_x"));
-        assert!(
-            !valid_name("") && !valid_name("../x") && !valid_name(".hidden") && !valid_name("a/b")
-        );
-        assert!(!valid_name(&"x".repeat(65)));
-        assert!(!valid_name("acme@team") && valid_key("acme@team") && valid_key("team"));
-        assert!(!valid_key("acme@") && !valid_key("@team") && !valid_key("a@b@c"));
-    }
-
-    fn tiny() -> ModelConfig {
-        ModelConfig::from_hf_json(
-            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
-                "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}"#,
-        )
-        .unwrap()
-    }
-
-    fn adapter(config: &ModelConfig, seed: u64) -> Adapter {
-        let lora = LoraConfig {
-            rank: 2,
-            ..Default::default()
-        };
-        Adapter::new("a", lora, config, DType::F32, &Device::Cpu, seed).unwrap()
+    fn adapter(_: &ModelConfig, seed: u64) -> Adapter {
+        seeded_adapter("a", seed)
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -423,12 +338,21 @@ mod tests {
     }
 
     #[test]
+    fn the_local_folder_keeps_the_store_contract() {
+        let root = scratch("contract");
+        conformance::run(&|| Box::new(LocalDirStore::new(root.clone(), "tiny", 3).unwrap()));
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
     fn the_newest_good_version_loads_and_a_corrupt_one_is_quarantined() {
-        let config = tiny();
+        let config = tiny_model();
         let root = scratch("corrupt");
         let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
         for v in 1..=4 {
-            store.save(&adapter(&config, v), v).unwrap();
+            store
+                .publish(&adapter(&config, v), v, (v > 1).then(|| v - 1))
+                .unwrap();
         }
         // Kept: the newest three.
         assert_eq!(store.versions("a"), vec![4, 3, 2]);
@@ -457,10 +381,10 @@ mod tests {
 
     #[test]
     fn a_name_with_no_loadable_version_fails_to_load_but_stays() {
-        let config = tiny();
+        let config = tiny_model();
         let root = scratch("unloadable");
         let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
-        store.save(&adapter(&config, 1), 1).unwrap();
+        store.publish(&adapter(&config, 1), 1, None).unwrap();
         std::fs::write(root.join("a/v1/adapter_config.json"), b"{").unwrap();
         assert!(store.load("a", &config, DType::F32, &Device::Cpu).is_err());
         assert!(store.exists("a"));
@@ -473,7 +397,7 @@ mod tests {
 
     #[test]
     fn a_folder_of_the_flat_layout_becomes_its_version() {
-        let config = tiny();
+        let config = tiny_model();
         let root = scratch("flat");
         let a = adapter(&config, 7);
         a.write_files(
