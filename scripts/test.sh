@@ -10,19 +10,22 @@ CACHE="${TTRL_SERVE_CACHE:-$HOME/.cache/ttrl-serve}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 
 # Python tools the tests drive, in a venv outside the clone: the official openai SDK,
-# transformers + peft (exported adapters must load there) and schemathesis (API fuzzing).
+# transformers + peft (exported adapters must load there), schemathesis (API fuzzing) and
+# moto (an S3-compatible server for the scale-out tests).
 VENV="$CACHE/test-venv"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    openai==3.57.0 torch==2.15.0 transformers==5.24.0 peft==0.21.2 schemathesis==4.32.5 >/dev/null
+    openai==3.57.0 torch==2.15.0 transformers==5.24.0 peft==0.21.2 schemathesis==4.32.5 \
+    "moto[server]==5.2.5" >/dev/null
 export TTRL_TEST_PYTHON="$VENV/bin/python"
 
-# Debian's chromium and playwright-core from npm, for the browser test.
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian's chromium and playwright-core from npm, for the browser test; Debian's HAProxy
+# for the scale-out tests.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v haproxy >/dev/null 2>&1; then
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core haproxy >/dev/null
 fi
 BROWSER_DEPS="$CACHE/browser"
 if [ ! -d "$BROWSER_DEPS/node_modules/playwright-core" ]; then

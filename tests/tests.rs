@@ -26,6 +26,8 @@ mod interop;
 mod openapi;
 // Test-time adaptation over HTTP and in-process on the default model.
 mod adaptation;
+// Replicas sharing adapters in S3-compatible storage, behind HAProxy with adapter affinity.
+mod scale_out;
 // Answer equivalence against math-verify on MATH-500's answers.
 mod reward;
 // `ttrl-serve eval`: arms, files, resume, remote servers, bad rows.

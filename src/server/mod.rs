@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::classify::ServerErrorsFailureClass;
+use tower_http::propagate_header::PropagateHeaderLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -110,6 +111,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         .into_openapi()
 }
 
+/// The adapter a request is for, set by clients behind a proxy with adapter affinity.
+pub const ADAPTER_AFFINITY_HEADER: &str = "x-ttrl-adapter";
+
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let inference = inference_routes().route_layer(middleware::from_fn_with_state(
@@ -126,6 +130,11 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             ApiError::Internal("the handler panicked".into()).into_response()
         }))
         .layer(TraceLayer::new_for_http().on_failure(log_failure))
+        // Affinity: a proxy in front of replicas hashes this header to pick one, so one
+        // adapter's requests meet on one replica; it comes back so clients can see it.
+        .layer(PropagateHeaderLayer::new(HeaderName::from_static(
+            ADAPTER_AFFINITY_HEADER,
+        )))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
