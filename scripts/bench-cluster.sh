@@ -17,4 +17,5 @@ python3 scripts/bench_cluster.py "http://127.0.0.1:$((PROXY_PORT + 1))" --client
     --admin-key "$KEY" --label "one replica"
 python3 scripts/bench_cluster.py "http://127.0.0.1:$PROXY_PORT" --clients "$CLIENTS" --seconds "$SECS" \
     --admin-key "$KEY" --label "proxy + 3 replicas"
-python3 scripts/bench_cluster.py "http://127.0.0.1:$PROXY_PORT" --failover --pid-dir "$RUN" --label "proxy + 3 replicas"
+python3 scripts/bench_cluster.py "http://127.0.0.1:$PROXY_PORT" --failover --pid-dir "$RUN" \
+    --admin-key "$KEY" --label "proxy + 3 replicas"

@@ -4,7 +4,7 @@ adapters, against one server or a proxy in front of several (stdlib only); and, 
 the seconds from killing the replica that serves an adapter to that adapter being served again.
 
     python3 bench_cluster.py http://127.0.0.1:8100 --clients 8 --seconds 60 --admin-key KEY
-    python3 bench_cluster.py http://127.0.0.1:8100 --failover --pid-dir ~/.cache/ttrl-serve/cluster
+    python3 bench_cluster.py http://127.0.0.1:8100 --failover --pid-dir ~/.cache/ttrl-serve/cluster --admin-key KEY
 """
 import argparse
 import json
@@ -67,8 +67,9 @@ def load(base, clients, seconds, adapters):
             "p50_s": statistics.median(latencies) if latencies else float("nan"), "p99_s": p99}
 
 
-def failover(base, pid_dir):
+def failover(base, pid_dir, key):
     adapter = "failover-probe"
+    reset(base, key, adapter)
     replica = chat(base, adapter)
     pid = int(open(os.path.join(pid_dir, f"replica-{replica.lstrip('r')}.pid")).read())
     os.kill(pid, signal.SIGKILL)
@@ -93,7 +94,7 @@ def main():
     ap.add_argument("--pid-dir")
     a = ap.parse_args()
     if a.failover:
-        print(json.dumps({"label": a.label, "failover": failover(a.base, a.pid_dir)}))
+        print(json.dumps({"label": a.label, "failover": failover(a.base, a.pid_dir, a.admin_key)}))
         return
     names = [f"bench-{i}" for i in range(a.adapters)]
     for name in names:
