@@ -9,7 +9,7 @@ use ttrl_serve::reward::AnswerFormat;
 use ttrl_serve::rollout::RolloutKind;
 
 use crate::common::max_abs_diff;
-use crate::common::server::Server;
+use crate::common::server::{logprobs, Server};
 
 /// The default model: learning needs answers that end (a truncated leaf abstains), and the
 /// tiny random checkpoints never stop before their budget.
@@ -71,15 +71,6 @@ fn ask_about(server: &Server, question: &str, model: &str, adaptation: Value) ->
     let (status, r) = server.post("/v1/chat/completions", &body);
     assert_eq!(status, 200, "{r}");
     r
-}
-
-fn logprobs(r: &Value) -> Vec<f64> {
-    r["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["logprob"].as_f64().unwrap())
-        .collect()
 }
 
 fn admin_get(server: &Server, path: &str) -> ureq::Response {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::server::{metric, Server};
+use crate::common::server::{arithmetic_training, metric, Server};
 use crate::common::{scratch_dir, unzip, zip_of};
 
 const KEY: &str = "secret";
@@ -36,19 +36,8 @@ fn start_default(dir: &Path, settings: &str) -> Server {
     ])
 }
 
-/// Question `i` of a rotation: one question alone soon has every leaf agreeing, and then
-/// no step applies.
-fn train_body(adapter: &str, i: usize) -> Value {
-    let (a, b) = (2 + i % 7, 3 + i % 5);
-    json!({
-        "messages": [{"role": "user", "content": format!("What is {a} plus {b}? Answer with just the number.")}],
-        "max_tokens": 2, "seed": i,
-        "adaptation": {"enabled": true, "adapter": adapter},
-    })
-}
-
 fn train(server: &Server, adapter: &str) -> Value {
-    let (status, r) = server.post("/v1/chat/completions", &train_body(adapter, 0));
+    let (status, r) = server.post("/v1/chat/completions", &arithmetic_training(adapter, 0));
     assert_eq!(status, 200, "{r}");
     r["adaptation"].clone()
 }
@@ -79,7 +68,7 @@ fn try_export(base: &str, name: &str) -> Option<(u64, Vec<u8>)> {
 /// One adapted request; the version it was told, or `None` if the server died under it.
 fn try_train(base: &str, adapter: &str, i: usize) -> Option<u64> {
     let r = ureq::post(&format!("{base}/v1/chat/completions"))
-        .send_json(train_body(adapter, i))
+        .send_json(arithmetic_training(adapter, i))
         .ok()?;
     let r: Value = r.into_json().ok()?;
     r["adaptation"]["adapter_version"].as_u64()

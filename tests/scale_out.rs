@@ -12,17 +12,9 @@ use serde_json::{json, Value};
 use ttrl_serve::adapt::store::{conformance, AdapterStore, ObjectAdapterStore};
 
 use crate::common::scratch_dir;
-use crate::common::server::Server;
+use crate::common::server::{arithmetic_training, free_port, logprobs, Server};
 
 const BUCKET: &str = "ttrl";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn wait_until_up(url: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -122,21 +114,12 @@ fn replica(s3: &S3, dir: &Path, prefix: &str, index: usize) -> Server {
     )
 }
 
-fn train_body(adapter: &str, i: usize) -> Value {
-    let (a, b) = (2 + i % 7, 3 + i % 5);
-    json!({
-        "messages": [{"role": "user", "content": format!("What is {a} plus {b}? Answer with just the number.")}],
-        "max_tokens": 2, "seed": i,
-        "adaptation": {"enabled": true, "adapter": adapter},
-    })
-}
-
 /// The adaptation report of one adapted request sent to `base`, and the replica that
 /// answered it when a proxy says.
 fn train(base: &str, adapter: &str, i: usize) -> Option<(Value, Option<String>)> {
     let r = ureq::post(&format!("{base}/v1/chat/completions"))
         .set("x-ttrl-adapter", adapter)
-        .send_json(train_body(adapter, i))
+        .send_json(arithmetic_training(adapter, i))
         .ok()?;
     let replica = r.header("x-ttrl-replica").map(String::from);
     let body: Value = r.into_json().ok()?;
@@ -154,12 +137,7 @@ fn greedy_logprobs(server: &Server, adapter: &str) -> Vec<f64> {
         }),
     );
     assert_eq!(status, 200, "{r}");
-    r["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["logprob"].as_f64().unwrap())
-        .collect()
+    logprobs(&r)
 }
 
 #[test]

@@ -218,7 +218,17 @@ impl Registry {
             (Some(Slot::OnDisk { version }), None) => *version,
             (Some(Slot::AtRest(_)), None) => return Ok(()),
         };
-        let adapter = self.load_stored(key, version, model)?;
+        let adapter = match self.load_stored(key, version, model) {
+            Ok(adapter) => adapter,
+            Err(e) if newer.is_some() && matches!(self.slots.get(key), Some(Slot::AtRest(_))) => {
+                tracing::error!(
+                    "adapter `{key}`: version {version} in the store does not load ({e}); \
+                     the version here goes on serving"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         if newer.is_some() {
             tracing::info!("adapter `{key}`: the store holds version {version}; loaded it");
             self.unloadable.remove(key);
@@ -239,6 +249,9 @@ impl Registry {
     /// A store that cannot be read leaves the version here serving.
     fn newer_in_store(&mut self, key: &str, force: bool) -> Option<u64> {
         let store = self.store.as_ref()?;
+        if self.unloadable.contains_key(key) {
+            return None; // refused until an operator resets or imports it
+        }
         let fresh = self
             .checked
             .get(key)

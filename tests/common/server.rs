@@ -14,7 +14,7 @@ pub struct Server {
     data_home: std::path::PathBuf,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -159,4 +159,25 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
+}
+
+/// The chosen tokens' log-probs of a chat response's first choice.
+pub fn logprobs(r: &Value) -> Vec<f64> {
+    r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect()
+}
+
+/// Question `i` of a rotation of small sums, adapting `adapter`: one question alone soon has
+/// every leaf agreeing, and then no step applies.
+pub fn arithmetic_training(adapter: &str, i: usize) -> Value {
+    let (a, b) = (2 + i % 7, 3 + i % 5);
+    serde_json::json!({
+        "messages": [{"role": "user", "content": format!("What is {a} plus {b}? Answer with just the number.")}],
+        "max_tokens": 2, "seed": i,
+        "adaptation": {"enabled": true, "adapter": adapter},
+    })
 }

@@ -327,10 +327,6 @@ mod tests {
     use super::*;
     use crate::adapt::store::conformance::{self, seeded_adapter, tiny_model};
 
-    fn adapter(_: &ModelConfig, seed: u64) -> Adapter {
-        seeded_adapter("a", seed)
-    }
-
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ttrl-store-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -351,7 +347,7 @@ mod tests {
         let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
         for v in 1..=4 {
             store
-                .publish(&adapter(&config, v), v, (v > 1).then(|| v - 1))
+                .publish(&seeded_adapter("a", v), v, (v > 1).then(|| v - 1))
                 .unwrap();
         }
         // Kept: the newest three.
@@ -384,7 +380,7 @@ mod tests {
         let config = tiny_model();
         let root = scratch("unloadable");
         let store = LocalDirStore::new(root.clone(), "tiny", 3).unwrap();
-        store.publish(&adapter(&config, 1), 1, None).unwrap();
+        store.publish(&seeded_adapter("a", 1), 1, None).unwrap();
         std::fs::write(root.join("a/v1/adapter_config.json"), b"{").unwrap();
         assert!(store.load("a", &config, DType::F32, &Device::Cpu).is_err());
         assert!(store.exists("a"));
@@ -399,7 +395,7 @@ mod tests {
     fn a_folder_of_the_flat_layout_becomes_its_version() {
         let config = tiny_model();
         let root = scratch("flat");
-        let a = adapter(&config, 7);
+        let a = seeded_adapter("a", 7);
         a.write_files(
             &root.join("a"),
             None,
