@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Writes data/arithmetic.jsonl: every single-digit addition and multiplication (1-9), once with
 digits and once with number words, shuffled with a fixed seed. 324 rows of
-{"question", "answer"}; the eval's online, transductive and held-out runs use it."""
+{"question", "answer"}; the eval's online, transductive and held-out runs use it.
+
+Also data/arithmetic-digits.jsonl: the 162 rows written with digits ("What is 7 plus 5?"), in the
+same order. SmolLM2-135M-Instruct has its voting headroom there (pass@1 about 0.35-0.45 against
+maj@16 0.75-0.88); with number words as operands it has little."""
 import json
 import random
 from pathlib import Path
@@ -21,9 +25,12 @@ def main() -> None:
                         "answer": str(op(a, b)),
                     })
     random.Random(11).shuffle(rows)
-    out = Path(__file__).resolve().parent.parent / "data" / "arithmetic.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {len(rows)} rows to {out}")
+    data = Path(__file__).resolve().parent.parent / "data"
+    digits = [r for r in rows if r["question"].split()[2].isdigit()]
+    for name, subset in (("arithmetic.jsonl", rows), ("arithmetic-digits.jsonl", digits)):
+        out = data / name
+        out.write_text("".join(json.dumps(r) + "\n" for r in subset))
+        print(f"wrote {len(subset)} rows to {out}")
 
 
 if __name__ == "__main__":
