@@ -209,14 +209,17 @@ impl Registry {
         if is_ephemeral(key) {
             return Ok(());
         }
-        self.clock += 1;
-        self.last_used.insert(key.to_string(), self.clock);
         let newer = self.newer_in_store(key, force);
+        if newer.is_none() && !self.slots.contains_key(key) {
+            return Ok(()); // unknown here and in the store: the caller decides
+        }
+        self.touch(key);
         let version = match (self.slots.get(key), newer) {
-            (Some(Slot::Training { .. }), _) | (None, None) => return Ok(()),
+            (Some(Slot::Training { .. }), _) | (Some(Slot::AtRest(_)), None) | (None, None) => {
+                return Ok(())
+            }
             (_, Some(version)) => version,
             (Some(Slot::OnDisk { version }), None) => *version,
-            (Some(Slot::AtRest(_)), None) => return Ok(()),
         };
         let adapter = match self.load_stored(key, version, model) {
             Ok(adapter) => adapter,
@@ -231,7 +234,6 @@ impl Registry {
         };
         if newer.is_some() {
             tracing::info!("adapter `{key}`: the store holds version {version}; loaded it");
-            self.unloadable.remove(key);
             self.publish_version(key, version);
         }
         if !matches!(self.slots.get(key), Some(Slot::AtRest(_))) {
@@ -242,6 +244,12 @@ impl Registry {
         self.stored.insert(key.to_string(), version);
         self.publish_counts();
         Ok(())
+    }
+
+    /// Marks `key` used now, for the least-recently-used order.
+    fn touch(&mut self, key: &str) {
+        self.clock += 1;
+        self.last_used.insert(key.to_string(), self.clock);
     }
 
     /// The store's current version of `key` when it is newer than the one here (or `key`
@@ -256,11 +264,16 @@ impl Registry {
             .checked
             .get(key)
             .is_some_and(|t| t.elapsed() < self.refresh);
-        if fresh && !force && self.slots.contains_key(key) {
+        let known = self.slots.contains_key(key);
+        if fresh && !force && known {
             return None;
         }
-        self.checked.insert(key.to_string(), Instant::now());
-        match store.current(key) {
+        let current = store.current(key);
+        if known || matches!(current, Ok(Some(_))) {
+            // Only names that exist are remembered: unknown ones cost no memory.
+            self.checked.insert(key.to_string(), Instant::now());
+        }
+        match current {
             Ok(Some(current)) if self.version_of(key).is_none_or(|v| current > v) => Some(current),
             Ok(_) => None,
             Err(e) => {
@@ -408,6 +421,7 @@ impl Registry {
         if !is_ephemeral(key) {
             // Train on the store's newest version: another replica may have published one.
             self.make_current(key, model, in_use, true)?;
+            self.touch(key);
         }
         let existed = self.slots.contains_key(key);
         if !is_ephemeral(key) && !existed && !self.unloadable.contains_key(key) {
