@@ -59,6 +59,11 @@ pub struct AdaptConfig {
     pub lr: f64,
     /// Optimizer steps over which the learning rate ramps up from lr / warmup_steps.
     pub warmup_steps: u32,
+    /// AdamW's epsilon. At 1e-8 a fresh adapter's first steps move every weight by about lr
+    /// in the sign of its gradient; near the gradients' own size (about 1e-3 for LoRA here,
+    /// where a clipped global norm of 1 spreads over millions of weights) steps follow the
+    /// gradient's size instead.
+    pub adam_eps: f64,
     pub weight_decay: f64,
     pub grad_clip: f64,
     /// Rollout + update rounds per episode.
@@ -107,6 +112,7 @@ impl Default for AdaptConfig {
             clip_epsilon: 0.2,
             lr: 2e-4,
             warmup_steps: 4,
+            adam_eps: 1e-8,
             weight_decay: 0.01,
             grad_clip: 1.0,
             steps: 1,

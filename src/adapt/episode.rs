@@ -41,6 +41,7 @@ impl Learner {
                 weight_decay: config.weight_decay,
                 max_grad_norm: Some(config.grad_clip),
                 warmup_steps: config.warmup_steps,
+                eps: config.adam_eps,
                 ..Default::default()
             },
         )?;
