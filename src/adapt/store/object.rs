@@ -167,6 +167,14 @@ impl ObjectAdapterStore {
         written
     }
 
+    /// One file of a kept version.
+    fn read(&self, key: &str, kept: &Kept, file: &str) -> Result<Vec<u8>> {
+        let path = self.path(key, &format!("{}/{file}", kept.folder));
+        self.block(async { self.store.get(&path).await?.bytes().await })
+            .map(Vec::from)
+            .map_err(store_error)
+    }
+
     fn read_folder(
         &self,
         key: &str,
@@ -179,11 +187,7 @@ impl ObjectAdapterStore {
         let loaded = (|| {
             std::fs::create_dir_all(&staging)?;
             for file in PEFT_FILES.iter().chain([&META_FILE]) {
-                let path = self.path(key, &format!("{}/{file}", kept.folder));
-                let bytes = self
-                    .block(async { self.store.get(&path).await?.bytes().await })
-                    .map_err(store_error)?;
-                std::fs::write(staging.join(file), bytes)?;
+                std::fs::write(staging.join(file), self.read(key, kept, file)?)?;
             }
             let meta: Meta = serde_json::from_slice(&std::fs::read(staging.join(META_FILE))?)
                 .map_err(|e| adapter_error(key, format!("unreadable {META_FILE}: {e}")))?;
@@ -388,16 +392,13 @@ impl AdapterStore for ObjectAdapterStore {
         let (pointer, _) = self
             .pointer(name)?
             .ok_or_else(|| adapter_error(name, "nothing stored"))?;
-        let kept = &pointer.versions[0];
+        let kept = pointer
+            .versions
+            .first()
+            .ok_or_else(|| adapter_error(name, "nothing stored"))?;
         let files = PEFT_FILES
             .iter()
-            .map(|file| {
-                let path = self.path(name, &format!("{}/{file}", kept.folder));
-                let bytes = self
-                    .block(async { self.store.get(&path).await?.bytes().await })
-                    .map_err(store_error)?;
-                Ok((file.to_string(), bytes.to_vec()))
-            })
+            .map(|file| Ok((file.to_string(), self.read(name, kept, file)?)))
             .collect::<Result<_>>()?;
         Ok(AdapterFiles {
             version: kept.version,
