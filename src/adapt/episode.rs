@@ -521,12 +521,11 @@ fn run_rounds(
             for chunk in leaves.chunks(config.micro_batch.max(1)) {
                 limits.interrupt.check()?;
                 let MicroBatchLoss {
-                    mut surrogate,
+                    grads: chunk_grads,
                     mut value,
                     stats: s,
                 } = leaves_loss(model, &learner.adapter, chunk, &objective, denom)?;
                 if config.test_force_nonfinite_loss {
-                    surrogate = (surrogate * f64::NAN)?;
                     value = f64::NAN;
                 }
                 loss_value += value;
@@ -534,9 +533,8 @@ fn run_rounds(
                 stats.kl_tokens += s.kl_tokens;
                 stats.selected_entropy_sum += s.selected_entropy_sum;
                 stats.selected_tokens += s.selected_tokens;
-                let store = surrogate.backward()?;
                 memory.sample();
-                for (acc, g) in grads.iter_mut().zip(learner.optimizer.gradients(&store)) {
+                for (acc, g) in grads.iter_mut().zip(chunk_grads) {
                     *acc = match (acc.take(), g) {
                         (Some(a), Some(g)) => Some((a + g)?),
                         (a, g) => a.or(g),

@@ -53,15 +53,10 @@ pub struct ObjectiveStats {
     pub selected_tokens: usize,
 }
 
-/// The final hidden states at the rows that predict the leaves' response tokens, leaf after
-/// leaf: (sum of response lengths, hidden), differentiable through `adapter`. All leaves run
-/// packed in one forward pass, each distinct prompt once, its responses attending to its keys
-/// and values.
-fn response_hidden(
-    model: &Model,
-    adapter: Option<&Adapter>,
-    leaves: &[&TrainLeaf],
-) -> Result<Tensor> {
+/// The leaves packed for one forward pass, each distinct prompt once, its responses
+/// attending to its keys and values, and the packed rows that predict the responses'
+/// tokens, leaf after leaf.
+fn pack<'a>(leaves: &[&'a TrainLeaf]) -> (Vec<SeqInput<'a>>, LogitsFor) {
     let mut prompts: Vec<&[u32]> = Vec::new();
     let owner: Vec<usize> = leaves
         .iter()
@@ -75,7 +70,7 @@ fn response_hidden(
             },
         )
         .collect();
-    let mut inputs: Vec<SeqInput<'_>> = prompts.iter().map(|p| SeqInput::new(p)).collect();
+    let mut inputs: Vec<SeqInput<'a>> = prompts.iter().map(|p| SeqInput::new(p)).collect();
     inputs.extend(
         leaves
             .iter()
@@ -99,7 +94,7 @@ fn response_hidden(
         let start = starts[prompts.len() + j];
         rows.extend((start..start + leaf.response.len() - 1).map(|r| r as u32));
     }
-    model.hidden(&mut inputs, adapter, LogitsFor::Rows(rows))
+    (inputs, LogitsFor::Rows(rows))
 }
 
 /// Log-probs of `response` and the entropies of softmax(logits / T), from the hidden rows
@@ -122,7 +117,8 @@ pub(crate) fn token_values(
     leaves: &[&TrainLeaf],
     temperature: f32,
 ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-    let hidden = response_hidden(model, adapter, leaves)?.detach();
+    let (mut inputs, rows) = pack(leaves);
+    let hidden = model.hidden(&mut inputs, adapter, rows)?.detach();
     let mut out = Vec::with_capacity(leaves.len());
     let mut start = 0;
     for leaf in leaves {
@@ -170,20 +166,21 @@ pub fn reference(
     Ok(out)
 }
 
-/// What one micro-batch contributes to the step: a tensor whose gradient with respect to
-/// the adapter is the loss's, the loss itself (already divided by the step's denominators),
-/// and its stats.
+/// What one micro-batch contributes to the step: the loss's gradients with respect to the
+/// adapter's weights (in [`Adapter::vars`] order), the loss itself (already divided by the
+/// step's denominators), and its stats.
 pub struct MicroBatchLoss {
-    pub surrogate: Tensor,
+    pub grads: Vec<Option<Tensor>>,
     pub value: f64,
     pub stats: ObjectiveStats,
 }
 
-/// The loss of these leaves without ever holding their logits whole. The forward pass stops
-/// at the final hidden states; then, leaf by leaf, the vocabulary projection and the loss are
-/// computed from a detached copy of that leaf's rows and differentiated back to it, and the
-/// leaf's graph is dropped. The row gradients G make the surrogate sum(hidden * G), whose
-/// gradient through the network is the loss's (the chain rule, cut at the hidden states).
+/// The loss of these leaves and its gradients, without ever holding their logits whole or
+/// more than one layer's activations. The network runs to the final hidden states; then,
+/// leaf by leaf, the vocabulary projection and the loss are computed from a detached copy of
+/// that leaf's rows and differentiated back to it, and the leaf's graph is dropped. The row
+/// gradients go back through the network one recomputed layer at a time
+/// ([`Model::adapter_gradients`]).
 pub fn leaves_loss(
     model: &Model,
     adapter: &Adapter,
@@ -191,7 +188,6 @@ pub fn leaves_loss(
     config: &ObjectiveConfig,
     denom: Denominators,
 ) -> Result<MicroBatchLoss> {
-    let device = model.device();
     let mut stats = ObjectiveStats::default();
     let leaves: Vec<&TrainLeaf> = leaves
         .iter()
@@ -199,32 +195,34 @@ pub fn leaves_loss(
         .collect();
     if leaves.is_empty() {
         return Ok(MicroBatchLoss {
-            surrogate: Tensor::zeros((), DType::F32, device)?,
+            grads: vec![None; adapter.vars().len()],
             value: 0.0,
             stats,
         });
     }
-    let hidden = response_hidden(model, Some(adapter), &leaves)?;
-    let mut row_grads = Vec::with_capacity(leaves.len());
-    let mut value = 0.0;
-    let mut start = 0;
-    for leaf in &leaves {
-        let n = leaf.response.len();
-        let rows = Var::from_tensor(&hidden.narrow(0, start, n)?.detach())?;
-        start += n;
-        let (logp, entropy) =
-            logp_entropy(model, rows.as_tensor(), &leaf.response, config.temperature)?;
-        let loss = leaf_loss(leaf, &logp, &entropy, config, denom, &mut stats)?;
-        value += f64::from(loss.to_scalar::<f32>()?);
-        let grads = loss.backward()?;
-        row_grads.push(match grads.get(rows.as_tensor()) {
-            Some(g) => g.clone(),
-            None => rows.as_tensor().zeros_like()?,
-        });
-    }
-    let g = Tensor::cat(&row_grads, 0)?;
+    let (mut inputs, rows) = pack(&leaves);
+    let (grads, value) = model.adapter_gradients(&mut inputs, adapter, rows, |hidden| {
+        let mut row_grads = Vec::with_capacity(leaves.len());
+        let mut value = 0.0;
+        let mut start = 0;
+        for leaf in &leaves {
+            let n = leaf.response.len();
+            let rows = Var::from_tensor(&hidden.narrow(0, start, n)?)?;
+            start += n;
+            let (logp, entropy) =
+                logp_entropy(model, rows.as_tensor(), &leaf.response, config.temperature)?;
+            let loss = leaf_loss(leaf, &logp, &entropy, config, denom, &mut stats)?;
+            value += f64::from(loss.to_scalar::<f32>()?);
+            let grads = loss.backward()?;
+            row_grads.push(match grads.get(rows.as_tensor()) {
+                Some(g) => g.clone(),
+                None => rows.as_tensor().zeros_like()?,
+            });
+        }
+        Ok((Tensor::cat(&row_grads, 0)?, value))
+    })?;
     Ok(MicroBatchLoss {
-        surrogate: (hidden * g)?.sum_all()?,
+        grads,
         value,
         stats,
     })

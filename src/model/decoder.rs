@@ -92,6 +92,18 @@ struct LoraRows<'a> {
     rows: Option<Tensor>,
 }
 
+fn missing_gradient(what: &str) -> Error {
+    candle_core::Error::Msg(format!("no gradient reached {what}")).into()
+}
+
+/// A batch laid out row-wise for one forward pass.
+struct Packed {
+    ids: Tensor,
+    positions: Tensor,
+    spans: Vec<Span>,
+    rows: usize,
+}
+
 /// Where a sequence's rows sit in the packed batch.
 struct Span {
     start: usize,
@@ -406,6 +418,88 @@ impl Model {
             )));
         }
         let track = seqs.iter().all(|s| s.cache.is_none());
+        let packed = self.pack(seqs)?;
+        let lora = self.lora_groups(adapters, &packed.spans, packed.rows)?;
+        let mut x = self.embed_tokens.index_select(&packed.ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(i, layer, &x, &packed, seqs, &lora, track)?;
+        }
+        for s in seqs.iter_mut() {
+            let n = s.tokens.len();
+            if let Some(cache) = s.cache.as_deref_mut() {
+                cache.advance(n);
+            }
+        }
+        self.final_norm(&x, &packed.spans, logits_for)
+    }
+
+    /// The gradients of a loss of the final hidden states with respect to `adapter`'s
+    /// weights (in [`Adapter::vars`] order), recomputing one layer at a time (gradient
+    /// checkpointing, Chen et al. 2016): the forward pass keeps no graph, only each layer's
+    /// input, and the backward pass rebuilds one layer's graph, backpropagates the incoming
+    /// gradient through it and drops it. Activations of a single layer exist at once, for
+    /// one more forward pass of compute. `loss_grad` gets the final hidden states of the
+    /// rows asked (detached) and returns dL/dhidden and whatever it measured on the way.
+    pub fn adapter_gradients<T>(
+        &self,
+        seqs: &mut [SeqInput<'_>],
+        adapter: &Adapter,
+        rows: LogitsFor,
+        loss_grad: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
+    ) -> Result<(Vec<Option<Tensor>>, T)> {
+        if seqs.iter().any(|s| s.cache.is_some()) {
+            return Err(Error::InvalidConfig(
+                "gradients are taken over sequences without a cache".into(),
+            ));
+        }
+        let packed = self.pack(seqs)?;
+        let lora =
+            self.lora_groups(&vec![Some(adapter); seqs.len()], &packed.spans, packed.rows)?;
+        let mut inputs = vec![self.embed_tokens.index_select(&packed.ids, 0)?];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let x = self.layer_forward(i, layer, &inputs[i], &packed, seqs, &lora, false)?;
+            inputs.push(x);
+        }
+        let last = candle_core::Var::from_tensor(&inputs.pop().expect("the embeddings"))?;
+        let hidden = self.final_norm(last.as_tensor(), &packed.spans, rows)?;
+        let (hidden_grad, measured) = loss_grad(&hidden.detach())?;
+        let mut grad = (hidden * hidden_grad)?
+            .sum_all()?
+            .backward()?
+            .remove(last.as_tensor())
+            .ok_or_else(|| missing_gradient("the last layer"))?;
+        let vars = adapter.vars();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let input = inputs.pop().expect("one input per layer");
+            // The embeddings are frozen: the first layer needs no input gradient.
+            let x = if i == 0 {
+                None
+            } else {
+                Some(candle_core::Var::from_tensor(&input)?)
+            };
+            let x_in = x.as_ref().map_or(&input, |v| v.as_tensor());
+            let y = self.layer_forward(i, layer, x_in, &packed, seqs, &lora, true)?;
+            let mut store = (y * &grad)?.sum_all()?.backward()?;
+            for (acc, var) in grads.iter_mut().zip(&vars) {
+                if let Some(g) = store.remove(var.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g,
+                    });
+                }
+            }
+            if let Some(x) = &x {
+                grad = store
+                    .remove(x.as_tensor())
+                    .ok_or_else(|| missing_gradient(&format!("layer {i}")))?;
+            }
+        }
+        Ok((grads, measured))
+    }
+
+    /// Checks the batch and lays its sequences out row-wise: token ids, positions, spans.
+    fn pack(&self, seqs: &[SeqInput<'_>]) -> Result<Packed> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
@@ -456,21 +550,18 @@ impl Model {
             ids.extend_from_slice(s.tokens);
             positions.extend(offset as u32..end as u32);
         }
-        let lora = self.lora_groups(adapters, &spans, ids.len())?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, &positions, &spans, seqs, &lora, track)?;
-        }
-        for s in seqs.iter_mut() {
-            let n = s.tokens.len();
-            if let Some(cache) = s.cache.as_deref_mut() {
-                cache.advance(n);
-            }
-        }
+        Ok(Packed {
+            rows: ids.len(),
+            ids: Tensor::new(ids.as_slice(), &self.device)?,
+            positions: Tensor::new(positions.as_slice(), &self.device)?,
+            spans,
+        })
+    }
+
+    /// The last norm over the rows `logits_for` selects from the last layer's output.
+    fn final_norm(&self, x: &Tensor, spans: &[Span], logits_for: LogitsFor) -> Result<Tensor> {
         let x = match logits_for {
-            LogitsFor::All => x,
+            LogitsFor::All => x.clone(),
             LogitsFor::Last => {
                 let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
                 x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
@@ -516,13 +607,13 @@ impl Model {
         index: usize,
         layer: &Layer,
         x: &Tensor,
-        positions: &Tensor,
-        spans: &[Span],
+        packed: &Packed,
         seqs: &mut [SeqInput<'_>],
         lora: &[LoraRows<'_>],
         track: bool,
     ) -> Result<Tensor> {
         let c = &self.config;
+        let (positions, spans) = (&packed.positions, packed.spans.as_slice());
         let proj = |lin: &Linear, p: Projection, h: &Tensor| -> candle_core::Result<Tensor> {
             let mut y = lin.forward(h)?;
             for group in lora {
