@@ -11,7 +11,7 @@ use ttrl_serve::adapt::{run_episode, AdaptConfig, EpisodeLimits, Learner, Questi
 use ttrl_serve::generation::{decode_step, run_to_end, Sequence, StopRules};
 use ttrl_serve::model::lora::lora_dtype;
 use ttrl_serve::model::ops::token_logp_entropy;
-use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
+use ttrl_serve::model::{Adapter, ChatMessage, LoadedModel, LogitsFor, LoraConfig, SeqInput};
 use ttrl_serve::reward::AnswerFormat;
 use ttrl_serve::sampling::{Sampler, Sampling};
 
@@ -43,7 +43,7 @@ pub struct BenchArgs {
     /// Leaves per question and rollout length of that episode.
     #[arg(long, default_value_t = 16)]
     episode_samples: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 96)]
     episode_max_tokens: usize,
 }
 
@@ -166,21 +166,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
     drop(grads);
 
     if args.episode_questions > 0 {
-        // One SPINE episode on tree rollouts, end to end: rollouts, votes, update.
+        // One episode at the server's adaptation defaults, end to end (rollouts, votes,
+        // update), on questions the model answers and mostly agrees on: single-digit sums.
         let config = AdaptConfig {
             samples: args.episode_samples,
             max_tokens: args.episode_max_tokens,
             ..Default::default()
         };
-        let questions: Vec<Question> = (0..args.episode_questions)
+        let questions = (0..args.episode_questions)
             .map(|i| {
-                Question::new(
-                    String::new(),
-                    tokens(32, vocab, 500 + i),
+                let text = format!(
+                    "What is {} plus {}? Answer with just the number.",
+                    1 + i % 9,
+                    1 + (i * 4 + 3) % 9
+                );
+                let prompt = tokenizer.apply_chat_template(&[ChatMessage::user(text.clone())])?;
+                Ok(Question::new(
+                    text,
+                    tokenizer.encode(&prompt)?,
                     AnswerFormat::Number,
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<Vec<Question>>>()?;
         let mut learner = Learner::new(adapter, &config, 0)?;
         let report = run_episode(
             &model,
@@ -207,7 +214,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             report
                 .peak_memory_bytes
                 .map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
-            // Random prompts rarely end before the budget, and cut-off leaves do not train.
             report
                 .note
                 .filter(|_| !report.applied)
