@@ -46,6 +46,10 @@ pub struct AdaptConfig {
     pub min_majority_votes: usize,
     /// ...and at least this share of all its leaves, and no tie.
     pub min_majority_share: f32,
+    /// A multiple-choice question among C options trains only when its top option's share
+    /// is at least 1/C + choice_margin (1 - 1/C): this far from chance (0) toward every leaf
+    /// agreeing (1). A letter the model picks at about chance is no pseudo-label.
+    pub choice_margin: f32,
     /// Share of tokens that count as forking (top-rho entropy over the batch).
     pub rho: f32,
     /// SPINE's entropy band, anchored to these quantiles of the base model's forking
@@ -104,6 +108,7 @@ impl Default for AdaptConfig {
             max_tokens: 96,
             min_majority_votes: 3,
             min_majority_share: 0.2,
+            choice_margin: 0.3,
             rho: 0.2,
             band_low_quantile: 0.05,
             band_high_quantile: 0.95,

@@ -22,7 +22,9 @@ use crate::error::Result;
 use crate::interrupt::Interrupt;
 use crate::model::memory::PeakMemory;
 use crate::model::{Adapter, Model, TextTokenizer};
-use crate::reward::{canonical, detect_format, extract_answer, majority_vote, AnswerFormat, Vote};
+use crate::reward::{
+    canonical, detect_format, extract_answer, majority_vote, option_count, AnswerFormat, Vote,
+};
 use crate::rollout::{self, Prompt, RolloutConfig, Rollouts, TreeShape};
 
 /// An adapter with its optimizer state and version (+1 per applied step).
@@ -59,6 +61,8 @@ pub struct Question {
     pub text: String,
     pub prompt: Vec<u32>,
     pub format: AnswerFormat,
+    /// Options listed in a multiple-choice question's text (0 when none are found).
+    pub options: usize,
 }
 
 impl Question {
@@ -69,10 +73,16 @@ impl Question {
         } else {
             format
         };
+        let options = if format == AnswerFormat::Choice {
+            option_count(&text)
+        } else {
+            0
+        };
         Self {
             text,
             prompt,
             format,
+            options,
         }
     }
 }
@@ -168,7 +178,7 @@ struct Scored {
 }
 
 /// Why a vote is not a pseudo-label worth training on, if it is not.
-fn weak_majority(vote: &Vote, config: &AdaptConfig) -> Option<String> {
+fn weak_majority(vote: &Vote, question: &Question, config: &AdaptConfig) -> Option<String> {
     let Some((_, top)) = vote.counts.first() else {
         return Some("no leaf gave an answer".into());
     };
@@ -187,6 +197,17 @@ fn weak_majority(vote: &Vote, config: &AdaptConfig) -> Option<String> {
             "the top answer has {:.2} of the votes (min_majority_share = {})",
             vote.share, config.min_majority_share
         ));
+    }
+    // Among C options a guess gets 1/C of the votes: the top letter must be well above it.
+    if question.options >= 2 {
+        let chance = 1.0 / question.options as f32;
+        let needed = chance + config.choice_margin * (1.0 - chance);
+        if vote.share < needed {
+            return Some(format!(
+                "the top option has {:.2} of the votes; with {} options chance is {chance:.2} and a pseudo-label needs {needed:.2} (choice_margin = {})",
+                vote.share, question.options, config.choice_margin
+            ));
+        }
     }
     None
 }
@@ -216,7 +237,7 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
             })
             .collect();
         let vote = majority_vote(&answers);
-        let mut no_signal = weak_majority(&vote, config);
+        let mut no_signal = weak_majority(&vote, question, config);
         let rewards = if no_signal.is_some() {
             vec![0.0; leaves.len()]
         } else {
@@ -662,6 +683,30 @@ mod tests {
             assert!(s.train.is_empty());
             assert!(s.outcomes[0].leaf_rewards.iter().all(|&r| r == 0.0));
         }
+    }
+
+    #[test]
+    fn a_multiple_choice_majority_near_chance_gives_no_signal() {
+        let config = AdaptConfig::default();
+        let arc = "Which is a mammal?\nA. shark\nB. whale\nC. trout\nD. eel";
+        let mc = Question::new(arc.into(), vec![1], AnswerFormat::Auto);
+        assert_eq!(mc.options, 4);
+        let votes = |a: &[&str]| rollouts(a.iter().map(|a| leaf(0, a, &[1.0], STOP)).collect());
+        // 3 of 8 for B: above min_majority_share, but a guess among 4 gets 2 of 8.
+        let near_chance = votes(&["B", "B", "B", "A", "A", "C", "D", "C"]);
+        let s = score(&near_chance, std::slice::from_ref(&mc), &config);
+        let why = s.outcomes[0].no_signal.clone().unwrap_or_default();
+        assert!(why.contains("chance is 0.25"), "{why}");
+        // 5 of 8: a pseudo-label.
+        let clear = votes(&["B", "B", "B", "A", "B", "C", "B", "C"]);
+        let s = score(&clear, std::slice::from_ref(&mc), &config);
+        assert_eq!(s.outcomes[0].no_signal, None);
+        // The same 3 of 8 on an open question trains.
+        let open = votes(&["7", "7", "7", "1", "1", "2", "3", "2"]);
+        assert_eq!(
+            score(&open, &[question(&[1])], &config).outcomes[0].no_signal,
+            None
+        );
     }
 
     /// Regression: masks were looked up by prompt text, so two questions with the same

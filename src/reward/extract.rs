@@ -19,7 +19,19 @@ pub enum AnswerFormat {
 
 /// The format `auto` resolves to for this question.
 pub fn detect_format(question: &str) -> AnswerFormat {
-    let options = ["A", "B", "C", "D"]
+    if option_count(question) >= 3 {
+        AnswerFormat::Choice
+    } else if question.contains("\\boxed") {
+        AnswerFormat::Boxed
+    } else {
+        AnswerFormat::Number
+    }
+}
+
+/// How many of the option letters A-E the question lists ("(B)", "\nB.", "\nB)", "\nB:",
+/// " B) "): the choices a multiple-choice answer is drawn from.
+pub fn option_count(question: &str) -> usize {
+    ['A', 'B', 'C', 'D', 'E']
         .iter()
         .filter(|l| {
             [
@@ -32,14 +44,7 @@ pub fn detect_format(question: &str) -> AnswerFormat {
             .iter()
             .any(|p| question.contains(p.as_str()))
         })
-        .count();
-    if options >= 3 {
-        AnswerFormat::Choice
-    } else if question.contains("\\boxed") {
-        AnswerFormat::Boxed
-    } else {
-        AnswerFormat::Number
-    }
+        .count()
 }
 
 /// The content of the last `\boxed{...}`, braces balanced.
@@ -236,6 +241,8 @@ mod tests {
     fn auto_format_detects_multiple_choice_and_boxed_instructions() {
         let arc = "Which is a mammal?\nA. shark\nB. whale\nC. trout\nD. eel";
         assert_eq!(detect_format(arc), Choice);
+        assert_eq!(option_count(arc), 4);
+        assert_eq!(option_count(&format!("{arc}\nE. ray")), 5);
         assert_eq!(detect_format("Put the final answer in \\boxed{}."), Boxed);
         assert_eq!(detect_format("What is 7 plus 5?"), Number);
     }

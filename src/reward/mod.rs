@@ -6,6 +6,6 @@ mod extract;
 mod normalize;
 mod vote;
 
-pub use extract::{answer_start, detect_format, extract_answer, AnswerFormat};
+pub use extract::{answer_start, detect_format, extract_answer, option_count, AnswerFormat};
 pub use normalize::{canonical, Rational};
 pub use vote::{majority_vote, Vote};
