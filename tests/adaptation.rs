@@ -110,7 +110,7 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
         json!({"enabled": true, "samples": 8, "rollout": "tree"}),
     );
     let a = &r["adaptation"];
-    assert_eq!(a["method"], "spine");
+    assert_eq!(a["method"], "ttrl", "the default method");
     assert_eq!(a["rollout"], "tree");
     assert_eq!(a["adapter"], Value::Null);
     // samples 8 with N = 3, B = 1: M = 2 roots, 2 * (1 + 3) = 8 leaves.

@@ -18,8 +18,10 @@ use crate::sampling::{Sampler, Sampling};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum RolloutKind {
-    #[default]
+    /// ETMR: entropy-chosen forks share their prefixes.
     Tree,
+    /// Independent samples: the default, whose votes measured more often right.
+    #[default]
     Flat,
 }
 

@@ -53,6 +53,9 @@ try {
   await page.check("#adapt");
   await page.fill("#samples", "4");
   await page.fill("#adapter", "browser");
+  // Not the defaults: the tree view's fork marks need a tree.
+  await page.selectOption("#method", "spine");
+  await page.selectOption("#rollout", "tree");
   // Text answers: every finished leaf votes, so the chart is not empty.
   await page.selectOption("#answer_format", "text");
   await page.fill("#prompt", "What is 3 plus 4? Answer with just the number.");
