@@ -714,6 +714,7 @@ mod tests {
     #[test]
     fn identical_prompts_keep_their_own_forking_masks() {
         let config = AdaptConfig {
+            method: Method::Spine,
             rho: 0.5,
             ..Default::default()
         };
