@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::generation::{run_to_end_bounded, FinishReason, Sequence, StopRules};
+use crate::generation::{decode_step, run_to_end_bounded, FinishReason, Sequence, StopRules};
 use crate::interrupt::Interrupt;
 use crate::model::{Adapter, IncrementalDecoder, Model, TextTokenizer};
 use crate::reward::{answer_start, AnswerFormat};
@@ -189,13 +189,27 @@ pub fn run(
         RolloutKind::Flat => config.samples,
         RolloutKind::Tree => config.tree.m,
     };
+    // Each prompt is prefilled once: its first-layer sequences start from copies of that cache
+    // (a fork before the first generated token draws it afresh), not from prefills of their own.
+    let mut primers: Vec<Sequence> = (0..prompts.len()).map(|q| fresh(q, sampler())).collect();
+    for chunk in primers.chunks_mut(config.max_batch.max(1)) {
+        interrupt.check()?;
+        decode_step(
+            model,
+            tok,
+            &mut chunk.iter_mut().collect::<Vec<_>>(),
+            adapter,
+        )?;
+    }
     let mut owners = Vec::new();
     let mut seqs = Vec::new();
-    for q in 0..prompts.len() {
-        for _ in 0..first_layer {
-            owners.push(q);
-            seqs.push(fresh(q, sampler()));
-        }
+    for (q, primer) in primers.into_iter().enumerate() {
+        let copies = (1..first_layer)
+            .map(|_| primer.fork(0, sampler(), tok))
+            .collect::<Result<Vec<_>>>()?;
+        owners.extend(std::iter::repeat_n(q, first_layer));
+        seqs.push(primer);
+        seqs.extend(copies);
     }
     let decode = |seqs: &mut [Sequence]| {
         run_to_end_bounded(model, tok, seqs, adapter, config.max_batch, interrupt)
@@ -223,7 +237,7 @@ pub fn run(
                 }
             }
             for _ in forks.len() * config.tree.b..config.tree.n * config.tree.b {
-                branches.push(fresh(q, sampler()));
+                branches.push(seq.fork(0, sampler(), tok)?);
                 branch_meta.push((q, None));
             }
         }
