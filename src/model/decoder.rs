@@ -6,7 +6,8 @@
 //! One forward serves both training and generation. Sequences are packed row-wise
 //! (no padding): projections and MLPs run once over all rows, attention runs per sequence.
 //! A sequence with a [`KvCache`] continues from its cached positions (generation, detached);
-//! one without starts at position 0 and keeps the graph (training and scoring).
+//! one without starts at position 0 and keeps the graph (scoring). Training takes its
+//! gradients through [`Model::adapter_gradients`], which recomputes one layer at a time.
 
 use std::collections::HashMap;
 
