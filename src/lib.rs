@@ -3,7 +3,7 @@
 //!
 //! Brief overview: [`model`] owns the differentiable decoder, LoRA adapters, KV caches,
 //! loaders and the tokenizer; [`sampling`] turns logits into tokens with exact entropies;
-//! [`engine`] runs batched decoding over [`engine::Sequence`]s. Data flows one way:
+//! [`engine`] runs batched decoding over [`generation::Sequence`]s. Data flows one way:
 //! server → engine → model.
 
 pub mod adapt;
