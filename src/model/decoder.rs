@@ -14,21 +14,22 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
+use super::frozen::{CompactWeight, FrozenWeight};
 use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
-use super::ops::{frozen_matmul, rms_norm, silu_mul, softmax_rows, Rope};
+use super::ops::{rms_norm, silu_mul, softmax_rows, Rope};
 use crate::error::{Error, Result};
 
 /// A frozen linear layer with an optional bias.
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = frozen_matmul(x, &self.weight)?;
+        let y = self.weight.matmul(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -152,7 +153,7 @@ pub struct Model {
     embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: FrozenWeight,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -161,6 +162,8 @@ pub struct Model {
 /// Takes tensors out of a checkpoint map by HF name, checking each shape against the config.
 pub struct WeightSource {
     tensors: HashMap<String, Tensor>,
+    /// The same numbers in lighter bytes, by name, for the weights decode steps read.
+    compact: HashMap<String, CompactWeight>,
     dtype: DType,
     device: Device,
     /// Draw every tensor instead (N(0, 0.02), norms at 1): for speed and memory checks of
@@ -172,6 +175,7 @@ impl WeightSource {
     pub fn new(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
         Self {
             tensors,
+            compact: HashMap::new(),
             dtype,
             device: device.clone(),
             random: false,
@@ -183,6 +187,12 @@ impl WeightSource {
             random: true,
             ..Self::new(HashMap::new(), dtype, device)
         }
+    }
+
+    /// Adds compact copies of some of the tensors (GGUF blocks, by HF name).
+    pub fn with_compact(mut self, compact: HashMap<String, CompactWeight>) -> Self {
+        self.compact = compact;
+        self
     }
 
     fn has(&self, name: &str) -> bool {
@@ -212,6 +222,19 @@ impl WeightSource {
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
 
+    /// A matrix decode steps multiply by: with its compact copy, given or made from a bf16 or
+    /// f16 checkpoint tensor.
+    fn take_frozen(&mut self, name: &str, shape: &[usize]) -> Result<FrozenWeight> {
+        let compact = match self.compact.remove(name) {
+            Some(c) => Some(c),
+            None => match self.tensors.get(name) {
+                Some(t) if t.dims() == shape => CompactWeight::from_half(t)?,
+                _ => None,
+            },
+        };
+        Ok(FrozenWeight::new(self.take(name, shape)?, compact))
+    }
+
     fn linear(
         &mut self,
         prefix: &str,
@@ -220,7 +243,7 @@ impl WeightSource {
         c: &ModelConfig,
     ) -> Result<Linear> {
         let (fan_in, fan_out) = p.dims(c);
-        let weight = self.take(&format!("{prefix}.weight"), &[fan_out, fan_in])?;
+        let weight = self.take_frozen(&format!("{prefix}.weight"), &[fan_out, fan_in])?;
         let bias = if bias {
             Some(self.take(&format!("{prefix}.bias"), &[fan_out])?)
         } else {
@@ -238,7 +261,14 @@ impl Model {
         let c = &config;
         let dtype = w.dtype;
         let device = w.device.clone();
-        let embed_tokens = w.take("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+        // Some checkpoints tie the head without saying so: no lm_head tensor means tied.
+        let tied = c.tie_word_embeddings || !w.has("lm_head.weight");
+        let vocab_shape = [c.vocab_size, c.hidden_size];
+        let embed_tokens = if tied {
+            w.take_frozen("model.embed_tokens.weight", &vocab_shape)?
+        } else {
+            FrozenWeight::new(w.take("model.embed_tokens.weight", &vocab_shape)?, None)
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let attn = format!("model.layers.{i}.self_attn");
@@ -274,11 +304,10 @@ impl Model {
             });
         }
         let norm = w.take("model.norm.weight", &[c.hidden_size])?;
-        // Some checkpoints tie the head without saying so: no lm_head tensor means tied.
-        let lm_head = if c.tie_word_embeddings || !w.has("lm_head.weight") {
+        let lm_head = if tied {
             embed_tokens.clone()
         } else {
-            w.take("lm_head.weight", &[c.vocab_size, c.hidden_size])?
+            w.take_frozen("lm_head.weight", &vocab_shape)?
         };
         let rope = Rope::new(
             c.head_dim,
@@ -290,7 +319,7 @@ impl Model {
         )?;
         Ok(Self {
             config,
-            embed_tokens,
+            embed_tokens: embed_tokens.tensor,
             layers,
             norm,
             lm_head,
@@ -321,11 +350,11 @@ impl Model {
         let mut out = vec![
             self.embed_tokens.clone(),
             self.norm.clone(),
-            self.lm_head.clone(),
+            self.lm_head.tensor.clone(),
         ];
         for l in &self.layers {
             for lin in l.linears() {
-                out.push(lin.weight.clone());
+                out.push(lin.weight.tensor.clone());
                 out.extend(lin.bias.clone());
             }
             out.extend([
@@ -338,10 +367,10 @@ impl Model {
         out
     }
 
-    /// Bytes of the frozen weights (the tied head counted once).
+    /// Bytes of the frozen weights, with their compact copies (a tied head counted once).
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let lin = |l: &Linear| bytes(&l.weight) + l.bias.as_ref().map_or(0, bytes);
+        let lin = |l: &Linear| l.weight.bytes() + l.bias.as_ref().map_or(0, bytes);
         let layers: usize = self
             .layers
             .iter()
@@ -351,10 +380,10 @@ impl Model {
                     + bytes(&l.post_attention_layernorm)
             })
             .sum();
-        let head = if self.config.tie_word_embeddings {
-            0
+        let head = if self.lm_head.tensor.id() == self.embed_tokens.id() {
+            self.lm_head.bytes() - bytes(&self.embed_tokens)
         } else {
-            bytes(&self.lm_head)
+            self.lm_head.bytes()
         };
         layers + bytes(&self.embed_tokens) + bytes(&self.norm) + head
     }
@@ -402,7 +431,7 @@ impl Model {
     /// The vocabulary projection of final hidden states: (rows, hidden) to (rows, vocab).
     /// Frozen: the gradient flows to the hidden states only.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(frozen_matmul(hidden, &self.lm_head)?)
+        Ok(self.lm_head.matmul(hidden)?)
     }
 
     fn hidden_mixed(

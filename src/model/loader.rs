@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::assets;
 use super::config::{Family, ModelConfig, RopeLayout};
 use super::decoder::{Model, WeightSource};
+use super::frozen::CompactWeight;
 use super::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
 
@@ -396,6 +397,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
 
     let bar = progress(content.tensor_infos.len(), "dequantizing GGUF");
     let mut tensors = HashMap::new();
+    let mut compact = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -403,11 +405,15 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| Error::bad_file(path, format!("tensor {name}: {e}")))?;
+        if let Some(c) = CompactWeight::from_gguf(&q)? {
+            compact.insert(hf.clone(), c);
+        }
         tensors.insert(hf, q.dequantize(&Device::Cpu)?);
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let model = Model::new(config, WeightSource::new(tensors, dtype, device))?;
+    let weights = WeightSource::new(tensors, dtype, device).with_compact(compact);
+    let model = Model::new(config, weights)?;
     Ok(LoadedModel {
         name: model_name(path),
         model,

@@ -5,6 +5,7 @@
 pub mod assets;
 pub mod config;
 pub mod decoder;
+pub mod frozen;
 pub mod kv_cache;
 pub mod loader;
 pub mod lora;

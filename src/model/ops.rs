@@ -2,169 +2,12 @@
 //! `softmax_last_dim`) have no backward and silently cut LoRA gradients, so everything on the
 //! forward path is either written from primitive ops or is one of our own fused ops with its
 //! backward written out (RMSNorm, softmax, RoPE, SiLU-gating and token log-probs with entropies on the
-//! CPU, the frozen matmul, whose backward
-//! is deliberately partial); tests compare each with the primitive chain.
+//! CPU); tests compare each with the primitive chain. The frozen matmul is in `frozen`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::config::RopeLayout;
-
-/// `x @ w^T` for a frozen `w`: the backward returns only the input gradient. Plain matmul
-/// would also compute (and keep) a full-size gradient for every base weight, which nearly
-/// doubles peak memory during adaptation.
-struct FrozenMatmul;
-
-impl FrozenMatmul {
-    fn dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize, Layout)> {
-        let (m, k) = x.shape().dims2()?;
-        let (n, k2) = w.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
-        }
-        Ok((m, n, k, w.transpose(0, 1)?))
-    }
-}
-
-impl CustomOp2 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_l: &Layout,
-        w: &CpuStorage,
-        w_l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n, k, w_t) = Self::dims(x_l, w_l)?;
-        if m <= FEW_ROWS {
-            if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) {
-                if let (Some((x0, x1)), Some((w0, w1))) =
-                    (x_l.contiguous_offsets(), w_l.contiguous_offsets())
-                {
-                    let out = few_rows_matmul(&xs[x0..x1], &ws[w0..w1], m, n, k);
-                    return Ok((CpuStorage::F32(out), Shape::from((m, n))));
-                }
-            }
-        }
-        Ok((x.matmul(w, (1, m, n, k), x_l, &w_t)?, Shape::from((m, n))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        x_l: &Layout,
-        w: &candle_core::CudaStorage,
-        w_l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (m, n, k, w_t) = Self::dims(x_l, w_l)?;
-        Ok((x.matmul(w, (1, m, n, k), x_l, &w_t)?, Shape::from((m, n))))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _out: &Tensor,
-        grad_out: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_out.matmul(w)?), None))
-    }
-}
-
-/// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]; gemm is faster
-/// from about 16 rows on (measured with `ttrl-serve bench`).
-const FEW_ROWS: usize = 8;
-
-/// Output features per parallel task of [`few_rows_matmul`].
-const FEATURES_PER_TASK: usize = 64;
-
-/// `x @ w^T` for a few rows `x` (m, k) and a row-major `w` (n, k). gemm packs the whole
-/// transposed weight on every call, which took half of a decode step; here each weight row is
-/// read once, where it lies, and dotted with the rows of `x`, four at a time (decoding is
-/// bound by reading the weights). Each output is summed in the same order whatever `m` is, so
-/// a sequence gets the same bits alone or in a batch.
-fn few_rows_matmul(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let rows: Vec<&[f32]> = x.chunks(k).collect();
-    let mut by_feature = vec![0f32; n * m];
-    by_feature
-        .par_chunks_mut(m * FEATURES_PER_TASK)
-        .zip(w.par_chunks(k * FEATURES_PER_TASK))
-        .for_each(|(out, w)| {
-            for (out, w_row) in out.chunks_mut(m).zip(w.chunks(k)) {
-                for (out, rows) in out.chunks_mut(4).zip(rows.chunks(4)) {
-                    dots(rows, w_row, out);
-                }
-            }
-        });
-    let mut out = vec![0f32; m * n];
-    for (j, column) in by_feature.chunks(m).enumerate() {
-        for (i, v) in column.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
-    }
-    out
-}
-
-/// `out[i] = rows[i] . w` for up to four rows, with AVX2 and FMA where the CPU has them.
-fn dots(rows: &[&[f32]], w: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features the function is compiled for were just detected.
-        return unsafe { dots_avx2(rows, w, out) };
-    }
-    for (o, row) in out.iter_mut().zip(rows) {
-        *o = row.iter().zip(w).map(|(x, y)| x * y).sum();
-    }
-}
-
-/// Each 16 floats of `w` are loaded once and multiplied into two 8-lane accumulators per
-/// row; the horizontal sums and the tail come last.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(rows: &[&[f32]], w: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let len = w.len();
-    let body = len / 16 * 16;
-    let count = rows.len().min(4);
-    assert!(rows[..count].iter().all(|r| r.len() == len) && out.len() >= count);
-    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-    let mut i = 0;
-    while i < body {
-        // SAFETY: i + 16 <= body <= len, and every row has `len` floats (asserted).
-        unsafe {
-            let w0 = _mm256_loadu_ps(w.as_ptr().add(i));
-            let w1 = _mm256_loadu_ps(w.as_ptr().add(i + 8));
-            for (acc, row) in acc.iter_mut().zip(&rows[..count]) {
-                let p = row.as_ptr().add(i);
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), w1, acc[1]);
-            }
-        }
-        i += 16;
-    }
-    for ((o, acc), row) in out.iter_mut().zip(&acc).zip(&rows[..count]) {
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
-        let tail: f32 = row[body..].iter().zip(&w[body..]).map(|(x, y)| x * y).sum();
-        *o = lanes.iter().sum::<f32>() + tail;
-    }
-}
-
-/// `x @ w^T` over the last dimension of `x` (any leading shape), `w` frozen.
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let mut out_dims = x.dims().to_vec();
-    let k = out_dims.pop().unwrap_or(0);
-    let rows = out_dims.iter().product::<usize>();
-    out_dims.push(w.dim(0)?);
-    let x2 = x.reshape((rows, k))?.contiguous()?;
-    x2.apply_op2(w, FrozenMatmul)?.reshape(out_dims)
-}
 
 /// RMSNorm as HF computes it: statistics in f32, scaled by the (frozen) weight. f32 rows on
 /// the CPU take one fused pass each way (a chain of seven generic ops and their backward
@@ -760,28 +603,6 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    #[test]
-    fn frozen_matmul_matches_matmul_and_gives_no_weight_gradient() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1., (2, 3, 4), &dev)?;
-        let w = Tensor::randn(0f32, 1., (5, 4), &dev)?;
-        let y = frozen_matmul(x.as_tensor(), &w)?;
-        let reference = x.as_tensor().broadcast_matmul(&w.t()?)?;
-        let diff = (y.clone() - reference)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "{diff}");
-        let grads = y.sum_all()?.backward()?;
-        let gx = grads.get(x.as_tensor()).expect("input gradient");
-        // d(sum(x W^T))/dx = row sums of W^T broadcast over rows.
-        let expected = w.sum(0)?.broadcast_as((2, 3, 4))?;
-        let gdiff = (gx - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(gdiff < 1e-5, "{gdiff}");
-        assert!(grads.get(&w).is_none());
-        Ok(())
-    }
-
     /// Values and input gradients of `fused` and `composed` on the same input, against a
     /// random upstream gradient (so every row's gradient differs).
     fn compare_with_gradients(
@@ -902,23 +723,6 @@ mod tests {
             |z| joined(token_logp_entropy_composed(z, &ids, 0.7)?),
         )?;
         assert!(dy < 1e-4 && dg < 1e-4, "values {dy}, gradients {dg}");
-        Ok(())
-    }
-
-    #[test]
-    fn few_rows_matmul_matches_gemm_and_gives_a_row_the_same_bits_in_any_batch(
-    ) -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        // k = 100: six 16-float blocks and a tail; n = 130: a partial last task.
-        let w = Tensor::randn(0f32, 1., (130, 100), &dev)?;
-        let x = Tensor::randn(0f32, 1., (FEW_ROWS, 100), &dev)?;
-        let reference = x.matmul(&w.t()?)?;
-        let few = frozen_matmul(&x, &w)?;
-        let diff = (&few - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-4, "{diff}");
-        let alone = frozen_matmul(&x.narrow(0, 3, 1)?, &w)?;
-        let in_batch = few.narrow(0, 3, 1)?;
-        assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
         Ok(())
     }
 

@@ -1,0 +1,607 @@
+//! Frozen base weights and their matmul.
+//!
+//! Training multiplies by an f32 copy of every weight. A decode step multiplies a handful of
+//! rows by every weight once, so it is bound by reading them: on the CPU a weight also keeps
+//! the bytes its checkpoint stored it in (bf16, f16, or GGUF's Q8_0 and Q4_1 blocks) when those
+//! are smaller, and decode steps read those instead. They hold exactly the numbers of the f32
+//! copy (unpacked as candle dequantizes them, bit for bit), and the kernel sums in the f32
+//! path's order, so both paths give the same bits: the lighter weights change speed only.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Numbers per block of the compact formats: GGUF's block size, and a multiple of the
+/// kernel's sixteen.
+const BLOCK: usize = 32;
+
+/// How a [`CompactWeight`] stores its numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Bf16,
+    F16,
+    /// `d * q` with an i8 `q` per number and an f16 `d` per block.
+    Q8_0,
+    /// `d * q + m` with a 4-bit `q` per number (low nibbles first) and f16 `d`, `m` per block.
+    Q4_1,
+}
+
+/// A frozen weight (out, in) in its checkpoint's bytes: `codes` per number, and for the
+/// block formats each block's scale (and offset), widened to f32 once at load.
+#[derive(Debug)]
+pub struct CompactWeight {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    offsets: Vec<f32>,
+}
+
+impl CompactWeight {
+    /// The blocks of a GGUF matrix whose format decode steps can read; `None` for others.
+    pub fn from_gguf(q: &QTensor) -> candle_core::Result<Option<Self>> {
+        let Ok((rows, cols)) = q.shape().dims2() else {
+            return Ok(None);
+        };
+        if !cols.is_multiple_of(BLOCK) {
+            return Ok(None);
+        }
+        let data = q.data()?;
+        let weight = |format, codes, scales, offsets| CompactWeight {
+            format,
+            rows,
+            cols,
+            codes,
+            scales,
+            offsets,
+        };
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        Ok(Some(match q.dtype() {
+            GgmlDType::BF16 => weight(Format::Bf16, data.into_owned(), vec![], vec![]),
+            GgmlDType::F16 => weight(Format::F16, data.into_owned(), vec![], vec![]),
+            GgmlDType::Q8_0 => {
+                let blocks = data.chunks_exact(2 + BLOCK);
+                let scales = blocks.clone().map(half).collect();
+                let codes = blocks.flat_map(|b| b[2..].to_vec()).collect();
+                weight(Format::Q8_0, codes, scales, vec![])
+            }
+            GgmlDType::Q4_1 => {
+                let blocks = data.chunks_exact(4 + BLOCK / 2);
+                let scales = blocks.clone().map(half).collect();
+                let offsets = blocks.clone().map(|b| half(&b[2..])).collect();
+                let codes = blocks.flat_map(|b| b[4..].to_vec()).collect();
+                weight(Format::Q4_1, codes, scales, offsets)
+            }
+            _ => return Ok(None),
+        }))
+    }
+
+    /// A bf16 or f16 matrix's bits; `None` for other dtypes (f32 has nothing lighter that holds
+    /// the same numbers).
+    pub fn from_half(t: &Tensor) -> candle_core::Result<Option<Self>> {
+        let Ok((rows, cols)) = t.dims2() else {
+            return Ok(None);
+        };
+        let t = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
+        let (format, bits): (_, Vec<u16>) = match t.dtype() {
+            DType::BF16 => (
+                Format::Bf16,
+                t.to_vec1::<bf16>()?.iter().map(|v| v.to_bits()).collect(),
+            ),
+            DType::F16 => (
+                Format::F16,
+                t.to_vec1::<f16>()?.iter().map(|v| v.to_bits()).collect(),
+            ),
+            _ => return Ok(None),
+        };
+        if !cols.is_multiple_of(BLOCK) {
+            return Ok(None);
+        }
+        Ok(Some(CompactWeight {
+            format,
+            rows,
+            cols,
+            codes: bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+            scales: vec![],
+            offsets: vec![],
+        }))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scales.len() + self.offsets.len())
+    }
+
+    /// Row `j`, as the kernels read it.
+    fn row(&self, j: usize) -> WeightRow<'_> {
+        let blocks = self.cols / BLOCK;
+        let code_bytes = self.codes.len() / self.rows;
+        let codes = &self.codes[j * code_bytes..(j + 1) * code_bytes];
+        let scales = || &self.scales[j * blocks..(j + 1) * blocks];
+        match self.format {
+            Format::Bf16 => WeightRow::Bf16(codes),
+            Format::F16 => WeightRow::F16(codes),
+            Format::Q8_0 => WeightRow::Q8_0 {
+                codes,
+                scales: scales(),
+            },
+            Format::Q4_1 => WeightRow::Q4_1 {
+                codes,
+                scales: scales(),
+                offsets: &self.offsets[j * blocks..(j + 1) * blocks],
+            },
+        }
+    }
+}
+
+/// A frozen weight (out, in): the tensor every path can use, and on the CPU the same numbers
+/// in lighter bytes for decode steps when the checkpoint had them.
+#[derive(Debug, Clone)]
+pub struct FrozenWeight {
+    pub tensor: Tensor,
+    compact: Option<Arc<CompactWeight>>,
+}
+
+impl FrozenWeight {
+    /// `compact` must hold `tensor`'s numbers; it is dropped unless `tensor` is an f32 CPU
+    /// tensor (the only one the decode kernels serve).
+    pub fn new(tensor: Tensor, compact: Option<CompactWeight>) -> Self {
+        let served = tensor.dtype() == DType::F32 && tensor.device().is_cpu();
+        let compact = compact.filter(|c| served && tensor.dims() == [c.rows, c.cols]);
+        Self {
+            tensor,
+            compact: compact.map(Arc::new),
+        }
+    }
+
+    /// Bytes of the frozen weight: the tensor and its compact copy.
+    pub fn bytes(&self) -> usize {
+        self.tensor.elem_count() * self.tensor.dtype().size_in_bytes()
+            + self.compact.as_ref().map_or(0, |c| c.bytes())
+    }
+
+    /// `x @ w^T` over the last dimension of `x` (any leading shape).
+    pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut out_dims = x.dims().to_vec();
+        let k = out_dims.pop().unwrap_or(0);
+        let rows = out_dims.iter().product::<usize>();
+        out_dims.push(self.tensor.dim(0)?);
+        let x2 = x.reshape((rows, k))?.contiguous()?;
+        let op = FrozenMatmul {
+            compact: self.compact.clone(),
+        };
+        x2.apply_op2(&self.tensor, op)?.reshape(out_dims)
+    }
+}
+
+/// `x @ w^T` for a frozen `w`: the backward returns only the input gradient. Plain matmul
+/// would also compute (and keep) a full-size gradient for every base weight, which nearly
+/// doubles peak memory during adaptation.
+struct FrozenMatmul {
+    compact: Option<Arc<CompactWeight>>,
+}
+
+impl FrozenMatmul {
+    fn dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize, Layout)> {
+        let (m, k) = x.shape().dims2()?;
+        let (n, k2) = w.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
+        }
+        Ok((m, n, k, w.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k, w_t) = Self::dims(x_l, w_l)?;
+        if m <= FEW_ROWS {
+            if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) {
+                if let (Some((x0, x1)), Some((w0, w1))) =
+                    (x_l.contiguous_offsets(), w_l.contiguous_offsets())
+                {
+                    let x = &xs[x0..x1];
+                    let out = match &self.compact {
+                        Some(c) => few_rows_matmul(x, m, n, k, |j| c.row(j)),
+                        None => {
+                            let ws = &ws[w0..w1];
+                            few_rows_matmul(x, m, n, k, |j| WeightRow::F32(&ws[j * k..][..k]))
+                        }
+                    };
+                    return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+                }
+            }
+        }
+        Ok((x.matmul(w, (1, m, n, k), x_l, &w_t)?, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (m, n, k, w_t) = Self::dims(x_l, w_l)?;
+        Ok((x.matmul(w, (1, m, n, k), x_l, &w_t)?, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_out.matmul(w)?), None))
+    }
+}
+
+/// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]; gemm is faster
+/// from about 16 rows on (measured with `ttrl-serve bench`).
+const FEW_ROWS: usize = 8;
+
+/// Output features per parallel task of [`few_rows_matmul`].
+const FEATURES_PER_TASK: usize = 64;
+
+/// One weight row in one of the formats the decode kernels read.
+#[derive(Clone, Copy)]
+enum WeightRow<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u8]),
+    F16(&'a [u8]),
+    Q8_0 {
+        codes: &'a [u8],
+        scales: &'a [f32],
+    },
+    Q4_1 {
+        codes: &'a [u8],
+        scales: &'a [f32],
+        offsets: &'a [f32],
+    },
+}
+
+impl WeightRow<'_> {
+    /// Number `i`, as candle's dequantization computes it.
+    fn get(&self, i: usize) -> f32 {
+        let half_bits = |b: &[u8]| u16::from_le_bytes([b[2 * i], b[2 * i + 1]]);
+        match *self {
+            WeightRow::F32(w) => w[i],
+            WeightRow::Bf16(b) => bf16::from_bits(half_bits(b)).to_f32(),
+            WeightRow::F16(b) => f16::from_bits(half_bits(b)).to_f32(),
+            WeightRow::Q8_0 { codes, scales } => codes[i] as i8 as f32 * scales[i / BLOCK],
+            WeightRow::Q4_1 {
+                codes,
+                scales,
+                offsets,
+            } => {
+                let (block, at) = (i / BLOCK, i % BLOCK);
+                let byte = codes[block * BLOCK / 2 + at % (BLOCK / 2)];
+                let q = if at < BLOCK / 2 {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                };
+                q as f32 * scales[block] + offsets[block]
+            }
+        }
+    }
+}
+
+/// `x @ w^T` for a few rows `x` (m, k) and `n` weight rows. gemm packs the whole transposed
+/// weight on every call, which took half of a decode step; here each weight row is read once,
+/// where it lies, and dotted with the rows of `x`, four at a time (decoding is bound by reading
+/// the weights). Each output is summed in the same order whatever `m` and the weight's format
+/// are, so a sequence gets the same bits alone or in a batch.
+fn few_rows_matmul<'w>(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    weight_row: impl Fn(usize) -> WeightRow<'w> + Sync,
+) -> Vec<f32> {
+    let rows: Vec<&[f32]> = x.chunks(k).collect();
+    let mut by_feature = vec![0f32; n * m];
+    by_feature
+        .par_chunks_mut(m * FEATURES_PER_TASK)
+        .enumerate()
+        .for_each(|(task, out)| {
+            for (j, out) in out.chunks_mut(m).enumerate() {
+                let w_row = weight_row(task * FEATURES_PER_TASK + j);
+                for (out, rows) in out.chunks_mut(4).zip(rows.chunks(4)) {
+                    dots(rows, w_row, k, out);
+                }
+            }
+        });
+    let mut out = vec![0f32; m * n];
+    for (j, column) in by_feature.chunks(m).enumerate() {
+        for (i, v) in column.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
+    out
+}
+
+/// `out[i] = rows[i] . w` for up to four rows of length `k`, with AVX2, FMA and F16C where
+/// the CPU has them.
+fn dots(rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: the features the kernels are compiled for were just detected.
+        return unsafe { avx2::dots(rows, w, k, out) };
+    }
+    for (o, row) in out.iter_mut().zip(rows) {
+        *o = row.iter().enumerate().map(|(i, x)| x * w.get(i)).sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{WeightRow, BLOCK};
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// A weight row read sixteen numbers at a time, as two 8-lane vectors.
+    trait Lanes16 {
+        /// Numbers `i..i + 16`; `i` is a multiple of 16 below the row's length rounded down.
+        unsafe fn load(&self, i: usize) -> (__m256, __m256);
+    }
+
+    struct F32Row<'a>(&'a [f32]);
+    struct Bf16Row<'a>(&'a [u8]);
+    struct F16Row<'a>(&'a [u8]);
+    struct Q8_0Row<'a>(&'a [u8], &'a [f32]);
+    struct Q4_1Row<'a>(&'a [u8], &'a [f32], &'a [f32]);
+
+    // SAFETY (every `load`): the caller keeps `i + 16` within the row (see `Lanes16`), and
+    // the callers are compiled with AVX2, FMA and F16C enabled and inline these.
+    impl Lanes16 for F32Row<'_> {
+        #[inline(always)]
+        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+            let p = self.0.as_ptr().add(i);
+            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+    }
+
+    impl Lanes16 for Bf16Row<'_> {
+        #[inline(always)]
+        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+            let p = self.0.as_ptr().add(2 * i) as *const __m128i;
+            let widen =
+                |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+            (widen(_mm_loadu_si128(p)), widen(_mm_loadu_si128(p.add(1))))
+        }
+    }
+
+    impl Lanes16 for F16Row<'_> {
+        #[inline(always)]
+        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+            let p = self.0.as_ptr().add(2 * i) as *const __m128i;
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+            )
+        }
+    }
+
+    impl Lanes16 for Q8_0Row<'_> {
+        #[inline(always)]
+        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+            let q = _mm_loadu_si128(self.0.as_ptr().add(i) as *const __m128i);
+            let d = _mm256_set1_ps(*self.1.get_unchecked(i / BLOCK));
+            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+            (_mm256_mul_ps(lo, d), _mm256_mul_ps(hi, d))
+        }
+    }
+
+    impl Lanes16 for Q4_1Row<'_> {
+        #[inline(always)]
+        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+            let block = i / BLOCK;
+            let bytes = _mm_loadu_si128(self.0.as_ptr().add(block * BLOCK / 2) as *const __m128i);
+            // Numbers 0-15 of a block are the low nibbles, 16-31 the high ones.
+            let shifted = if i.is_multiple_of(BLOCK) {
+                bytes
+            } else {
+                _mm_srli_epi16(bytes, 4)
+            };
+            let q = _mm_and_si128(shifted, _mm_set1_epi8(0x0F));
+            let d = _mm256_set1_ps(*self.1.get_unchecked(block));
+            let m = _mm256_set1_ps(*self.2.get_unchecked(block));
+            let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+            let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+            // q * d is exact in f32 (4 + 11 significant bits), so the fused add rounds once,
+            // as candle's `q * d + m` does.
+            (_mm256_fmadd_ps(lo, d, m), _mm256_fmadd_ps(hi, d, m))
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C ([`available`]); every row has `k` floats and `w` holds
+    /// `k` numbers.
+    pub unsafe fn dots(rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match w {
+                WeightRow::F32(w) => kernel(rows, &F32Row(w), k, out, |i| w[i]),
+                WeightRow::Bf16(b) => kernel(rows, &Bf16Row(b), k, out, |i| w.get(i)),
+                WeightRow::F16(b) => kernel(rows, &F16Row(b), k, out, |i| w.get(i)),
+                WeightRow::Q8_0 { codes, scales } => {
+                    kernel(rows, &Q8_0Row(codes, scales), k, out, |i| w.get(i))
+                }
+                WeightRow::Q4_1 {
+                    codes,
+                    scales,
+                    offsets,
+                } => kernel(rows, &Q4_1Row(codes, scales, offsets), k, out, |i| w.get(i)),
+            }
+        }
+    }
+
+    /// Each 16 numbers of `w` are loaded once and multiplied into two 8-lane accumulators per
+    /// row; the horizontal sums and the tail (`tail(i)` is number `i`) come last.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn kernel<W: Lanes16>(
+        rows: &[&[f32]],
+        w: &W,
+        k: usize,
+        out: &mut [f32],
+        tail: impl Fn(usize) -> f32,
+    ) {
+        let body = k / 16 * 16;
+        let count = rows.len().min(4);
+        assert!(rows[..count].iter().all(|r| r.len() == k) && out.len() >= count);
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 <= body <= k, and every row has `k` floats (asserted).
+            unsafe {
+                let (w0, w1) = w.load(i);
+                for (acc, row) in acc.iter_mut().zip(&rows[..count]) {
+                    let p = row.as_ptr().add(i);
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), w1, acc[1]);
+                }
+            }
+            i += 16;
+        }
+        for ((o, acc), row) in out.iter_mut().zip(&acc).zip(&rows[..count]) {
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
+            let rest: f32 = (body..k).map(|i| row[i] * tail(i)).sum();
+            *o = lanes.iter().sum::<f32>() + rest;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_gives_no_weight_gradient() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 3, 4), &dev)?;
+        let w = Tensor::randn(0f32, 1., (5, 4), &dev)?;
+        let y = FrozenWeight::new(w.clone(), None).matmul(x.as_tensor())?;
+        let reference = x.as_tensor().broadcast_matmul(&w.t()?)?;
+        let diff = (y.clone() - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        let grads = y.sum_all()?.backward()?;
+        let gx = grads.get(x.as_tensor()).expect("input gradient");
+        // d(sum(x W^T))/dx = row sums of W^T broadcast over rows.
+        let expected = w.sum(0)?.broadcast_as((2, 3, 4))?;
+        let gdiff = (gx - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(gdiff < 1e-5, "{gdiff}");
+        assert!(grads.get(&w).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn few_rows_matmul_matches_gemm_and_gives_a_row_the_same_bits_in_any_batch(
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // k = 100: six 16-float blocks and a tail; n = 130: a partial last task.
+        let w = Tensor::randn(0f32, 1., (130, 100), &dev)?;
+        let x = Tensor::randn(0f32, 1., (FEW_ROWS, 100), &dev)?;
+        let reference = x.matmul(&w.t()?)?;
+        let plain = FrozenWeight::new(w, None);
+        let few = plain.matmul(&x)?;
+        let diff = (&few - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "{diff}");
+        let alone = plain.matmul(&x.narrow(0, 3, 1)?)?;
+        let in_batch = few.narrow(0, 3, 1)?;
+        assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    /// The weight `make` builds, in f32 as the model holds it and compact; decode steps
+    /// (`FEW_ROWS` rows and fewer) must give the f32 path's bits.
+    fn compact_matches_f32_bit_for_bit(
+        make: impl Fn(&Tensor) -> candle_core::Result<(Tensor, CompactWeight)>,
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        // n = 130: a partial last task; k = 96: three blocks.
+        let source = Tensor::randn(0f32, 0.05, (130, 96), &dev)?;
+        let (f32_weight, compact) = make(&source)?;
+        let plain = FrozenWeight::new(f32_weight.clone(), None);
+        let light = FrozenWeight::new(f32_weight, Some(compact));
+        assert!(light.compact.is_some());
+        for m in [1, 3, FEW_ROWS] {
+            let x = Tensor::randn(0f32, 1., (m, 96), &dev)?;
+            let a = plain.matmul(&x)?.to_vec2::<f32>()?;
+            let b = light.matmul(&x)?.to_vec2::<f32>()?;
+            assert_eq!(a, b, "{m} rows");
+        }
+        Ok(())
+    }
+
+    fn gguf(t: &Tensor, dtype: GgmlDType) -> candle_core::Result<(Tensor, CompactWeight)> {
+        let q = QTensor::quantize(t, dtype)?;
+        let compact = CompactWeight::from_gguf(&q)?.expect("a format decode steps read");
+        Ok((q.dequantize(&Device::Cpu)?, compact))
+    }
+
+    #[test]
+    fn q4_1_blocks_give_the_bits_of_their_dequantized_f32() -> candle_core::Result<()> {
+        compact_matches_f32_bit_for_bit(|t| gguf(t, GgmlDType::Q4_1))
+    }
+
+    #[test]
+    fn q8_0_blocks_give_the_bits_of_their_dequantized_f32() -> candle_core::Result<()> {
+        compact_matches_f32_bit_for_bit(|t| gguf(t, GgmlDType::Q8_0))
+    }
+
+    #[test]
+    fn gguf_f16_gives_the_bits_of_its_f32() -> candle_core::Result<()> {
+        compact_matches_f32_bit_for_bit(|t| gguf(t, GgmlDType::F16))
+    }
+
+    #[test]
+    fn half_checkpoints_give_the_bits_of_their_f32() -> candle_core::Result<()> {
+        for dtype in [DType::BF16, DType::F16] {
+            compact_matches_f32_bit_for_bit(|t| {
+                let half = t.to_dtype(dtype)?;
+                let compact = CompactWeight::from_half(&half)?.expect("a half dtype");
+                Ok((half.to_dtype(DType::F32)?, compact))
+            })?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_compact_copy_is_kept_only_for_f32_cpu_weights() -> candle_core::Result<()> {
+        let t = Tensor::randn(0f32, 1., (4, 32), &Device::Cpu)?;
+        let (f32_weight, compact) = gguf(&t, GgmlDType::Q8_0)?;
+        let as_f64 = FrozenWeight::new(f32_weight.to_dtype(DType::F64)?, Some(compact));
+        assert!(as_f64.compact.is_none());
+        Ok(())
+    }
+}
