@@ -37,6 +37,8 @@ pub struct CompactWeight {
     format: Format,
     rows: usize,
     cols: usize,
+    /// Bytes of `codes` per row.
+    row_bytes: usize,
     codes: Vec<u8>,
     scales: Vec<f32>,
     offsets: Vec<f32>,
@@ -52,13 +54,8 @@ impl CompactWeight {
             return Ok(None);
         }
         let data = q.data()?;
-        let weight = |format, codes, scales, offsets| CompactWeight {
-            format,
-            rows,
-            cols,
-            codes,
-            scales,
-            offsets,
+        let weight = |format, codes, scales, offsets| {
+            CompactWeight::new(format, (rows, cols), codes, scales, offsets)
         };
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
         Ok(Some(match q.dtype() {
@@ -102,14 +99,32 @@ impl CompactWeight {
         if !cols.is_multiple_of(BLOCK) {
             return Ok(None);
         }
-        Ok(Some(CompactWeight {
+        let codes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        Ok(Some(CompactWeight::new(
+            format,
+            (rows, cols),
+            codes,
+            vec![],
+            vec![],
+        )))
+    }
+
+    fn new(
+        format: Format,
+        (rows, cols): (usize, usize),
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        offsets: Vec<f32>,
+    ) -> Self {
+        Self {
             format,
             rows,
             cols,
-            codes: bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
-            scales: vec![],
-            offsets: vec![],
-        }))
+            row_bytes: codes.len() / rows.max(1),
+            codes,
+            scales,
+            offsets,
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -119,8 +134,7 @@ impl CompactWeight {
     /// Row `j`, as the kernels read it.
     fn row(&self, j: usize) -> WeightRow<'_> {
         let blocks = self.cols / BLOCK;
-        let code_bytes = self.codes.len() / self.rows;
-        let codes = &self.codes[j * code_bytes..(j + 1) * code_bytes];
+        let codes = &self.codes[j * self.row_bytes..(j + 1) * self.row_bytes];
         let scales = || &self.scales[j * blocks..(j + 1) * blocks];
         match self.format {
             Format::Bf16 => WeightRow::Bf16(codes),
@@ -316,6 +330,10 @@ fn few_rows_matmul<'w>(
     weight_row: impl Fn(usize) -> WeightRow<'w> + Sync,
 ) -> Vec<f32> {
     let rows: Vec<&[f32]> = x.chunks(k).collect();
+    #[cfg(target_arch = "x86_64")]
+    let simd = avx2::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
     let mut by_feature = vec![0f32; n * m];
     by_feature
         .par_chunks_mut(m * FEATURES_PER_TASK)
@@ -324,7 +342,7 @@ fn few_rows_matmul<'w>(
             for (j, out) in out.chunks_mut(m).enumerate() {
                 let w_row = weight_row(task * FEATURES_PER_TASK + j);
                 for (out, rows) in out.chunks_mut(4).zip(rows.chunks(4)) {
-                    dots(rows, w_row, k, out);
+                    dots(simd, rows, w_row, k, out);
                 }
             }
         });
@@ -337,12 +355,13 @@ fn few_rows_matmul<'w>(
     out
 }
 
-/// `out[i] = rows[i] . w` for up to four rows of length `k`, with AVX2, FMA and F16C where
-/// the CPU has them.
-fn dots(rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
+/// `out[i] = rows[i] . w` for up to four rows of length `k`, with AVX2, FMA and F16C when
+/// `simd` says the CPU has them (detected once per matmul: rows are short, and decode steps
+/// take hundreds of thousands of them per token).
+fn dots(simd: bool, rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        // SAFETY: the features the kernels are compiled for were just detected.
+    if simd {
+        // SAFETY: `simd` comes from `avx2::available`.
         return unsafe { avx2::dots(rows, w, k, out) };
     }
     for (o, row) in out.iter_mut().zip(rows) {
