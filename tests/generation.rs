@@ -1,6 +1,7 @@
 use candle_core::DType;
+use ttrl_serve::adapt::objective::{reference, TrainLeaf};
 use ttrl_serve::generation::{decode_step, decode_step_mixed, run_to_end, Sequence, StopRules};
-use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, SeqInput};
+use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
 use ttrl_serve::sampling::{log_softmax_entropy, Sampler, Sampling};
 
 use crate::common::{load_tiny, randomized_adapter};
@@ -113,6 +114,51 @@ fn reported_entropy_and_logprob_equal_a_direct_computation_from_the_logits() {
         let direct: f64 = -logp.iter().map(|lp| lp.exp() * lp).sum::<f64>();
         assert!((direct - h).abs() < 1e-9);
     }
+}
+
+/// Adaptation skips its reference pass for a fresh adapter and uses what the rollouts
+/// recorded instead: that is sound only if they are the reference pass's numbers.
+#[test]
+fn a_fresh_adapters_sampled_logprobs_and_entropies_are_the_base_models_reference() {
+    let m = load_tiny("llama", DType::F32);
+    let t = 0.8;
+    let fresh = Adapter::new(
+        "fresh",
+        LoraConfig::default(),
+        m.model.config(),
+        DType::F32,
+        m.model.device(),
+        3,
+    )
+    .unwrap();
+    assert!(fresh.is_identity().unwrap());
+    let prompt = prompts()[0].clone();
+    let sampler = Sampler::new(Sampling::new(t, None, 0.95), 11);
+    let mut seq = Sequence::new(&m.model, prompt.clone(), sampler, rules(12), 0);
+    let seqs = std::slice::from_mut(&mut seq);
+    run_to_end(&m.model, &m.tokenizer, seqs, Some(&fresh)).unwrap();
+    let leaf = TrainLeaf {
+        prompt,
+        response: seq.generated().iter().map(|g| g.id).collect(),
+        old_logprobs: Vec::new(),
+        ref_logprobs: Vec::new(),
+        mask: vec![true; seq.generated().len()],
+        advantage: 0.0,
+    };
+    let (logp, entropy) = reference(&m.model, &[&leaf], 1, t).unwrap().remove(0);
+    for (k, g) in seq.generated().iter().enumerate() {
+        assert!(
+            (g.logprob - logp[k]).abs() < 1e-4,
+            "token {k}: {} vs {}",
+            g.logprob,
+            logp[k]
+        );
+        assert!((g.entropy - entropy[k]).abs() < 1e-4, "token {k}");
+    }
+    // A trained adapter is not the base model, and is not taken for one.
+    assert!(!randomized_adapter(&m.model, DType::F32)
+        .is_identity()
+        .unwrap());
 }
 
 #[test]

@@ -172,6 +172,8 @@ impl Default for EpisodeLimits {
 struct Scored {
     /// Leaves to train on, grouped by question (`groups` are ranges into it).
     train: Vec<TrainLeaf>,
+    /// The rollout entropies of `train`'s leaves, at the rollout temperature.
+    entropies: Vec<Vec<f32>>,
     groups: Vec<Range<usize>>,
     outcomes: Vec<QuestionOutcome>,
     forking_fraction: f32,
@@ -305,6 +307,7 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
     }
     Scored {
         train,
+        entropies: entropies.iter().map(|h| h.to_vec()).collect(),
         groups,
         outcomes,
         forking_fraction,
@@ -496,8 +499,17 @@ fn run_rounds(
             continue;
         }
         // The base model's log-probs (the KL anchor) and entropies (the band's anchor), once.
-        let leaves: Vec<&TrainLeaf> = scored.train.iter().collect();
-        let base = reference(model, &leaves, config.micro_batch, config.temperature)?;
+        // A fresh adapter (every ephemeral one, a new named one) is the base model, so the
+        // rollouts already recorded them: the extra forward pass is needed only after a step.
+        let base = if learner.adapter.is_identity()? {
+            let recorded = scored.train.iter().zip(&scored.entropies);
+            recorded
+                .map(|(leaf, h)| (leaf.old_logprobs.clone(), h.clone()))
+                .collect()
+        } else {
+            let leaves: Vec<&TrainLeaf> = scored.train.iter().collect();
+            reference(model, &leaves, config.micro_batch, config.temperature)?
+        };
         let mut base_forking = Vec::new();
         for (leaf, (logp, entropy)) in scored.train.iter_mut().zip(base) {
             base_forking.extend(

@@ -288,6 +288,18 @@ impl Adapter {
         Ok(Some(delta.to_dtype(x.dtype())?))
     }
 
+    /// Whether every B is zero, as [`Adapter::new`] makes them: the adapter then leaves the
+    /// model exactly the base model (its branch adds zeros).
+    pub fn is_identity(&self) -> Result<bool> {
+        for pair in self.layers.iter().flat_map(|l| l.values()) {
+            let sum = pair.b.as_tensor().abs()?.sum_all()?.to_dtype(DType::F64)?;
+            if sum.to_scalar::<f64>()? != 0.0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Bytes of its weights: what one saved version adds on disk, about.
     pub fn bytes(&self) -> u64 {
         self.vars()
