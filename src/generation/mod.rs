@@ -4,6 +4,7 @@
 //! pass. Forking starts a branch from a copy of the parent's KV prefix.
 
 use candle_core::DType;
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::interrupt::Interrupt;
@@ -219,8 +220,14 @@ pub fn decode_step_mixed(
     };
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let max_context = model.config().max_position_embeddings;
-    for (seq, row) in live.iter_mut().zip(rows) {
-        let token = seq.sampler.sample(&row, seq.top_logprobs);
+    // Each sequence draws from its own RNG, so sampling the rows in parallel changes nothing
+    // but the time (a full-vocabulary softmax per row).
+    let tokens: Vec<SampledToken> = live
+        .par_iter_mut()
+        .zip(rows)
+        .map(|(seq, row)| seq.sampler.sample(&row, seq.top_logprobs))
+        .collect();
+    for (seq, token) in live.iter_mut().zip(tokens) {
         seq.accept(token, tok, max_context)?;
     }
     Ok(())
