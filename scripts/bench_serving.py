@@ -18,8 +18,8 @@ PROMPT = ("Write a long story about a lighthouse keeper who finds a map in a bot
 
 
 def one(base, model, max_tokens):
-    # ignore_eos for servers that know it (vLLM, ttrl-serve); a banned EOS (SmolLM2's id 2) for
-    # llama-cpp-python, which does not: every request then produces exactly max_tokens.
+    # ignore_eos for servers that know it (vLLM, ttrl-serve, llama-server); a banned EOS (SmolLM2's
+    # id 2) for those that do not: every request then produces exactly max_tokens.
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.7, "stream": True,
             "ignore_eos": True, "logit_bias": {"2": -100}}
     req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
