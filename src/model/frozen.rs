@@ -339,8 +339,16 @@ fn few_rows_matmul<'w>(
         .par_chunks_mut(m * FEATURES_PER_TASK)
         .enumerate()
         .for_each(|(task, out)| {
+            let mut unpacked = Vec::new();
             for (j, out) in out.chunks_mut(m).enumerate() {
-                let w_row = weight_row(task * FEATURES_PER_TASK + j);
+                let mut w_row = weight_row(task * FEATURES_PER_TASK + j);
+                // More rows than one kernel call takes: a compact row is unpacked once into
+                // f32 (the same numbers) rather than once per call.
+                if m > 4 && !matches!(w_row, WeightRow::F32(_)) {
+                    unpacked.resize(k, 0.0);
+                    unpack(simd, w_row, &mut unpacked);
+                    w_row = WeightRow::F32(&unpacked);
+                }
                 for (out, rows) in out.chunks_mut(4).zip(rows.chunks(4)) {
                     dots(simd, rows, w_row, k, out);
                 }
@@ -366,6 +374,18 @@ fn dots(simd: bool, rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]
     }
     for (o, row) in out.iter_mut().zip(rows) {
         *o = row.iter().enumerate().map(|(i, x)| x * w.get(i)).sum();
+    }
+}
+
+/// `out[i] = w[i]`, with AVX2 and F16C when `simd` says the CPU has them.
+fn unpack(simd: bool, w: WeightRow<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` comes from `avx2::available`.
+        return unsafe { avx2::unpack(w, out) };
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = w.get(i);
     }
 }
 
@@ -475,6 +495,39 @@ mod avx2 {
                     scales,
                     offsets,
                 } => kernel(rows, &Q4_1Row(codes, scales, offsets), k, out, |i| w.get(i)),
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C ([`available`]); `w` is a compact row (whole blocks) of
+    /// `out.len()` numbers.
+    pub unsafe fn unpack(w: WeightRow<'_>, out: &mut [f32]) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match w {
+                WeightRow::F32(w) => out.copy_from_slice(w),
+                WeightRow::Bf16(b) => store(&Bf16Row(b), out),
+                WeightRow::F16(b) => store(&F16Row(b), out),
+                WeightRow::Q8_0 { codes, scales } => store(&Q8_0Row(codes, scales), out),
+                WeightRow::Q4_1 {
+                    codes,
+                    scales,
+                    offsets,
+                } => store(&Q4_1Row(codes, scales, offsets), out),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn store<W: Lanes16>(w: &W, out: &mut [f32]) {
+        assert!(out.len().is_multiple_of(16));
+        for i in (0..out.len()).step_by(16) {
+            // SAFETY: i + 16 <= out.len(), which the row holds (the caller's contract).
+            unsafe {
+                let (a, b) = w.load(i);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), a);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i + 8), b);
             }
         }
     }
