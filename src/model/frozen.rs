@@ -267,8 +267,9 @@ impl CustomOp2 for FrozenMatmul {
 }
 
 /// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]; gemm is faster
-/// from about 16 rows on (measured with `ttrl-serve bench`).
-const FEW_ROWS: usize = 8;
+/// from about 24 rows on (`ttrl-serve bench` on the default model: batch 12 / 16 / 24 at 80 /
+/// 98 / 124 tok/s through gemm, 103 / 108 / 104 here).
+const FEW_ROWS: usize = 16;
 
 /// Output features per parallel task of [`few_rows_matmul`].
 const FEATURES_PER_TASK: usize = 64;
