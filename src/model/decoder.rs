@@ -411,8 +411,13 @@ impl Model {
         adapters: &[Option<&Adapter>],
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_mixed(seqs, adapters, logits_for)?;
-        self.logits(&hidden)
+        // On a pool thread, the pass's parallel ops share work with the other pool threads
+        // directly; from outside, each of them (about 200 per decode step) would wake a pool
+        // thread and put this one to sleep.
+        rayon::scope(|_| {
+            let hidden = self.hidden_mixed(seqs, adapters, logits_for)?;
+            self.logits(&hidden)
+        })
     }
 
     /// The final hidden states (after the last norm) of the rows `rows` selects, (rows,
