@@ -189,15 +189,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
             .collect::<Result<Vec<Question>>>()?;
         let mut learner = Learner::new(adapter, &config, 0)?;
-        let report = run_episode(
-            &model,
-            &tokenizer,
-            &mut learner,
-            &questions,
-            &config,
-            7,
-            &EpisodeLimits::default(),
-        )?;
+        // On a pool thread, as the server's trainer runs its episodes.
+        let report = rayon::scope(|_| {
+            run_episode(
+                &model,
+                &tokenizer,
+                &mut learner,
+                &questions,
+                &config,
+                7,
+                &EpisodeLimits::default(),
+            )
+        })?;
         let (rollout_ms, update_ms) = report
             .steps
             .iter()
