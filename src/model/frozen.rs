@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -84,7 +84,7 @@ impl CompactWeight {
         let Ok((rows, cols)) = t.dims2() else {
             return Ok(None);
         };
-        let t = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
+        let t = t.to_device(&Device::Cpu)?.flatten_all()?;
         let (format, bits): (_, Vec<u16>) = match t.dtype() {
             DType::BF16 => (
                 Format::Bf16,
@@ -161,10 +161,16 @@ pub struct FrozenWeight {
 }
 
 impl FrozenWeight {
-    /// `compact` must hold `tensor`'s numbers; it is dropped unless `tensor` is an f32 CPU
-    /// tensor (the only one the decode kernels serve).
+    /// Whether weights of this dtype on this device get a compact copy: the decode kernels
+    /// serve f32 CPU weights only.
+    pub fn keeps_compact(dtype: DType, device: &Device) -> bool {
+        dtype == DType::F32 && device.is_cpu()
+    }
+
+    /// `compact` must hold `tensor`'s numbers; it is dropped unless
+    /// [`FrozenWeight::keeps_compact`] says the tensor gets one.
     pub fn new(tensor: Tensor, compact: Option<CompactWeight>) -> Self {
-        let served = tensor.dtype() == DType::F32 && tensor.device().is_cpu();
+        let served = Self::keeps_compact(tensor.dtype(), tensor.device());
         let compact = compact.filter(|c| served && tensor.dims() == [c.rows, c.cols]);
         Self {
             tensor,

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::assets;
 use super::config::{Family, ModelConfig, RopeLayout};
 use super::decoder::{Model, WeightSource};
-use super::frozen::CompactWeight;
+use super::frozen::{CompactWeight, FrozenWeight};
 use super::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
 
@@ -405,8 +405,10 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| Error::bad_file(path, format!("tensor {name}: {e}")))?;
-        if let Some(c) = CompactWeight::from_gguf(&q)? {
-            compact.insert(hf.clone(), c);
+        if FrozenWeight::keeps_compact(dtype, device) {
+            if let Some(c) = CompactWeight::from_gguf(&q)? {
+                compact.insert(hf.clone(), c);
+            }
         }
         tensors.insert(hf, q.dequantize(&Device::Cpu)?);
         bar.inc(1);
