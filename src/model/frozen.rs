@@ -277,6 +277,10 @@ impl CustomOp2 for FrozenMatmul {
 /// 98 / 124 tok/s through gemm, 103 / 108 / 104 here).
 const FEW_ROWS: usize = 16;
 
+/// Rows of `x` per kernel call: each row keeps four 8-lane accumulators, and three rows'
+/// twelve leave the weight's four vectors the rest of AVX2's sixteen registers.
+const GROUP: usize = 3;
+
 /// Output features per parallel task of [`few_rows_matmul`].
 const FEATURES_PER_TASK: usize = 64;
 
@@ -326,7 +330,7 @@ impl WeightRow<'_> {
 
 /// `x @ w^T` for a few rows `x` (m, k) and `n` weight rows. gemm packs the whole transposed
 /// weight on every call, which took half of a decode step; here each weight row is read once,
-/// where it lies, and dotted with the rows of `x`, four at a time (decoding is bound by reading
+/// where it lies, and dotted with the rows of `x`, [`GROUP`] at a time (decoding is bound by reading
 /// the weights). Each output is summed in the same order whatever `m` and the weight's format
 /// are, so a sequence gets the same bits alone or in a batch.
 fn few_rows_matmul<'w>(
@@ -351,12 +355,12 @@ fn few_rows_matmul<'w>(
                 let mut w_row = weight_row(task * FEATURES_PER_TASK + j);
                 // More rows than one kernel call takes: a compact row is unpacked once into
                 // f32 (the same numbers) rather than once per call.
-                if m > 4 && !matches!(w_row, WeightRow::F32(_)) {
+                if m > GROUP && !matches!(w_row, WeightRow::F32(_)) {
                     unpacked.resize(k, 0.0);
                     unpack(simd, w_row, &mut unpacked);
                     w_row = WeightRow::F32(&unpacked);
                 }
-                for (out, rows) in out.chunks_mut(4).zip(rows.chunks(4)) {
+                for (out, rows) in out.chunks_mut(GROUP).zip(rows.chunks(GROUP)) {
                     dots(simd, rows, w_row, k, out);
                 }
             }
@@ -370,7 +374,7 @@ fn few_rows_matmul<'w>(
     out
 }
 
-/// `out[i] = rows[i] . w` for up to four rows of length `k`, with AVX2, FMA and F16C when
+/// `out[i] = rows[i] . w` for up to [`GROUP`] rows of length `k`, with AVX2, FMA and F16C when
 /// `simd` says the CPU has them (detected once per matmul: rows are short, and decode steps
 /// take hundreds of thousands of them per token).
 fn dots(simd: bool, rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
@@ -408,10 +412,11 @@ mod avx2 {
             && is_x86_feature_detected!("f16c")
     }
 
-    /// A weight row read sixteen numbers at a time, as two 8-lane vectors.
-    trait Lanes16 {
-        /// Numbers `i..i + 16`; `i` is a multiple of 16 below the row's length rounded down.
-        unsafe fn load(&self, i: usize) -> (__m256, __m256);
+    /// A weight row read 32 numbers (one quantization block) at a time, as four 8-lane
+    /// vectors.
+    trait Lanes32 {
+        /// Numbers `i..i + 32`; `i` is a multiple of 32 below the row's length rounded down.
+        unsafe fn load(&self, i: usize) -> [__m256; 4];
     }
 
     struct F32Row<'a>(&'a [f32]);
@@ -420,88 +425,120 @@ mod avx2 {
     struct Q8_0Row<'a>(&'a [u8], &'a [f32]);
     struct Q4_1Row<'a>(&'a [u8], &'a [f32], &'a [f32]);
 
-    // SAFETY (every `load`): the caller keeps `i + 16` within the row (see `Lanes16`), and
+    // SAFETY (every `load`): the caller keeps `i + 32` within the row (see `Lanes32`), and
     // the callers are compiled with AVX2, FMA and F16C enabled and inline these.
-    impl Lanes16 for F32Row<'_> {
+    impl Lanes32 for F32Row<'_> {
         #[inline(always)]
-        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+        unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let p = self.0.as_ptr().add(i);
-            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
         }
     }
 
-    impl Lanes16 for Bf16Row<'_> {
+    impl Lanes32 for Bf16Row<'_> {
         #[inline(always)]
-        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+        unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let p = self.0.as_ptr().add(2 * i) as *const __m128i;
-            let widen =
-                |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-            (widen(_mm_loadu_si128(p)), widen(_mm_loadu_si128(p.add(1))))
+            let widen = |o: usize| {
+                let h = _mm_loadu_si128(p.add(o));
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            };
+            [widen(0), widen(1), widen(2), widen(3)]
         }
     }
 
-    impl Lanes16 for F16Row<'_> {
+    impl Lanes32 for F16Row<'_> {
         #[inline(always)]
-        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+        unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let p = self.0.as_ptr().add(2 * i) as *const __m128i;
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(p)),
-                _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
-            )
+            let widen = |o: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(o)));
+            [widen(0), widen(1), widen(2), widen(3)]
         }
     }
 
-    impl Lanes16 for Q8_0Row<'_> {
+    impl Lanes32 for Q8_0Row<'_> {
         #[inline(always)]
-        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
-            let q = _mm_loadu_si128(self.0.as_ptr().add(i) as *const __m128i);
+        unsafe fn load(&self, i: usize) -> [__m256; 4] {
+            let p = self.0.as_ptr().add(i) as *const __m128i;
             let d = _mm256_set1_ps(*self.1.get_unchecked(i / BLOCK));
-            let lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-            let hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-            (_mm256_mul_ps(lo, d), _mm256_mul_ps(hi, d))
+            let (a, b) = (_mm_loadu_si128(p), _mm_loadu_si128(p.add(1)));
+            let widen = |q: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+            [
+                widen(a),
+                widen(_mm_srli_si128(a, 8)),
+                widen(b),
+                widen(_mm_srli_si128(b, 8)),
+            ]
         }
     }
 
-    impl Lanes16 for Q4_1Row<'_> {
+    impl Lanes32 for Q4_1Row<'_> {
         #[inline(always)]
-        unsafe fn load(&self, i: usize) -> (__m256, __m256) {
+        unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let block = i / BLOCK;
             let bytes = _mm_loadu_si128(self.0.as_ptr().add(block * BLOCK / 2) as *const __m128i);
             // Numbers 0-15 of a block are the low nibbles, 16-31 the high ones.
-            let shifted = if i.is_multiple_of(BLOCK) {
-                bytes
-            } else {
-                _mm_srli_epi16(bytes, 4)
-            };
-            let q = _mm_and_si128(shifted, _mm_set1_epi8(0x0F));
+            let nibbles = _mm_set1_epi8(0x0F);
+            let low = _mm_and_si128(bytes, nibbles);
+            let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibbles);
             let d = _mm256_set1_ps(*self.1.get_unchecked(block));
             let m = _mm256_set1_ps(*self.2.get_unchecked(block));
-            let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-            let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
             // q * d is exact in f32 (4 + 11 significant bits), so the fused add rounds once,
             // as candle's `q * d + m` does.
-            (_mm256_fmadd_ps(lo, d, m), _mm256_fmadd_ps(hi, d, m))
+            let widen =
+                |q: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), d, m);
+            [
+                widen(low),
+                widen(_mm_srli_si128(low, 8)),
+                widen(high),
+                widen(_mm_srli_si128(high, 8)),
+            ]
         }
     }
 
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C ([`available`]); every row has `k` floats and `w` holds
-    /// `k` numbers.
+    /// The CPU has AVX2, FMA and F16C ([`available`]); every row has `k` floats, `w` holds
+    /// `k` numbers, and there are at most [`super::GROUP`] rows.
     pub unsafe fn dots(rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
         // SAFETY: forwarded from the caller.
         unsafe {
             match w {
-                WeightRow::F32(w) => kernel(rows, &F32Row(w), k, out, |i| w[i]),
-                WeightRow::Bf16(b) => kernel(rows, &Bf16Row(b), k, out, |i| w.get(i)),
-                WeightRow::F16(b) => kernel(rows, &F16Row(b), k, out, |i| w.get(i)),
+                WeightRow::F32(w) => rows_kernel(rows, &F32Row(w), k, out, |i| w[i]),
+                WeightRow::Bf16(b) => rows_kernel(rows, &Bf16Row(b), k, out, |i| w.get(i)),
+                WeightRow::F16(b) => rows_kernel(rows, &F16Row(b), k, out, |i| w.get(i)),
                 WeightRow::Q8_0 { codes, scales } => {
-                    kernel(rows, &Q8_0Row(codes, scales), k, out, |i| w.get(i))
+                    rows_kernel(rows, &Q8_0Row(codes, scales), k, out, |i| w.get(i))
                 }
                 WeightRow::Q4_1 {
                     codes,
                     scales,
                     offsets,
-                } => kernel(rows, &Q4_1Row(codes, scales, offsets), k, out, |i| w.get(i)),
+                } => rows_kernel(rows, &Q4_1Row(codes, scales, offsets), k, out, |i| w.get(i)),
+            }
+        }
+    }
+
+    /// [`kernel`] with the row count as a constant, so its loop over rows unrolls.
+    #[inline(always)]
+    unsafe fn rows_kernel<W: Lanes32>(
+        rows: &[&[f32]],
+        w: &W,
+        k: usize,
+        out: &mut [f32],
+        tail: impl Fn(usize) -> f32,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match rows.len() {
+                1 => kernel::<W, 1>(rows, w, k, out, tail),
+                2 => kernel::<W, 2>(rows, w, k, out, tail),
+                3 => kernel::<W, 3>(rows, w, k, out, tail),
+                n => unreachable!("{n} rows in one kernel call"),
             }
         }
     }
@@ -527,49 +564,53 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn store<W: Lanes16>(w: &W, out: &mut [f32]) {
-        assert!(out.len().is_multiple_of(16));
-        for i in (0..out.len()).step_by(16) {
-            // SAFETY: i + 16 <= out.len(), which the row holds (the caller's contract).
+    unsafe fn store<W: Lanes32>(w: &W, out: &mut [f32]) {
+        assert!(out.len().is_multiple_of(BLOCK));
+        for i in (0..out.len()).step_by(BLOCK) {
+            // SAFETY: i + 32 <= out.len(), which the row holds (the caller's contract).
             unsafe {
-                let (a, b) = w.load(i);
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), a);
-                _mm256_storeu_ps(out.as_mut_ptr().add(i + 8), b);
+                for (o, v) in w.load(i).into_iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * o), v);
+                }
             }
         }
     }
 
-    /// Each 16 numbers of `w` are loaded once and multiplied into two 8-lane accumulators per
-    /// row; the horizontal sums and the tail (`tail(i)` is number `i`) come last.
+    /// Each 32 numbers of `w` are loaded once and multiplied into four 8-lane accumulators
+    /// per row (four independent chains: with two, a single row waited on the fused
+    /// multiply-add's latency); the horizontal sums and the tail (`tail(i)` is number `i`)
+    /// come last. A row's sums do not depend on `R`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<W: Lanes16>(
+    unsafe fn kernel<W: Lanes32, const R: usize>(
         rows: &[&[f32]],
         w: &W,
         k: usize,
         out: &mut [f32],
         tail: impl Fn(usize) -> f32,
     ) {
-        let body = k / 16 * 16;
-        let count = rows.len().min(4);
-        assert!(rows[..count].iter().all(|r| r.len() == k) && out.len() >= count);
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let body = k / BLOCK * BLOCK;
+        let rows: &[&[f32]; R] = rows.try_into().expect("R rows");
+        assert!(rows.iter().all(|r| r.len() == k) && out.len() >= R);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let mut i = 0;
         while i < body {
-            // SAFETY: i + 16 <= body <= k, and every row has `k` floats (asserted).
+            // SAFETY: i + 32 <= body <= k, and every row has `k` floats (asserted).
             unsafe {
-                let (w0, w1) = w.load(i);
-                for (acc, row) in acc.iter_mut().zip(&rows[..count]) {
+                let w = w.load(i);
+                for (acc, row) in acc.iter_mut().zip(rows) {
                     let p = row.as_ptr().add(i);
-                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p), w0, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8)), w1, acc[1]);
+                    for (o, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
+                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(8 * o)), w, *acc);
+                    }
                 }
             }
-            i += 16;
+            i += BLOCK;
         }
-        for ((o, acc), row) in out.iter_mut().zip(&acc).zip(&rows[..count]) {
+        for ((o, acc), row) in out.iter_mut().zip(&acc).zip(rows) {
             let mut lanes = [0f32; 8];
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
             // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
             let rest: f32 = (body..k).map(|i| row[i] * tail(i)).sum();
             *o = lanes.iter().sum::<f32>() + rest;
         }
