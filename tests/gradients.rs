@@ -207,16 +207,26 @@ fn lora_gradients_under_a_half_precision_base_on_the_test_device_match_f32_on_th
 }
 
 /// The update never holds a micro-batch's logits whole (the loss is taken leaf by leaf from
-/// the final hidden states) nor more than one layer's graph (layers are recomputed in
-/// backward). Its value and every LoRA gradient equal those of the whole loss computed
-/// directly, one unpacked forward per leaf with the whole graph.
+/// the final hidden states), and a large micro-batch holds no more than one layer's graph
+/// (layers are recomputed in backward). Its value and every LoRA gradient equal those of the
+/// whole loss computed directly, one unpacked forward per leaf with the whole graph, both
+/// with the packed batch's graph kept and with its layers recomputed.
 #[test]
-fn the_leaf_by_leaf_checkpointed_training_loss_has_the_value_and_gradients_of_the_whole_one() {
+fn the_leaf_by_leaf_training_loss_kept_or_recomputed_has_the_value_and_gradients_of_the_whole_one()
+{
+    for kept_activation_bytes in [usize::MAX, 0] {
+        let mut loaded = load_tiny("llama", DType::F32);
+        loaded
+            .model
+            .set_kept_activation_bytes(kept_activation_bytes);
+        leaf_by_leaf_loss_equals_the_whole_one(&loaded.model);
+    }
+}
+
+fn leaf_by_leaf_loss_equals_the_whole_one(model: &Model) {
     use ttrl_serve::adapt::objective::{
         leaf_loss, leaves_loss, Denominators, ObjectiveConfig, ObjectiveStats, TrainLeaf,
     };
-    let loaded = load_tiny("llama", DType::F32);
-    let model = &loaded.model;
     let adapter = randomized_adapter(model, DType::F32);
     let leaf = |prompt: &[u32], response: Vec<u32>, advantage: f32| {
         let n = response.len();

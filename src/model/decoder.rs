@@ -7,14 +7,15 @@
 //! (no padding): projections and MLPs run once over all rows, attention runs per sequence.
 //! A sequence with a [`KvCache`] continues from its cached positions (generation, detached);
 //! one without starts at position 0 and keeps the graph (scoring). Training takes its
-//! gradients through [`Model::adapter_gradients`], which recomputes one layer at a time.
+//! gradients through [`Model::adapter_gradients`], which keeps a small batch's activations
+//! and recomputes a large one's one layer at a time.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
-use super::frozen::{CompactWeight, FrozenWeight};
+use super::frozen::{CompactWeight, FrozenWeight, LowRank};
 use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
 use super::ops::{rms_norm, silu_mul, softmax_rows, Rope};
@@ -29,13 +30,30 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.matmul(x)?;
+        self.forward_low_rank(x, None)
+    }
+
+    /// The layer with a low-rank update of its weight, when there is one.
+    fn forward_low_rank(
+        &self,
+        x: &Tensor,
+        update: Option<&LowRank>,
+    ) -> candle_core::Result<Tensor> {
+        let y = match update {
+            Some(update) => self.weight.matmul_low_rank(x, update)?,
+            None => self.weight.matmul(x)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
 }
+
+/// Activations a gradient pass may keep whole rather than recompute layer by layer. The
+/// default model keeps about 1 MB per packed row, so an adaptation micro-batch (~150 rows)
+/// skips the recomputed forward pass, and the bench's 16 x 128 tokens are recomputed.
+const KEPT_ACTIVATION_BYTES: usize = 512 << 20;
 
 /// Which rows of the packed batch get logits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +175,8 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
+    /// See [`KEPT_ACTIVATION_BYTES`].
+    kept_activation_bytes: usize,
 }
 
 /// Takes tensors out of a checkpoint map by HF name, checking each shape against the config.
@@ -330,7 +350,14 @@ impl Model {
             rope,
             dtype,
             device,
+            kept_activation_bytes: KEPT_ACTIVATION_BYTES,
         })
+    }
+
+    /// The activations a gradient pass may keep whole (see [`Model::adapter_gradients`]);
+    /// 0 recomputes every batch layer by layer.
+    pub fn set_kept_activation_bytes(&mut self, bytes: usize) {
+        self.kept_activation_bytes = bytes;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -473,12 +500,14 @@ impl Model {
     }
 
     /// The gradients of a loss of the final hidden states with respect to `adapter`'s
-    /// weights (in [`Adapter::vars`] order), recomputing one layer at a time (gradient
-    /// checkpointing, Chen et al. 2016): the forward pass keeps no graph, only each layer's
-    /// input, and the backward pass rebuilds one layer's graph, backpropagates the incoming
-    /// gradient through it and drops it. Activations of a single layer exist at once, for
-    /// one more forward pass of compute. `loss_grad` gets the final hidden states of the
-    /// rows asked (detached) and returns dL/dhidden and whatever it measured on the way.
+    /// weights (in [`Adapter::vars`] order). A batch whose activations fit in
+    /// [`KEPT_ACTIVATION_BYTES`] (or [`Model::set_kept_activation_bytes`]) keeps the whole graph; a larger one is recomputed one layer
+    /// at a time (gradient checkpointing, Chen et al. 2016): the forward pass keeps no graph,
+    /// only each layer's input, and the backward pass rebuilds one layer's graph,
+    /// backpropagates the incoming gradient through it and drops it, so activations of a
+    /// single layer exist at once, for one more forward pass of compute. `loss_grad` gets the
+    /// final hidden states of the rows asked (detached) and returns dL/dhidden and whatever
+    /// it measured on the way.
     pub fn adapter_gradients<T: Send>(
         &self,
         seqs: &mut [SeqInput<'_>],
@@ -506,7 +535,20 @@ impl Model {
         let packed = self.pack(seqs)?;
         let lora =
             self.lora_groups(&vec![Some(adapter); seqs.len()], &packed.spans, packed.rows)?;
-        let mut inputs = vec![self.embed_tokens.index_select(&packed.ids, 0)?];
+        let embeddings = self.embed_tokens.index_select(&packed.ids, 0)?;
+        let vars = adapter.vars();
+        if self.activation_bytes(&packed) <= self.kept_activation_bytes {
+            let mut x = embeddings;
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = self.layer_forward(i, layer, &x, &packed, seqs, &lora, true)?;
+            }
+            let hidden = self.final_norm(&x, &packed.spans, rows)?;
+            let (hidden_grad, measured) = loss_grad(&hidden.detach())?;
+            let mut store = (hidden * hidden_grad)?.sum_all()?.backward()?;
+            let grads = vars.iter().map(|v| store.remove(v.as_tensor())).collect();
+            return Ok((grads, measured));
+        }
+        let mut inputs = vec![embeddings];
         for (i, layer) in self.layers.iter().enumerate() {
             let x = self.layer_forward(i, layer, &inputs[i], &packed, seqs, &lora, false)?;
             inputs.push(x);
@@ -519,7 +561,6 @@ impl Model {
             .backward()?
             .remove(last.as_tensor())
             .ok_or_else(|| missing_gradient("the last layer"))?;
-        let vars = adapter.vars();
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let input = inputs.pop().expect("one input per layer");
@@ -547,6 +588,24 @@ impl Model {
             }
         }
         Ok((grads, measured))
+    }
+
+    /// About the bytes of activations `packed` keeps for backward over all layers: per row,
+    /// the norms' and projections' inputs and outputs, the MLP's three wide vectors, and the
+    /// attention scores and probabilities over its sequence's keys.
+    fn activation_bytes(&self, packed: &Packed) -> usize {
+        let c = &self.config;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let per_row = 6 * c.hidden_size + 2 * kv + 3 * c.intermediate_size;
+        let scores: usize = packed
+            .spans
+            .iter()
+            .map(|s| {
+                let keys = s.len + s.prefix.map_or(0, |p| packed.spans[p].len);
+                s.len * 2 * c.num_attention_heads * keys
+            })
+            .sum();
+        (packed.rows * per_row + scores) * c.num_hidden_layers * self.dtype.size_in_bytes()
     }
 
     /// Checks the batch and lays its sequences out row-wise: token ids, positions, spans.
@@ -666,19 +725,23 @@ impl Model {
         let c = &self.config;
         let (positions, spans) = (&packed.positions, packed.spans.as_slice());
         let proj = |lin: &Linear, p: Projection, h: &Tensor| -> candle_core::Result<Tensor> {
+            // The common case, one adapter over every row, takes one fused op.
+            if let [LoraRows {
+                adapter,
+                rows: None,
+            }] = lora
+            {
+                return lin.forward_low_rank(h, adapter.low_rank(index, p, track).as_ref());
+            }
             let mut y = lin.forward(h)?;
             for group in lora {
+                let Some(update) = group.adapter.low_rank(index, p, track) else {
+                    continue;
+                };
                 y = match &group.rows {
-                    None => match group.adapter.delta(index, p, h, track)? {
-                        Some(d) => (y + d)?,
-                        None => y,
-                    },
+                    None => (y + update.delta(h)?)?,
                     Some(rows) => {
-                        let h_rows = h.index_select(rows, 0)?;
-                        match group.adapter.delta(index, p, &h_rows, track)? {
-                            Some(d) => y.index_add(rows, &d, 0)?,
-                            None => y,
-                        }
+                        y.index_add(rows, &update.delta(&h.index_select(rows, 0)?)?, 0)?
                     }
                 };
             }

@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+use super::ops::ELEMENTS_PER_TASK;
 
 /// Numbers per block of the compact formats: GGUF's block size, and a multiple of the
 /// kernel's sixteen.
@@ -195,6 +197,111 @@ impl FrozenWeight {
             compact: self.compact.clone(),
         };
         x2.apply_op2(&self.tensor, op)?.reshape(out_dims)
+    }
+}
+
+/// A trainable low-rank update of a frozen weight, `scale * (x A^T) B^T` with A (r, in) and
+/// B (out, r): a LoRA pair.
+pub struct LowRank {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl LowRank {
+    /// The update alone for `x` (rows, in), by candle's ops, in A's dtype.
+    pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let low = x.to_dtype(self.a.dtype())?.matmul(&self.a.t()?)?;
+        (low.matmul(&self.b.t()?)? * self.scale)?.to_dtype(x.dtype())
+    }
+}
+
+impl FrozenWeight {
+    /// `x @ w^T + update(x)` for `x` (rows, in). With f32 on the CPU this is one op whose
+    /// backward gives x's, A's and B's gradients directly: composed, the update's five ops and
+    /// the sum each cost a pass over (rows, out) values both ways, and candle's backward adds
+    /// every gradient into a zeroed buffer. Both give the same values.
+    pub fn matmul_low_rank(&self, x: &Tensor, update: &LowRank) -> candle_core::Result<Tensor> {
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        if !(f32_cpu(x) && f32_cpu(&self.tensor) && f32_cpu(&update.a) && f32_cpu(&update.b)) {
+            return self.matmul(x)? + update.delta(x)?;
+        }
+        let op = FrozenMatmulLowRank {
+            frozen: FrozenMatmul {
+                compact: self.compact.clone(),
+            },
+            w: self.tensor.clone(),
+            scale: update.scale,
+        };
+        x.contiguous()?.apply_op3(&update.a, &update.b, op)
+    }
+}
+
+/// `x @ w^T + scale * (x @ a^T) @ b^T` on f32 CPU tensors, `w` frozen; see
+/// [`FrozenWeight::matmul_low_rank`].
+struct FrozenMatmulLowRank {
+    frozen: FrozenMatmul,
+    w: Tensor,
+    scale: f64,
+}
+
+impl CustomOp3 for FrozenMatmulLowRank {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, _) = x_l.shape().dims2()?;
+        let (r, k) = a_l.shape().dims2()?;
+        let (n, _) = b_l.shape().dims2()?;
+        let (w, w_l) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w else {
+            candle_core::bail!("frozen-matmul-low-rank: the weight is not on the CPU");
+        };
+        let (base, shape) = self.frozen.cpu_fwd(x, x_l, w, w_l)?;
+        let low = x.matmul(a, (1, m, r, k), x_l, &a_l.transpose(0, 1)?)?;
+        let low_l = Layout::contiguous((m, r));
+        let delta = low.matmul(b, (1, m, n, r), &low_l, &b_l.transpose(0, 1)?)?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(delta)) = (base, delta) else {
+            candle_core::bail!("frozen-matmul-low-rank: f32 only");
+        };
+        // As the composed ops round: the update scaled, then added.
+        let scale = self.scale as f32;
+        y.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(delta.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(y, d)| y.iter_mut().zip(d).for_each(|(y, d)| *y += d * scale));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // With g = dL/dy and u = scale * g B (rows, r): dx = g W + u A, dA = u^T x,
+        // dB = scale * g^T (x A^T). Only (rows, r)-sized values are scaled. The inputs are
+        // detached, as candle detaches gradients: a gradient that kept a graph would keep
+        // every tensor it came from alive.
+        let (x, a_in, b_in) = (x.detach(), a.detach(), b.detach());
+        let u = (grad.matmul(&b_in)? * self.scale)?;
+        let dx = (grad.matmul(&self.w)? + u.matmul(&a_in)?)?;
+        let da = a.is_variable().then(|| u.t()?.matmul(&x)).transpose()?;
+        let db = b
+            .is_variable()
+            .then(|| grad.t()?.matmul(&(x.matmul(&a_in.t()?)? * self.scale)?))
+            .transpose()?;
+        Ok((Some(dx), da, db))
     }
 }
 
@@ -621,6 +728,55 @@ mod avx2 {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_low_rank_update_has_the_values_and_gradients_of_the_composed_ops(
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (40, 64), &dev)?;
+        let frozen = FrozenWeight::new(w.clone(), None);
+        // 5 rows take the few-rows kernel, 40 take gemm.
+        for rows in [5, 40] {
+            let x = Var::randn(0f32, 1., (rows, 64), &dev)?;
+            let a = Var::randn(0f32, 0.3, (4, 64), &dev)?;
+            let b = Var::randn(0f32, 0.3, (40, 4), &dev)?;
+            let update = LowRank {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: 2.0,
+            };
+            // A loss that weighs every output differently.
+            let weights = Tensor::randn(0f32, 1., (rows, 40), &dev)?;
+            let loss = |y: Tensor| (y * &weights)?.sum_all();
+            let fused = frozen.matmul_low_rank(x.as_tensor(), &update)?;
+            let composed = (x.as_tensor().matmul(&w.t()?)? + update.delta(x.as_tensor())?)?;
+            let max_diff = |p: &Tensor, q: &Tensor| -> candle_core::Result<f32> {
+                (p - q)?.abs()?.max_all()?.to_scalar::<f32>()
+            };
+            assert!(max_diff(&fused, &composed)? < 1e-4);
+            let fused_grads = loss(fused)?.backward()?;
+            let composed_grads = loss(composed)?.backward()?;
+            for v in [&x, &a, &b] {
+                let (p, q) = (
+                    fused_grads.get(v.as_tensor()).expect("fused gradient"),
+                    composed_grads
+                        .get(v.as_tensor())
+                        .expect("composed gradient"),
+                );
+                assert!(max_diff(p, q)? < 1e-3, "{rows} rows: {}", max_diff(p, q)?);
+            }
+            // Detached weights get no gradient (generation builds no graph for them).
+            let detached = LowRank {
+                a: a.as_detached_tensor(),
+                b: b.as_detached_tensor(),
+                scale: 2.0,
+            };
+            let grads = loss(frozen.matmul_low_rank(x.as_tensor(), &detached)?)?.backward()?;
+            assert!(grads.get(x.as_tensor()).is_some());
+            assert!(grads.get(a.as_tensor()).is_none() && grads.get(b.as_tensor()).is_none());
+        }
+        Ok(())
+    }
 
     #[test]
     fn frozen_matmul_matches_matmul_and_gives_no_weight_gradient() -> candle_core::Result<()> {

@@ -13,6 +13,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::config::ModelConfig;
+use super::frozen::LowRank;
 use crate::error::{Error, Result};
 
 /// The projections LoRA can sit on, named as in the checkpoint.
@@ -266,26 +267,20 @@ impl Adapter {
         out
     }
 
-    /// The LoRA term for `x` (rows, in), or `None` where this projection has no LoRA.
-    /// `track` = false enters the weights detached so generation builds no graph.
-    pub(crate) fn delta(
-        &self,
-        layer: usize,
-        p: Projection,
-        x: &Tensor,
-        track: bool,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let Some(pair) = self.layers.get(layer).and_then(|l| l.get(&p)) else {
-            return Ok(None);
-        };
+    /// The LoRA pair of one projection as a low-rank update, or `None` where this projection
+    /// has no LoRA. `track` = false enters the weights detached so generation builds no graph.
+    pub(crate) fn low_rank(&self, layer: usize, p: Projection, track: bool) -> Option<LowRank> {
+        let pair = self.layers.get(layer).and_then(|l| l.get(&p))?;
         let (a, b) = if track {
             (pair.a.as_tensor().clone(), pair.b.as_tensor().clone())
         } else {
             (pair.a.as_detached_tensor(), pair.b.as_detached_tensor())
         };
-        let low = x.to_dtype(a.dtype())?.matmul(&a.t()?)?;
-        let delta = (low.matmul(&b.t()?)? * self.config.scale())?;
-        Ok(Some(delta.to_dtype(x.dtype())?))
+        Some(LowRank {
+            a,
+            b,
+            scale: self.config.scale(),
+        })
     }
 
     /// Whether every B is zero, as [`Adapter::new`] makes them: the adapter then leaves the

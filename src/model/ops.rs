@@ -151,7 +151,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Elements per parallel task of the element-wise fused ops.
-const ELEMENTS_PER_TASK: usize = 1 << 14;
+pub(super) const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 struct SiluMul;
 
