@@ -10,6 +10,8 @@ pub const INTER_TOKEN_LATENCY: &str = "ttrl_inter_token_latency_seconds";
 pub const E2E_REQUEST_LATENCY: &str = "ttrl_e2e_request_latency_seconds";
 pub const PROMPT_TOKENS: &str = "ttrl_prompt_tokens_total";
 pub const GENERATION_TOKENS: &str = "ttrl_generation_tokens_total";
+pub const PREFIX_CACHE_QUERIES: &str = "ttrl_prefix_cache_queries_total";
+pub const PREFIX_CACHE_HITS: &str = "ttrl_prefix_cache_hits_total";
 pub const REQUEST_SUCCESS: &str = "ttrl_request_success_total";
 pub const REQUEST_ERRORS: &str = "ttrl_request_errors_total";
 pub const ADAPTATION_BATCHES: &str = "ttrl_adaptation_batches_total";
@@ -86,6 +88,14 @@ fn describe() {
         "Named adapters in memory (resident) and on disk only (stored)."
     );
     describe_counter!(GENERATION_TOKENS, "Tokens generated.");
+    describe_counter!(
+        PREFIX_CACHE_QUERIES,
+        "Prompt tokens looked up in the prompt cache."
+    );
+    describe_counter!(
+        PREFIX_CACHE_HITS,
+        "Prompt tokens whose keys and values came from the prompt cache instead of a prefill."
+    );
     describe_counter!(REQUEST_SUCCESS, "Requests finished, by finish reason.");
     describe_counter!(
         REQUEST_ERRORS,

@@ -343,6 +343,40 @@ fn request_ids_are_echoed_or_generated() {
 }
 
 #[test]
+fn a_repeated_prompt_starts_from_its_cached_keys_and_values_and_answers_the_same() {
+    let server = Server::start(&[]);
+    let request = chat(
+        "Name three colours of the sea.",
+        json!({"max_tokens": 12, "temperature": 0}),
+    );
+    let hits = || {
+        metric(
+            &server.get_text("/metrics"),
+            "ttrl_prefix_cache_hits_total",
+            &[],
+        )
+    };
+    let (status, first) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(hits(), 0.0);
+    let (status, again) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{again}");
+    // Every prompt token but the last came from the cache; the answer is the same.
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert_eq!(hits(), prompt_tokens - 1.0);
+    assert_eq!(
+        first["choices"][0]["message"]["content"],
+        again["choices"][0]["message"]["content"]
+    );
+    let cached = metric(
+        &server.get_text("/metrics"),
+        "ttrl_gpu_memory_bytes",
+        &[("kind", "prompt_cache")],
+    );
+    assert!(cached > 0.0, "{cached}");
+}
+
+#[test]
 fn the_kv_cache_budget_queues_requests_instead_of_overcommitting() {
     // SmolLM2 in f32 takes 2 x 30 layers x 3 KV heads x 64 x 4 bytes = 46080 bytes a
     // position: room for one request of a few hundred positions, not two.

@@ -156,7 +156,49 @@ impl Scheduler {
             let fault = self.faults.for_prompt(&self.tokenizer, &queued.job.prompt);
             let mut active = Active::new(queued, &self.model);
             active.fault = fault;
+            self.reuse_cached_prompt(&mut active);
             self.running.push(active);
+        }
+    }
+
+    /// The version of the weights `adapter` (or the base model) answers with now.
+    fn weights_version(&self, adapter: Option<&str>) -> u64 {
+        adapter
+            .and_then(|k| self.adapters.version_of(k))
+            .unwrap_or(0)
+    }
+
+    /// Starts a new job's sequences from the prompt cache's longest match, if any.
+    fn reuse_cached_prompt(&mut self, active: &mut Active) {
+        let job = &active.job;
+        let adapter = job.adapter.as_deref();
+        let version = self.weights_version(adapter);
+        metrics::counter!(m::PREFIX_CACHE_QUERIES, "model" => self.model_label.clone())
+            .increment((job.prompt.len() * job.n) as u64);
+        let Some(cache) = self.prompt_cache.lookup(adapter, version, &job.prompt) else {
+            return;
+        };
+        metrics::counter!(m::PREFIX_CACHE_HITS, "model" => self.model_label.clone())
+            .increment((cache.len() * job.n) as u64);
+        for seq in &mut active.seqs {
+            match cache.fork(cache.len()) {
+                Ok(copy) => seq.reuse_prompt_prefix(copy),
+                Err(e) => tracing::warn!("prompt cache copy failed, prefilling instead: {e}"),
+            }
+        }
+    }
+
+    /// Remembers the prompts prefilled by the last step (each job's first sequence that has
+    /// just sampled its first token) for later requests.
+    pub(super) fn remember_prompts(&mut self) {
+        for a in &self.running {
+            let Some(seq) = a.seqs.first() else { continue };
+            if seq.generated().len() == 1 {
+                let adapter = a.job.adapter.as_deref();
+                let version = self.weights_version(adapter);
+                self.prompt_cache
+                    .insert(adapter, version, &a.job.prompt, seq.cache());
+            }
         }
     }
 
@@ -173,8 +215,11 @@ impl Scheduler {
             .iter()
             .flat_map(|a| a.seqs.iter().map(Sequence::cache_bytes))
             .sum();
-        metrics::gauge!(m::GPU_MEMORY, "kind" => "kv_cache", "device" => crate::model::memory::device_label(self.model.device()))
+        let device = crate::model::memory::device_label(self.model.device());
+        metrics::gauge!(m::GPU_MEMORY, "kind" => "kv_cache", "device" => device.clone())
             .set(kv_bytes as f64);
+        metrics::gauge!(m::GPU_MEMORY, "kind" => "prompt_cache", "device" => device)
+            .set(self.prompt_cache.bytes() as f64);
         metrics::gauge!(m::REQUESTS_RUNNING, "model" => self.model_label.clone())
             .set(self.running.len() as f64);
         metrics::gauge!(m::REQUESTS_WAITING, "model" => self.model_label.clone())

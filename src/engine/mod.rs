@@ -7,6 +7,7 @@ mod adaptation;
 mod admission;
 mod faults;
 mod job;
+mod prompt_cache;
 mod registry;
 mod scheduler;
 mod stream;

@@ -13,12 +13,13 @@ use super::adaptation::{EpisodeQueue, InFlight, PendingBatch};
 use super::admission::{adapters_in_use, Load, Queued};
 use super::faults::{Fault, Faults};
 use super::job::{EngineError, Event};
+use super::prompt_cache::PromptCache;
 use super::registry::{AdapterInfo, Registry};
 use super::stream::Active;
 use super::trainer::{panic_message, EpisodeDone, Trainer};
 use super::{DeathWatch, EngineConfig};
 use crate::generation::{decode_step_mixed, FinishReason, Sequence};
-use crate::model::memory::device_label;
+use crate::model::memory::{device_label, kv_bytes_per_token};
 use crate::model::{Model, TextTokenizer};
 use crate::telemetry as m;
 
@@ -75,6 +76,7 @@ pub struct Scheduler {
     pub(super) adaptation_peak: u64,
     /// Set by a shutdown: when the loop stops, whatever still runs is aborted.
     deadline: Option<Instant>,
+    pub(super) prompt_cache: PromptCache,
 }
 
 impl Scheduler {
@@ -89,6 +91,8 @@ impl Scheduler {
     ) -> Self {
         metrics::gauge!(m::GPU_MEMORY, "kind" => "weights", "device" => device_label(model.device()))
             .set(model.weight_bytes() as f64);
+        let per_position = kv_bytes_per_token(model.config(), model.dtype());
+        let prompt_cache = PromptCache::new(config.kv_cache_positions.map(|p| p * per_position));
         let model = Arc::new(model);
         let trainer = Trainer::start(
             model.clone(),
@@ -117,6 +121,7 @@ impl Scheduler {
             episode_count: 0,
             adaptation_peak: 0,
             deadline: None,
+            prompt_cache,
         }
     }
 
@@ -217,6 +222,7 @@ impl Scheduler {
     /// The adapter's weights changed: sequences decoding with it recompute their caches, so
     /// no KV computed under one weight version is used under another.
     pub(super) fn weights_changed(&mut self, adapter: &str) {
+        self.prompt_cache.forget(adapter);
         for a in self
             .running
             .iter_mut()
@@ -257,6 +263,7 @@ impl Scheduler {
         for (i, e) in failed.into_iter().rev() {
             let _ = self.running.remove(i).job.events.send(Event::Error(e));
         }
+        self.remember_prompts();
         self.finish_jobs();
     }
 

@@ -82,6 +82,22 @@ impl Sequence {
         }
     }
 
+    /// Starts from `cache`, another sequence's keys and values for the first `cache.len()`
+    /// prompt tokens under the same weights, instead of prefilling them. Before the first step
+    /// only, and leaving at least one prompt token to feed.
+    pub fn reuse_prompt_prefix(&mut self, cache: KvCache) {
+        assert!(
+            self.generated.is_empty() && self.cache.is_empty() && cache.len() < self.prompt_len
+        );
+        self.pending = self.tokens[cache.len()..].to_vec();
+        self.cache = cache;
+    }
+
+    /// The KV cache, for reuse by later sequences with the same prompt.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
     pub fn prompt_len(&self) -> usize {
         self.prompt_len
     }
