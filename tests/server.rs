@@ -345,10 +345,12 @@ fn request_ids_are_echoed_or_generated() {
 #[test]
 fn a_repeated_prompt_starts_from_its_cached_keys_and_values_and_answers_the_same() {
     let server = Server::start(&[]);
-    let request = chat(
-        "Name three colours of the sea.",
-        json!({"max_tokens": 12, "temperature": 0}),
-    );
+    let request = |content: &str| {
+        chat(
+            content,
+            json!({"max_tokens": 12, "temperature": 0.8, "seed": 3, "logprobs": true}),
+        )
+    };
     let hits = || {
         metric(
             &server.get_text("/metrics"),
@@ -356,17 +358,25 @@ fn a_repeated_prompt_starts_from_its_cached_keys_and_values_and_answers_the_same
             &[],
         )
     };
-    let (status, first) = server.post("/v1/chat/completions", &request);
-    assert_eq!(status, 200, "{first}");
+    let ask = |body: &Value| {
+        let (status, r) = server.post("/v1/chat/completions", body);
+        assert_eq!(status, 200, "{r}");
+        r
+    };
+    let first = ask(&request("Name three colours of the sea."));
     assert_eq!(hits(), 0.0);
-    let (status, again) = server.post("/v1/chat/completions", &request);
-    assert_eq!(status, 200, "{again}");
-    // Every prompt token but the last came from the cache; the answer is the same.
+    // The whole prompt and the logits after it come from the cache: the same tokens with the
+    // same log-probs, bit for bit.
+    let again = ask(&request("Name three colours of the sea."));
     let prompt_tokens = first["usage"]["prompt_tokens"].as_f64().unwrap();
-    assert_eq!(hits(), prompt_tokens - 1.0);
-    assert_eq!(
-        first["choices"][0]["message"]["content"],
-        again["choices"][0]["message"]["content"]
+    assert_eq!(hits(), prompt_tokens);
+    assert_eq!(first["choices"], again["choices"]);
+    // Another question shares the chat template's opening: that much is reused.
+    ask(&request("Name three colours of the sky."));
+    let shared = hits() - prompt_tokens;
+    assert!(
+        shared >= 8.0 && shared < prompt_tokens,
+        "{shared} of {prompt_tokens}"
     );
     let cached = metric(
         &server.get_text("/metrics"),

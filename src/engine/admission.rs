@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::job::{EngineError, Event, GenerateJob};
+use super::registry::is_ephemeral;
 use super::scheduler::Scheduler;
 use super::stream::Active;
 use crate::generation::Sequence;
@@ -168,37 +169,48 @@ impl Scheduler {
             .unwrap_or(0)
     }
 
-    /// Starts a new job's sequences from the prompt cache's longest match, if any.
+    /// Starts a new job's sequences from the prompt cache's longest match, if any, and has
+    /// its first sequence keep what the cache needs. Ephemeral adapters live for one batch:
+    /// their prompts are not cached.
     fn reuse_cached_prompt(&mut self, active: &mut Active) {
         let job = &active.job;
         let adapter = job.adapter.as_deref();
+        if adapter.is_some_and(is_ephemeral) {
+            return;
+        }
         let version = self.weights_version(adapter);
         metrics::counter!(m::PREFIX_CACHE_QUERIES, "model" => self.model_label.clone())
             .increment((job.prompt.len() * job.n) as u64);
-        let Some(cache) = self.prompt_cache.lookup(adapter, version, &job.prompt) else {
+        let hit = self.prompt_cache.lookup(adapter, version, &job.prompt);
+        if let Some(first) = active.seqs.first_mut() {
+            first.keep_prompt_logits();
+        }
+        let Some((cache, logits)) = hit else {
             return;
         };
         metrics::counter!(m::PREFIX_CACHE_HITS, "model" => self.model_label.clone())
-            .increment((cache.len() * job.n) as u64);
+            .increment((cache.len() * active.job.n) as u64);
         for seq in &mut active.seqs {
             match cache.fork(cache.len()) {
-                Ok(copy) => seq.reuse_prompt_prefix(copy),
+                Ok(copy) => seq.reuse_prompt_prefix(copy, logits.clone()),
                 Err(e) => tracing::warn!("prompt cache copy failed, prefilling instead: {e}"),
             }
         }
     }
 
-    /// Remembers the prompts prefilled by the last step (each job's first sequence that has
-    /// just sampled its first token) for later requests.
+    /// Remembers the prompts prefilled by the last step (each job's first sequence keeps its
+    /// prompt's logits when it samples its first token) for later requests.
     pub(super) fn remember_prompts(&mut self) {
-        for a in &self.running {
-            let Some(seq) = a.seqs.first() else { continue };
-            if seq.generated().len() == 1 {
-                let adapter = a.job.adapter.as_deref();
-                let version = self.weights_version(adapter);
-                self.prompt_cache
-                    .insert(adapter, version, &a.job.prompt, seq.cache());
-            }
+        for i in 0..self.running.len() {
+            let adapter = self.running[i].job.adapter.clone();
+            let version = self.weights_version(adapter.as_deref());
+            let a = &mut self.running[i];
+            let Some((cache, logits)) = a.seqs.first_mut().and_then(|s| s.take_prompt_logits())
+            else {
+                continue;
+            };
+            self.prompt_cache
+                .insert(adapter.as_deref(), version, &a.job.prompt, cache, logits);
         }
     }
 

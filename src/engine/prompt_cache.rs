@@ -3,9 +3,11 @@
 //! prompt, a chat template, the same question again) copies that prompt's keys and values
 //! instead of prefilling them. An entry belongs to one adapter at one version, and the
 //! engine forgets an adapter's entries whenever its weights change, so no KV computed under
-//! one weight version is used under another.
+//! one weight version is used under another. A prompt seen whole again also gets the logits
+//! after it, so its first token needs no forward pass and its answer has the first run's bits.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::model::KvCache;
 
@@ -27,6 +29,14 @@ struct Entry {
     prompt: Vec<u32>,
     /// The prompt's keys and values, `prompt.len()` positions.
     cache: KvCache,
+    /// The logits after the prompt's last token.
+    logits: Arc<Vec<f32>>,
+}
+
+impl Entry {
+    fn bytes(&self) -> usize {
+        self.cache.bytes() + 4 * self.logits.len()
+    }
 }
 
 /// The most recently used prompts first.
@@ -46,21 +56,25 @@ impl PromptCache {
         }
     }
 
-    /// A copy of the longest cached prefix of `prompt` under these weights, leaving at least
-    /// the prompt's last token to feed (its logits give the first sampled token); `None`
-    /// when no entry shares [`MIN_REUSED`] tokens.
+    /// A copy of the longest cached prefix of `prompt` under these weights: the whole prompt
+    /// with the logits after it when this prompt was seen whole, else at most all but its
+    /// last token (fed again for its logits); `None` when no entry shares [`MIN_REUSED`]
+    /// tokens.
     pub fn lookup(
         &mut self,
         adapter: Option<&str>,
         version: u64,
         prompt: &[u32],
-    ) -> Option<KvCache> {
+    ) -> Option<(KvCache, Option<Arc<Vec<f32>>>)> {
         let (best, reused) = self
             .entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.adapter.as_deref() == adapter && e.version == version)
             .map(|(i, e)| {
+                if e.prompt == prompt {
+                    return (i, prompt.len());
+                }
                 let shared = e.prompt.iter().zip(prompt).take_while(|(a, b)| a == b);
                 (i, shared.count().min(prompt.len().saturating_sub(1)))
             })
@@ -69,14 +83,22 @@ impl PromptCache {
             return None;
         }
         let entry = self.entries.remove(best)?;
-        let copy = entry.cache.fork(reused).ok();
+        let logits = (reused == prompt.len()).then(|| entry.logits.clone());
+        let copy = entry.cache.fork(reused).ok().map(|cache| (cache, logits));
         self.entries.push_front(entry);
         copy
     }
 
-    /// Remembers a prefilled prompt (a copy of `cache`'s first `prompt.len()` positions),
-    /// dropping the least recently used entries beyond its capacity.
-    pub fn insert(&mut self, adapter: Option<&str>, version: u64, prompt: &[u32], cache: &KvCache) {
+    /// Remembers a prefilled prompt (a copy of `cache`'s first `prompt.len()` positions) and
+    /// the logits after it, dropping the least recently used entries beyond its capacity.
+    pub fn insert(
+        &mut self,
+        adapter: Option<&str>,
+        version: u64,
+        prompt: &[u32],
+        cache: &KvCache,
+        logits: Arc<Vec<f32>>,
+    ) {
         if prompt.len() < MIN_REUSED || cache.len() < prompt.len() {
             return;
         }
@@ -91,10 +113,11 @@ impl PromptCache {
             version,
             prompt: prompt.to_vec(),
             cache,
+            logits,
         });
         let mut bytes = 0;
         self.entries.retain(|e| {
-            bytes += e.cache.bytes();
+            bytes += e.bytes();
             bytes <= self.capacity_bytes
         });
     }
@@ -105,9 +128,9 @@ impl PromptCache {
             .retain(|e| e.adapter.as_deref() != Some(adapter));
     }
 
-    /// Bytes of the cached keys and values.
+    /// Bytes of the cached keys, values and logits.
     pub fn bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.cache.bytes()).sum()
+        self.entries.iter().map(Entry::bytes).sum()
     }
 }
 
@@ -128,35 +151,42 @@ mod tests {
         cache
     }
 
+    fn logits() -> Arc<Vec<f32>> {
+        Arc::new(vec![0.5, 1.5])
+    }
+
     fn cached_numbers(cache: &KvCache) -> Vec<f32> {
         let (k, _) = cache.buffers(0).unwrap();
-        k.narrow(1, 0, cache.len())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        let k = k.narrow(1, 0, cache.len()).unwrap();
+        k.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn reused_len(hit: Option<(KvCache, Option<Arc<Vec<f32>>>)>) -> Option<usize> {
+        hit.map(|(cache, _)| cache.len())
     }
 
     #[test]
-    fn a_prompt_reuses_the_longest_cached_prefix_under_its_own_weights_and_feeds_its_last_token() {
+    fn a_prompt_reuses_the_longest_cached_prefix_under_its_own_weights() {
         let mut cache = PromptCache::new(None);
         let twenty: Vec<u32> = (0..20).collect();
         let shares_ten: Vec<u32> = (0..10).chain(100..120).collect();
-        cache.insert(None, 0, &shares_ten, &cache_of(30));
-        cache.insert(None, 0, &twenty, &cache_of(20));
+        cache.insert(None, 0, &shares_ten, &cache_of(30), logits());
+        cache.insert(None, 0, &twenty, &cache_of(20), logits());
 
-        // The same prompt again: all but its last token, which is fed for its logits.
-        let reused = cache.lookup(None, 0, &twenty).unwrap();
-        assert_eq!(
-            cached_numbers(&reused),
-            (0..19).map(|i| i as f32).collect::<Vec<_>>()
-        );
+        // The same prompt again: all of it, and the logits after it.
+        let (reused, after) = cache.lookup(None, 0, &twenty).unwrap();
+        let numbers: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        assert_eq!(cached_numbers(&reused), numbers);
+        assert_eq!(after, Some(logits()));
+        // A prompt cut short: all but its last token, fed again for its logits.
+        let (reused, after) = cache.lookup(None, 0, &twenty[..15]).unwrap();
+        assert_eq!((reused.len(), after), (14, None));
         // A longer prompt that starts with a cached one takes all of it; the longest match wins.
         let longer: Vec<u32> = (0..40).collect();
-        assert_eq!(cache.lookup(None, 0, &longer).map(|c| c.len()), Some(20));
+        let (reused, after) = cache.lookup(None, 0, &longer).unwrap();
+        assert_eq!((reused.len(), after), (20, None));
         let other: Vec<u32> = (0..10).chain(100..105).chain(7..9).collect();
-        assert_eq!(cache.lookup(None, 0, &other).map(|c| c.len()), Some(15));
+        assert_eq!(reused_len(cache.lookup(None, 0, &other)), Some(15));
         // Too short a shared prefix, another adapter, another version: nothing.
         let short: Vec<u32> = (0..5).chain(50..70).collect();
         assert!(cache.lookup(None, 0, &short).is_none());
@@ -164,7 +194,7 @@ mod tests {
         assert!(cache.lookup(None, 1, &twenty).is_none());
 
         // An adapter whose weights change is forgotten, and only it.
-        cache.insert(Some("a"), 3, &twenty, &cache_of(20));
+        cache.insert(Some("a"), 3, &twenty, &cache_of(20), logits());
         assert!(cache.lookup(Some("a"), 3, &twenty).is_some());
         cache.forget("a");
         assert!(cache.lookup(Some("a"), 3, &twenty).is_none());
@@ -173,20 +203,21 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_prompts_go_beyond_the_capacity() {
-        // Each entry takes 2 x 128 positions (the growth step) x 4 bytes; the cache gets an
-        // eighth of the KV budget: room for two.
-        let mut cache = PromptCache::new(Some(8 * 2 * 2 * 128 * 4 + 1));
+        // Each entry takes 2 x 128 positions (the growth step) x 4 bytes and two logits; the
+        // cache gets an eighth of the KV budget: room for two.
+        let entry = 2 * 128 * 4 + 2 * 4;
+        let mut cache = PromptCache::new(Some(8 * 2 * entry + 1));
         let prompts: Vec<Vec<u32>> = (0..3)
             .map(|p| (0..16).map(|i| p * 100 + i).collect())
             .collect();
         for p in &prompts[..2] {
-            cache.insert(None, 0, p, &cache_of(16));
+            cache.insert(None, 0, p, &cache_of(16), logits());
         }
         assert!(cache.lookup(None, 0, &prompts[0]).is_some()); // now the most recent
-        cache.insert(None, 0, &prompts[2], &cache_of(16));
+        cache.insert(None, 0, &prompts[2], &cache_of(16), logits());
         assert!(cache.lookup(None, 0, &prompts[1]).is_none());
         assert!(cache.lookup(None, 0, &prompts[0]).is_some());
         assert!(cache.lookup(None, 0, &prompts[2]).is_some());
-        assert_eq!(cache.bytes(), 2 * 2 * 128 * 4);
+        assert_eq!(cache.bytes(), 2 * entry);
     }
 }

@@ -3,6 +3,8 @@
 //! token per step, all in one forward pass; a new sequence's prompt is prefilled in the same
 //! pass. Forking starts a branch from a copy of the parent's KV prefix.
 
+use std::sync::Arc;
+
 use candle_core::DType;
 use rayon::prelude::*;
 
@@ -57,6 +59,13 @@ pub struct Sequence {
     decoder: IncrementalDecoder,
     text: String,
     finish: Option<FinishReason>,
+    /// Logits of the next token, known without a forward pass (a prompt cache's whole-prompt
+    /// hit); `pending` is then empty.
+    ready_logits: Option<Arc<Vec<f32>>>,
+    /// Keep the logits of the prompt's last position for the prompt cache
+    /// ([`Sequence::take_prompt_logits`]).
+    keep_prompt_logits: bool,
+    prompt_logits: Option<Arc<Vec<f32>>>,
 }
 
 impl Sequence {
@@ -79,23 +88,36 @@ impl Sequence {
             decoder: IncrementalDecoder::default(),
             text: String::new(),
             finish: None,
+            ready_logits: None,
+            keep_prompt_logits: false,
+            prompt_logits: None,
         }
     }
 
     /// Starts from `cache`, another sequence's keys and values for the first `cache.len()`
     /// prompt tokens under the same weights, instead of prefilling them. Before the first step
-    /// only, and leaving at least one prompt token to feed.
-    pub fn reuse_prompt_prefix(&mut self, cache: KvCache) {
-        assert!(
-            self.generated.is_empty() && self.cache.is_empty() && cache.len() < self.prompt_len
-        );
+    /// only. With the whole prompt cached, `logits` (that sequence's logits at the prompt's
+    /// last position) give the first token without a forward pass, so the answer has the
+    /// bits the prompt's first run had.
+    pub fn reuse_prompt_prefix(&mut self, cache: KvCache, logits: Option<Arc<Vec<f32>>>) {
+        assert!(self.generated.is_empty() && self.cache.is_empty());
+        let whole = cache.len() == self.prompt_len;
+        assert!(whole == logits.is_some() && cache.len() <= self.prompt_len);
         self.pending = self.tokens[cache.len()..].to_vec();
         self.cache = cache;
+        self.ready_logits = logits;
     }
 
-    /// The KV cache, for reuse by later sequences with the same prompt.
-    pub fn cache(&self) -> &KvCache {
-        &self.cache
+    /// Keeps the logits of the prompt's last position when the first step computes them.
+    pub fn keep_prompt_logits(&mut self) {
+        self.keep_prompt_logits = true;
+    }
+
+    /// The KV cache and the logits after the prompt, once the first token has been sampled
+    /// (see [`Sequence::keep_prompt_logits`]), for later sequences with the same prompt.
+    pub fn take_prompt_logits(&mut self) -> Option<(&KvCache, Arc<Vec<f32>>)> {
+        let logits = self.prompt_logits.take()?;
+        Some((&self.cache, logits))
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -164,6 +186,9 @@ impl Sequence {
             decoder,
             text,
             finish: None,
+            ready_logits: None,
+            keep_prompt_logits: false,
+            prompt_logits: None,
         })
     }
 
@@ -227,22 +252,40 @@ pub fn decode_step_mixed(
     if live.is_empty() {
         return Ok(());
     }
-    let logits = {
-        let mut inputs: Vec<SeqInput<'_>> = live
-            .iter_mut()
-            .map(|s| SeqInput::cached(&s.pending, &mut s.cache))
-            .collect();
-        model.forward_mixed(&mut inputs, &adapters, LogitsFor::Last)?
-    };
-    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    // Sequences whose next logits are known already (a whole prompt from the prompt cache)
+    // take no part in the forward pass.
+    let mut rows: Vec<Option<Arc<Vec<f32>>>> =
+        live.iter_mut().map(|s| s.ready_logits.take()).collect();
+    if rows.iter().any(Option::is_none) {
+        let logits = {
+            let (mut inputs, adapters): (Vec<SeqInput<'_>>, Vec<Option<&Adapter>>) = live
+                .iter_mut()
+                .zip(&adapters)
+                .zip(&rows)
+                .filter(|(_, row)| row.is_none())
+                .map(|((s, a), _)| (SeqInput::cached(&s.pending, &mut s.cache), *a))
+                .unzip();
+            model.forward_mixed(&mut inputs, &adapters, LogitsFor::Last)?
+        };
+        let mut computed = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?.into_iter();
+        for row in rows.iter_mut().filter(|row| row.is_none()) {
+            *row = computed.next().map(Arc::new);
+        }
+    }
+    let rows: Vec<Arc<Vec<f32>>> = rows.into_iter().flatten().collect();
     let max_context = model.config().max_position_embeddings;
     // Each sequence draws from its own RNG, so sampling the rows in parallel changes nothing
     // but the time (a full-vocabulary softmax per row).
     let tokens: Vec<SampledToken> = live
         .par_iter_mut()
-        .zip(rows)
-        .map(|(seq, row)| seq.sampler.sample(&row, seq.top_logprobs))
+        .zip(&rows)
+        .map(|(seq, row)| seq.sampler.sample(row, seq.top_logprobs))
         .collect();
+    for (seq, row) in live.iter_mut().zip(rows) {
+        if seq.keep_prompt_logits && seq.generated.is_empty() {
+            seq.prompt_logits = Some(row);
+        }
+    }
     for (seq, token) in live.iter_mut().zip(tokens) {
         seq.accept(token, tok, max_context)?;
     }
