@@ -190,27 +190,35 @@ impl Scheduler {
         };
         metrics::counter!(m::PREFIX_CACHE_HITS, "model" => self.model_label.clone())
             .increment((cache.len() * active.job.n) as u64);
-        for seq in &mut active.seqs {
+        // The looked-up copy goes to the last sequence; the others get copies of it.
+        let Some((last, others)) = active.seqs.split_last_mut() else {
+            return;
+        };
+        for seq in others {
             match cache.fork(cache.len()) {
                 Ok(copy) => seq.reuse_prompt_prefix(copy, logits.clone()),
                 Err(e) => tracing::warn!("prompt cache copy failed, prefilling instead: {e}"),
             }
         }
+        last.reuse_prompt_prefix(cache, logits);
     }
 
     /// Remembers the prompts prefilled by the last step (each job's first sequence keeps its
     /// prompt's logits when it samples its first token) for later requests.
     pub(super) fn remember_prompts(&mut self) {
         for i in 0..self.running.len() {
-            let adapter = self.running[i].job.adapter.clone();
-            let version = self.weights_version(adapter.as_deref());
-            let a = &mut self.running[i];
-            let Some((cache, logits)) = a.seqs.first_mut().and_then(|s| s.take_prompt_logits())
+            let Some(logits) = self.running[i]
+                .seqs
+                .first_mut()
+                .and_then(Sequence::take_prompt_logits)
             else {
                 continue;
             };
+            let a = &self.running[i];
+            let adapter = a.job.adapter.as_deref();
+            let version = self.weights_version(adapter);
             self.prompt_cache
-                .insert(adapter.as_deref(), version, &a.job.prompt, cache, logits);
+                .insert(adapter, version, &a.job.prompt, a.seqs[0].cache(), logits);
         }
     }
 

@@ -113,11 +113,14 @@ impl Sequence {
         self.keep_prompt_logits = true;
     }
 
-    /// The KV cache and the logits after the prompt, once the first token has been sampled
-    /// (see [`Sequence::keep_prompt_logits`]), for later sequences with the same prompt.
-    pub fn take_prompt_logits(&mut self) -> Option<(&KvCache, Arc<Vec<f32>>)> {
-        let logits = self.prompt_logits.take()?;
-        Some((&self.cache, logits))
+    /// The logits after the prompt, once the first token has been sampled (see
+    /// [`Sequence::keep_prompt_logits`]), for later sequences with the same prompt.
+    pub fn take_prompt_logits(&mut self) -> Option<Arc<Vec<f32>>> {
+        self.prompt_logits.take()
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
     }
 
     pub fn prompt_len(&self) -> usize {

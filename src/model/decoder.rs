@@ -501,9 +501,9 @@ impl Model {
 
     /// The gradients of a loss of the final hidden states with respect to `adapter`'s
     /// weights (in [`Adapter::vars`] order). A batch whose activations fit in 512 MB (or
-    /// [`Model::set_kept_activation_bytes`]) keeps the whole graph; a larger one is recomputed one layer
-    /// at a time (gradient checkpointing, Chen et al. 2016): the forward pass keeps no graph,
-    /// only each layer's input, and the backward pass rebuilds one layer's graph,
+    /// [`Model::set_kept_activation_bytes`]) keeps the whole graph; a larger one is recomputed
+    /// one layer at a time (gradient checkpointing, Chen et al. 2016): the forward pass keeps
+    /// no graph, only each layer's input, and the backward pass rebuilds one layer's graph,
     /// backpropagates the incoming gradient through it and drops it, so activations of a
     /// single layer exist at once, for one more forward pass of compute. `loss_grad` gets the
     /// final hidden states of the rows asked (detached) and returns dL/dhidden and whatever
