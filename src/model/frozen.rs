@@ -450,25 +450,22 @@ fn few_rows_matmul<'w>(
     let rows: Vec<&[f32]> = x.chunks(k).collect();
     #[cfg(target_arch = "x86_64")]
     let simd = avx2::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
     let mut by_feature = vec![0f32; n * m];
     by_feature
         .par_chunks_mut(m * FEATURES_PER_TASK)
         .enumerate()
         .for_each(|(task, out)| {
-            let mut unpacked = Vec::new();
+            let weight_row = |j| weight_row(task * FEATURES_PER_TASK + j);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` comes from `avx2::available`; rows have `k` floats and
+                // weight rows `k` numbers, in one format.
+                return unsafe { avx2::rows_times_weights(&rows, weight_row, k, out) };
+            }
             for (j, out) in out.chunks_mut(m).enumerate() {
-                let mut w_row = weight_row(task * FEATURES_PER_TASK + j);
-                // More rows than one kernel call takes: a compact row is unpacked once into
-                // f32 (the same numbers) rather than once per call.
-                if m > GROUP && !matches!(w_row, WeightRow::F32(_)) {
-                    unpacked.resize(k, 0.0);
-                    unpack(simd, w_row, &mut unpacked);
-                    w_row = WeightRow::F32(&unpacked);
-                }
-                for (out, rows) in out.chunks_mut(GROUP).zip(rows.chunks(GROUP)) {
-                    dots(simd, rows, w_row, k, out);
+                let w = weight_row(j);
+                for (o, row) in out.iter_mut().zip(&rows) {
+                    *o = row.iter().enumerate().map(|(i, x)| x * w.get(i)).sum();
                 }
             }
         });
@@ -481,37 +478,11 @@ fn few_rows_matmul<'w>(
     out
 }
 
-/// `out[i] = rows[i] . w` for up to [`GROUP`] rows of length `k`, with AVX2, FMA and F16C when
-/// `simd` says the CPU has them (detected once per matmul: rows are short, and decode steps
-/// take hundreds of thousands of them per token).
-fn dots(simd: bool, rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` comes from `avx2::available`.
-        return unsafe { avx2::dots(rows, w, k, out) };
-    }
-    for (o, row) in out.iter_mut().zip(rows) {
-        *o = row.iter().enumerate().map(|(i, x)| x * w.get(i)).sum();
-    }
-}
-
-/// `out[i] = w[i]`, with AVX2 and F16C when `simd` says the CPU has them.
-fn unpack(simd: bool, w: WeightRow<'_>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` comes from `avx2::available`.
-        return unsafe { avx2::unpack(w, out) };
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = w.get(i);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{WeightRow, BLOCK};
+    use super::{WeightRow, BLOCK, GROUP};
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2")
@@ -521,7 +492,9 @@ mod avx2 {
 
     /// A weight row read 32 numbers (one quantization block) at a time, as four 8-lane
     /// vectors.
-    trait Lanes32 {
+    trait Lanes32<'a> {
+        /// The row; `w` has this format (one weight has one).
+        fn typed(w: WeightRow<'a>) -> Self;
         /// Numbers `i..i + 32`; `i` is a multiple of 32 below the row's length rounded down.
         unsafe fn load(&self, i: usize) -> [__m256; 4];
     }
@@ -534,7 +507,14 @@ mod avx2 {
 
     // SAFETY (every `load`): the caller keeps `i + 32` within the row (see `Lanes32`), and
     // the callers are compiled with AVX2, FMA and F16C enabled and inline these.
-    impl Lanes32 for F32Row<'_> {
+    impl<'a> Lanes32<'a> for F32Row<'a> {
+        fn typed(w: WeightRow<'a>) -> Self {
+            match w {
+                WeightRow::F32(w) => Self(w),
+                _ => unreachable!("one weight, one format"),
+            }
+        }
+
         #[inline(always)]
         unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let p = self.0.as_ptr().add(i);
@@ -547,7 +527,14 @@ mod avx2 {
         }
     }
 
-    impl Lanes32 for Bf16Row<'_> {
+    impl<'a> Lanes32<'a> for Bf16Row<'a> {
+        fn typed(w: WeightRow<'a>) -> Self {
+            match w {
+                WeightRow::Bf16(b) => Self(b),
+                _ => unreachable!("one weight, one format"),
+            }
+        }
+
         #[inline(always)]
         unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let p = self.0.as_ptr().add(2 * i) as *const __m128i;
@@ -559,7 +546,14 @@ mod avx2 {
         }
     }
 
-    impl Lanes32 for F16Row<'_> {
+    impl<'a> Lanes32<'a> for F16Row<'a> {
+        fn typed(w: WeightRow<'a>) -> Self {
+            match w {
+                WeightRow::F16(b) => Self(b),
+                _ => unreachable!("one weight, one format"),
+            }
+        }
+
         #[inline(always)]
         unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let p = self.0.as_ptr().add(2 * i) as *const __m128i;
@@ -568,7 +562,14 @@ mod avx2 {
         }
     }
 
-    impl Lanes32 for Q8_0Row<'_> {
+    impl<'a> Lanes32<'a> for Q8_0Row<'a> {
+        fn typed(w: WeightRow<'a>) -> Self {
+            match w {
+                WeightRow::Q8_0 { codes, scales } => Self(codes, scales),
+                _ => unreachable!("one weight, one format"),
+            }
+        }
+
         #[inline(always)]
         unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let p = self.0.as_ptr().add(i) as *const __m128i;
@@ -584,7 +585,18 @@ mod avx2 {
         }
     }
 
-    impl Lanes32 for Q4_1Row<'_> {
+    impl<'a> Lanes32<'a> for Q4_1Row<'a> {
+        fn typed(w: WeightRow<'a>) -> Self {
+            match w {
+                WeightRow::Q4_1 {
+                    codes,
+                    scales,
+                    offsets,
+                } => Self(codes, scales, offsets),
+                _ => unreachable!("one weight, one format"),
+            }
+        }
+
         #[inline(always)]
         unsafe fn load(&self, i: usize) -> [__m256; 4] {
             let block = i / BLOCK;
@@ -608,70 +620,76 @@ mod avx2 {
         }
     }
 
+    /// `out[j * m + i] = rows[i] . weight_row(j)` for the `out.len() / m` weight rows of a task.
+    ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C ([`available`]); every row has `k` floats, `w` holds
-    /// `k` numbers, and there are at most [`super::GROUP`] rows.
-    pub unsafe fn dots(rows: &[&[f32]], w: WeightRow<'_>, k: usize, out: &mut [f32]) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match w {
-                WeightRow::F32(w) => rows_kernel(rows, &F32Row(w), k, out, |i| w[i]),
-                WeightRow::Bf16(b) => rows_kernel(rows, &Bf16Row(b), k, out, |i| w.get(i)),
-                WeightRow::F16(b) => rows_kernel(rows, &F16Row(b), k, out, |i| w.get(i)),
-                WeightRow::Q8_0 { codes, scales } => {
-                    rows_kernel(rows, &Q8_0Row(codes, scales), k, out, |i| w.get(i))
-                }
-                WeightRow::Q4_1 {
-                    codes,
-                    scales,
-                    offsets,
-                } => rows_kernel(rows, &Q4_1Row(codes, scales, offsets), k, out, |i| w.get(i)),
-            }
-        }
-    }
-
-    /// [`kernel`] with the row count as a constant, so its loop over rows unrolls.
-    #[inline(always)]
-    unsafe fn rows_kernel<W: Lanes32>(
+    /// The CPU has AVX2, FMA and F16C ([`available`]); every row has `k` floats, and every
+    /// weight row holds `k` numbers in the format of the first.
+    pub unsafe fn rows_times_weights<'w>(
         rows: &[&[f32]],
-        w: &W,
+        weight_row: impl Fn(usize) -> WeightRow<'w>,
         k: usize,
         out: &mut [f32],
-        tail: impl Fn(usize) -> f32,
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            match rows.len() {
-                1 => kernel::<W, 1>(rows, w, k, out, tail),
-                2 => kernel::<W, 2>(rows, w, k, out, tail),
-                3 => kernel::<W, 3>(rows, w, k, out, tail),
-                n => unreachable!("{n} rows in one kernel call"),
+            match weight_row(0) {
+                WeightRow::F32(_) => task::<F32Row>(rows, weight_row, k, out),
+                WeightRow::Bf16(_) => task::<Bf16Row>(rows, weight_row, k, out),
+                WeightRow::F16(_) => task::<F16Row>(rows, weight_row, k, out),
+                WeightRow::Q8_0 { .. } => task::<Q8_0Row>(rows, weight_row, k, out),
+                WeightRow::Q4_1 { .. } => task::<Q4_1Row>(rows, weight_row, k, out),
             }
         }
     }
 
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C ([`available`]); `w` is a compact row (whole blocks) of
-    /// `out.len()` numbers.
-    pub unsafe fn unpack(w: WeightRow<'_>, out: &mut [f32]) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match w {
-                WeightRow::F32(w) => out.copy_from_slice(w),
-                WeightRow::Bf16(b) => store(&Bf16Row(b), out),
-                WeightRow::F16(b) => store(&F16Row(b), out),
-                WeightRow::Q8_0 { codes, scales } => store(&Q8_0Row(codes, scales), out),
-                WeightRow::Q4_1 {
-                    codes,
-                    scales,
-                    offsets,
-                } => store(&Q4_1Row(codes, scales, offsets), out),
-            }
-        }
-    }
-
+    /// [`rows_times_weights`] for one format, the kernel inlined: rows are short (576
+    /// numbers for the default model) and a decode step takes hundreds of thousands of them,
+    /// so a call and a format dispatch per row cost about a tenth of the step. With more
+    /// rows than one kernel call takes, a compact row is unpacked once into f32 (the same
+    /// numbers) rather than once per call.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn store<W: Lanes32>(w: &W, out: &mut [f32]) {
+    unsafe fn task<'w, W: Lanes32<'w>>(
+        rows: &[&[f32]],
+        weight_row: impl Fn(usize) -> WeightRow<'w>,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let m = rows.len();
+        let mut unpacked = vec![0f32; if m > GROUP { k } else { 0 }];
+        for (j, out) in out.chunks_mut(m).enumerate() {
+            let w = weight_row(j);
+            // SAFETY (kernels): the caller's contract, and `unpacked` has `k` floats.
+            unsafe {
+                match (m, w) {
+                    (1, w) => kernel::<W, 1>(rows, &W::typed(w), k, out, |i| w.get(i)),
+                    (2, w) => kernel::<W, 2>(rows, &W::typed(w), k, out, |i| w.get(i)),
+                    (3, w) => kernel::<W, 3>(rows, &W::typed(w), k, out, |i| w.get(i)),
+                    (_, w) => {
+                        let w = match w {
+                            WeightRow::F32(w) => w,
+                            w => {
+                                store(&W::typed(w), &mut unpacked);
+                                &unpacked
+                            }
+                        };
+                        for (out, rows) in out.chunks_mut(GROUP).zip(rows.chunks(GROUP)) {
+                            let tail = |i: usize| w[i];
+                            match rows.len() {
+                                1 => kernel::<F32Row, 1>(rows, &F32Row(w), k, out, tail),
+                                2 => kernel::<F32Row, 2>(rows, &F32Row(w), k, out, tail),
+                                _ => kernel::<F32Row, 3>(rows, &F32Row(w), k, out, tail),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out[i] = w[i]` for a compact row of `out.len()` numbers (whole blocks).
+    #[inline(always)]
+    unsafe fn store<'a, W: Lanes32<'a>>(w: &W, out: &mut [f32]) {
         assert!(out.len().is_multiple_of(BLOCK));
         for i in (0..out.len()).step_by(BLOCK) {
             // SAFETY: i + 32 <= out.len(), which the row holds (the caller's contract).
@@ -686,9 +704,10 @@ mod avx2 {
     /// Each 32 numbers of `w` are loaded once and multiplied into four 8-lane accumulators
     /// per row (four independent chains: with two, a single row waited on the fused
     /// multiply-add's latency); the horizontal sums and the tail (`tail(i)` is number `i`)
-    /// come last. A row's sums do not depend on `R`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<W: Lanes32, const R: usize>(
+    /// come last. A row's sums do not depend on `R`. Inlined into [`task`], whose target
+    /// features its intrinsics need.
+    #[inline(always)]
+    unsafe fn kernel<'a, W: Lanes32<'a>, const R: usize>(
         rows: &[&[f32]],
         w: &W,
         k: usize,
@@ -804,7 +823,7 @@ mod tests {
     fn few_rows_matmul_matches_gemm_and_gives_a_row_the_same_bits_in_any_batch(
     ) -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        // k = 100: six 16-float blocks and a tail; n = 130: a partial last task.
+        // k = 100: three 32-number blocks and a tail; n = 130: a partial last task.
         let w = Tensor::randn(0f32, 1., (130, 100), &dev)?;
         let x = Tensor::randn(0f32, 1., (FEW_ROWS, 100), &dev)?;
         let reference = x.matmul(&w.t()?)?;
@@ -812,9 +831,14 @@ mod tests {
         let few = plain.matmul(&x)?;
         let diff = (&few - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-4, "{diff}");
-        let alone = plain.matmul(&x.narrow(0, 3, 1)?)?;
-        let in_batch = few.narrow(0, 3, 1)?;
-        assert_eq!(alone.to_vec2::<f32>()?, in_batch.to_vec2::<f32>()?);
+        // Every batch size takes its own kernel path (1-3 rows, or groups of 3 and the rest).
+        let few = few.to_vec2::<f32>()?;
+        for m in [1, 2, 3, 4, 5, 7] {
+            for start in [0, FEW_ROWS - m] {
+                let some = plain.matmul(&x.narrow(0, start, m)?)?.to_vec2::<f32>()?;
+                assert_eq!(some, few[start..start + m], "{m} rows from {start}");
+            }
+        }
         Ok(())
     }
 
