@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use super::config::ModelConfig;
 use super::frozen::{CompactWeight, FrozenWeight, LowRank};
@@ -845,40 +846,59 @@ impl Model {
         let groups = c.kv_groups();
         let scale = 1.0 / (d as f32).sqrt();
         let q = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; b * heads * d];
-        let mut scores = Vec::new();
         for (i, seq) in seqs.iter_mut().enumerate() {
             let cache = seq.cache.as_deref_mut().expect("checked by the caller");
             let ki = k.narrow(0, i, 1)?.transpose(0, 1)?;
             let vi = v.narrow(0, i, 1)?.transpose(0, 1)?;
             cache.append(layer, &ki, &vi)?;
-            let keys = cache.len() + 1;
-            let (kbuf, vbuf) = cache.buffers(layer).expect("appended just above");
-            let (ks, kl) = kbuf.storage_and_layout();
-            let (vs, vl) = vbuf.storage_and_layout();
-            let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*ks, &*vs)
-            else {
-                unreachable!("single-token decode runs on the CPU only")
-            };
-            let kd = &ks.as_slice::<f32>()?[kl.start_offset()..];
-            let vd = &vs.as_slice::<f32>()?[vl.start_offset()..];
-            let capacity = kbuf.dim(1)?;
-            for h in 0..heads {
-                let g = h / groups;
-                let qh = &q[(i * heads + h) * d..][..d];
-                let base = g * capacity * d;
-                scores.clear();
-                scores.extend((0..keys).map(|t| {
-                    let kt = &kd[base + t * d..][..d];
-                    qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale
-                }));
+        }
+        // Every sequence's keys and values, read-only from here: buffers, capacity, positions.
+        let buffers = seqs
+            .iter()
+            .map(|seq| {
+                let cache = seq.cache.as_deref().expect("checked by the caller");
+                let (k, v) = cache.buffers(layer).expect("appended just above");
+                Ok((k.clone(), v.clone(), k.dim(1)?, cache.len() + 1))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = buffers
+            .iter()
+            .map(|(k, v, ..)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        let caches = guards
+            .iter()
+            .zip(&buffers)
+            .map(|(((ks, kl), (vs, vl)), &(.., capacity, keys))| {
+                let (candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&**ks, &**vs)
+                else {
+                    unreachable!("single-token decode runs on the CPU only")
+                };
+                let kd = &ks.as_slice::<f32>()?[kl.start_offset()..];
+                let vd = &vs.as_slice::<f32>()?[vl.start_offset()..];
+                Ok((kd, vd, capacity, keys))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // A task per (sequence, head) once a head's keys pay for a thread, fewer before.
+        let longest = caches.iter().map(|c| c.3).max().unwrap_or(1);
+        let min_len = ATTENTION_MULS_PER_TASK.div_ceil(2 * longest * d).max(1);
+        let mut out = vec![0f32; b * heads * d];
+        out.par_chunks_mut(d)
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(at, oh)| {
+                let (i, h) = (at / heads, at % heads);
+                let (kd, vd, capacity, keys) = caches[i];
+                let base = h / groups * capacity * d;
+                let qh = &q[at * d..][..d];
+                let mut scores: Vec<f32> = (0..keys)
+                    .map(|t| dot(qh, &kd[base + t * d..][..d]) * scale)
+                    .collect();
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 for s in scores.iter_mut() {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                let oh = &mut out[(i * heads + h) * d..][..d];
                 for (t, p) in scores.iter().enumerate() {
                     let vt = &vd[base + t * d..][..d];
                     let w = p / sum;
@@ -886,8 +906,7 @@ impl Model {
                         *o += w * x;
                     }
                 }
-            }
-        }
+            });
         Ok(Tensor::from_vec(out, (b, heads * d), &self.device)?)
     }
 
@@ -948,4 +967,22 @@ impl Model {
             .transpose(0, 1)?
             .reshape((n, heads * d))?)
     }
+}
+
+/// Multiply-adds of decode attention per parallel task: a task is one sequence's head, or a
+/// run of them while contexts are short.
+const ATTENTION_MULS_PER_TASK: usize = 32 * 1024;
+
+/// `a . b` in eight running sums: one sum waits on every add, eight vectorize.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += x * y;
+        }
+    }
+    let rest: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + rest
 }
