@@ -824,14 +824,10 @@ impl Model {
         Ok(Tensor::cat(&outs, 0)?)
     }
 
-    /// Causal attention of one sequence. `q`: (heads, n, d) for positions offset..offset+n;
-    /// `k`, `v`: (kv_heads, offset + n, d). Returns (n, heads * d).
-    ///
-    /// Grouped queries are folded into the row dimension, (kv_heads, groups * n, d), so the
-    /// keys are never copied per group.
     /// Attention of one new token per sequence, on the CPU in f32, written out by hand: with
     /// tensor ops each sequence costs ~20 tiny ops per layer, whose fixed overhead dominated
-    /// batched decoding. Keys and values are appended to each cache, then read in place.
+    /// batched decoding. Keys and values are appended to each cache, then read in place,
+    /// each (sequence, head) pair a task on the pool once its keys are worth one.
     /// `q`: (seqs, heads, d); `k`, `v`: (seqs, kv_heads, d). Returns (seqs, heads * d).
     fn decode_attention_cpu(
         &self,
@@ -879,7 +875,7 @@ impl Model {
             })
             .collect::<Result<Vec<_>>>()?;
         // A task per (sequence, head) once a head's keys pay for a thread, fewer before.
-        let longest = caches.iter().map(|c| c.3).max().unwrap_or(1);
+        let longest = caches.iter().map(|&(.., keys)| keys).max().unwrap_or(1);
         let min_len = ATTENTION_MULS_PER_TASK.div_ceil(2 * longest * d).max(1);
         let mut out = vec![0f32; b * heads * d];
         out.par_chunks_mut(d)
@@ -932,6 +928,11 @@ impl Model {
         ))
     }
 
+    /// Causal attention of one sequence. `q`: (heads, n, d) for positions offset..offset+n;
+    /// `k`, `v`: (kv_heads, offset + n, d). Returns (n, heads * d).
+    ///
+    /// Grouped queries are folded into the row dimension, (kv_heads, groups * n, d), so the
+    /// keys are never copied per group.
     fn attention(
         &self,
         q: &Tensor,
