@@ -661,11 +661,11 @@ mod avx2 {
             let w = weight_row(j);
             // SAFETY (kernels): the caller's contract, and `unpacked` has `k` floats.
             unsafe {
-                match (m, w) {
-                    (1, w) => kernel::<W, 1>(rows, &W::typed(w), k, out, |i| w.get(i)),
-                    (2, w) => kernel::<W, 2>(rows, &W::typed(w), k, out, |i| w.get(i)),
-                    (3, w) => kernel::<W, 3>(rows, &W::typed(w), k, out, |i| w.get(i)),
-                    (_, w) => {
+                match m {
+                    1 => kernel::<W, 1>(rows, &W::typed(w), k, out, |i| w.get(i)),
+                    2 => kernel::<W, 2>(rows, &W::typed(w), k, out, |i| w.get(i)),
+                    3 => kernel::<W, 3>(rows, &W::typed(w), k, out, |i| w.get(i)),
+                    _ => {
                         let w = match w {
                             WeightRow::F32(w) => w,
                             w => {
