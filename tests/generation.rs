@@ -110,9 +110,10 @@ fn reported_entropy_and_logprob_equal_a_direct_computation_from_the_logits() {
             tok.entropy
         );
         assert!((tok.logprob as f64 - logp[tok.id as usize]).abs() < 1e-4);
-        // And the direct formula: H = -sum p log p over the full vocabulary.
+        // And the direct formula: H = -sum p log p over the full vocabulary (the sampler's
+        // weights are f32 exponentials).
         let direct: f64 = -logp.iter().map(|lp| lp.exp() * lp).sum::<f64>();
-        assert!((direct - h).abs() < 1e-9);
+        assert!((direct - h).abs() < 1e-5);
     }
 }
 

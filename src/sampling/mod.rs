@@ -53,38 +53,80 @@ pub struct SampledToken {
 /// Log-probabilities of softmax(logits / t) in f64, and the entropy of that distribution.
 pub fn log_softmax_entropy(logits: &[f32], t: f32) -> (Vec<f64>, f64) {
     let d = Distribution::new(logits, t);
-    (d.logp, d.entropy)
+    ((0..logits.len()).map(|i| d.logp(i)).collect(), d.entropy)
 }
 
-/// softmax(logits / t) in f64: log-probs, probabilities and entropy, with one `exp` per id
-/// (a decode step of a large batch spent a fifth of its time in `exp` when each was taken
-/// three times).
-struct Distribution {
-    logp: Vec<f64>,
-    probs: Vec<f64>,
+/// softmax(logits / t): the weights `exp(logits / t - max)`, their sum, and the entropy,
+/// from one pass of [`exp_nonpositive`] over the vocabulary (libm's `exp` per id took about
+/// a tenth of a decode step); log-probs are computed on demand in f64.
+struct Distribution<'a> {
+    logits: &'a [f32],
+    t: f64,
+    /// `exp(logits[i] / t - max / t)`: 0 for ids whose logit is -inf.
+    weights: Vec<f32>,
+    /// log of the softmax's denominator.
+    lse: f64,
     entropy: f64,
 }
 
-impl Distribution {
-    fn new(logits: &[f32], t: f32) -> Self {
-        let t = f64::from(t);
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 / t;
-        let mut probs: Vec<f64> = logits.iter().map(|&l| (l as f64 / t - max).exp()).collect();
-        let sum: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        let lse = max + sum.ln();
-        let logp: Vec<f64> = logits.iter().map(|&l| l as f64 / t - lse).collect();
-        let entropy = -logp
-            .iter()
-            .zip(&probs)
-            .filter(|(lp, _)| lp.is_finite())
-            .map(|(lp, p)| p * lp)
-            .sum::<f64>();
-        Self {
-            logp,
-            probs,
-            entropy,
+impl<'a> Distribution<'a> {
+    fn new(logits: &'a [f32], t: f32) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) / t;
+        let shifted = |l: f32| l / t - max;
+        let mut weights = vec![0f32; logits.len()];
+        for (w, &l) in weights.iter_mut().zip(logits) {
+            *w = exp_nonpositive(shifted(l));
         }
+        // H = ln S - sum(w z) / S with z = logits / t - max and S = sum(w).
+        let (sum, weighted) = logits
+            .iter()
+            .zip(&weights)
+            .filter(|(_, &w)| w > 0.0)
+            .fold((0f64, 0f64), |(s, ws), (&l, &w)| {
+                (s + f64::from(w), ws + f64::from(w) * f64::from(shifted(l)))
+            });
+        Self {
+            logits,
+            t: f64::from(t),
+            weights,
+            lse: f64::from(max) + sum.ln(),
+            entropy: sum.ln() - weighted / sum,
+        }
+    }
+
+    /// log p(id), -inf for ids whose logit is.
+    fn logp(&self, id: usize) -> f64 {
+        f64::from(self.logits[id]) / self.t - self.lse
+    }
+}
+
+/// `e^x` for `x <= 0` (shifted logits), within about 2 ulp: plain arithmetic, which the
+/// compiler vectorizes, where `f32::exp` is a libm call per number. `x = n ln 2 + r`, a
+/// degree-6 polynomial for `e^r` (Cephes' `expf`) and `2^n` built in the exponent bits;
+/// below -87 (where f32 runs out of normal numbers) the result is 0.
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let y = x.max(-87.0);
+    let n = (y * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = y - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // SAFETY: n is an integer in [-126, 0] (y is in [-87, 0]), so the unchecked conversion
+    // (one instruction, where `as` adds saturation checks that stop vectorization) is exact.
+    let n: i32 = unsafe { n.to_int_unchecked() };
+    let scale = f32::from_bits(((n + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        e * scale
     }
 }
 
@@ -104,89 +146,117 @@ impl Sampler {
     }
 
     /// Chooses the next token from one row of logits. The reported log-prob and entropy are
-    /// the model's, over the full vocabulary.
+    /// the model's, over the full vocabulary; ids whose logit is -inf are never chosen.
     pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> SampledToken {
         let d = Distribution::new(logits, self.sampling.temperature());
-        let allowed = |i: usize| d.logp[i].is_finite();
         let id = match self.sampling {
-            Sampling::Greedy => argmax(&d.logp, allowed),
-            Sampling::Sample { top_k, top_p, .. } => self.draw(&d, top_k, top_p, allowed),
+            Sampling::Greedy => argmax(logits),
+            Sampling::Sample { top_k, top_p, .. } => self.draw(&d, top_k, top_p),
         };
         SampledToken {
             id,
-            logprob: d.logp[id as usize] as f32,
+            logprob: d.logp(id as usize) as f32,
             entropy: d.entropy as f32,
-            top: top_n(&d.logp, top_logprobs),
+            top: top_n(&d, top_logprobs),
         }
     }
 
-    fn draw(
-        &mut self,
-        d: &Distribution,
-        top_k: Option<usize>,
-        top_p: f32,
-        allowed: impl Fn(usize) -> bool,
-    ) -> u32 {
-        let mut candidates: Vec<(usize, f64)> = (0..d.probs.len())
-            .filter(|&i| allowed(i))
-            .map(|i| (i, d.probs[i]))
+    fn draw(&mut self, d: &Distribution, top_k: Option<usize>, top_p: f32) -> u32 {
+        if top_k.is_none() && top_p >= 1.0 {
+            return self.pick(d.weights.iter().copied().enumerate(), d);
+        }
+        // The kept ids in order of probability (ties by id, so the order is deterministic),
+        // sorting only as many of the largest as top-k and top-p keep: a nucleus is usually a
+        // few ids of a vocabulary of tens of thousands.
+        let by_weight =
+            |a: &usize, b: &usize| d.weights[*b].total_cmp(&d.weights[*a]).then(a.cmp(b));
+        let mut ids: Vec<usize> = (0..d.weights.len())
+            .filter(|&i| d.weights[i] > 0.0)
             .collect();
-        if candidates.is_empty() {
-            return argmax(&d.logp, |_| true);
-        }
-        if top_k.is_some() || top_p < 1.0 {
-            // Sort by probability (ties by id, so the order is deterministic).
-            candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            if let Some(k) = top_k {
-                candidates.truncate(k.max(1));
+        let largest_first = |ids: &mut Vec<usize>, n: usize| {
+            if n < ids.len() {
+                ids.select_nth_unstable_by(n - 1, by_weight);
             }
-            if top_p < 1.0 {
-                let total: f64 = candidates.iter().map(|c| c.1).sum();
+            let n = n.min(ids.len());
+            ids[..n].sort_by(by_weight);
+            n
+        };
+        if let Some(k) = top_k {
+            let kept = largest_first(&mut ids, k.max(1));
+            ids.truncate(kept);
+        }
+        if top_p < 1.0 {
+            let mass = f64::from(top_p) * ids.iter().map(|&i| f64::from(d.weights[i])).sum::<f64>();
+            let mut sorted = 64;
+            loop {
+                let head = largest_first(&mut ids, sorted);
                 let mut cum = 0.0;
-                let keep = candidates
-                    .iter()
-                    .position(|c| {
-                        cum += c.1;
-                        cum >= f64::from(top_p) * total
-                    })
-                    .map_or(candidates.len(), |i| i + 1);
-                candidates.truncate(keep);
+                let inside = ids[..head].iter().position(|&i| {
+                    cum += f64::from(d.weights[i]);
+                    cum >= mass
+                });
+                if let Some(last) = inside {
+                    ids.truncate(last + 1);
+                    break;
+                }
+                if head == ids.len() {
+                    break;
+                }
+                sorted *= 4;
             }
         }
-        let total: f64 = candidates.iter().map(|c| c.1).sum();
+        self.pick(ids.into_iter().map(|i| (i, d.weights[i])), d)
+    }
+
+    /// One id drawn in proportion to its weight among `candidates` (in their order).
+    fn pick(
+        &mut self,
+        candidates: impl Iterator<Item = (usize, f32)> + Clone,
+        d: &Distribution,
+    ) -> u32 {
+        let total: f64 = candidates.clone().map(|(_, w)| f64::from(w)).sum();
+        if total <= 0.0 {
+            return argmax(d.logits);
+        }
         let mut u = self.rng.random::<f64>() * total;
-        for &(i, p) in &candidates {
-            if u < p {
-                return i as u32;
+        let mut last = None;
+        for (i, w) in candidates {
+            let w = f64::from(w);
+            if w > 0.0 {
+                if u < w {
+                    return i as u32;
+                }
+                u -= w;
+                last = Some(i);
             }
-            u -= p;
         }
-        candidates.last().map_or(0, |c| c.0 as u32)
+        last.map_or_else(|| argmax(d.logits), |i| i as u32)
     }
 }
 
-/// The highest log-prob among allowed ids; the first maximum wins ties.
-fn argmax(logp: &[f64], allowed: impl Fn(usize) -> bool) -> u32 {
-    let mut best: Option<usize> = None;
-    for i in 0..logp.len() {
-        if allowed(i) && best.is_none_or(|b| logp[i] > logp[b]) {
-            best = Some(i);
+/// The id of the highest logit; the first maximum wins ties.
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
         }
     }
-    best.unwrap_or(0) as u32
+    best as u32
 }
 
-fn top_n(logp: &[f64], n: usize) -> Vec<(u32, f32)> {
+fn top_n(d: &Distribution, n: usize) -> Vec<(u32, f32)> {
+    let logits = d.logits;
     if n == 0 {
         return Vec::new();
     }
-    let mut idx: Vec<usize> = (0..logp.len()).collect();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
     let n = n.min(idx.len());
-    idx.select_nth_unstable_by(n - 1, |&a, &b| logp[b].total_cmp(&logp[a]));
+    idx.select_nth_unstable_by(n - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
     idx.truncate(n);
-    idx.sort_by(|&a, &b| logp[b].total_cmp(&logp[a]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     idx.into_iter()
-        .map(|i| (i as u32, logp[i] as f32))
+        .map(|i| (i as u32, d.logp(i) as f32))
         .collect()
 }
 
@@ -197,17 +267,49 @@ mod tests {
     #[test]
     fn entropy_matches_hand_computation() {
         // Two equal logits and one far lower: entropy close to ln 2 at T = 1.
+        // Weights come from f32 exponentials (relative error ~1e-7), sums in f64.
         let (logp, h) = log_softmax_entropy(&[0.0, 0.0, -100.0], 1.0);
-        assert!((h - std::f64::consts::LN_2).abs() < 1e-12, "{h}");
-        assert!((logp[0] - (-std::f64::consts::LN_2)).abs() < 1e-12);
+        assert!((h - std::f64::consts::LN_2).abs() < 1e-6, "{h}");
+        assert!((logp[0] - (-std::f64::consts::LN_2)).abs() < 1e-6);
         // Uniform over 4 at any temperature: ln 4.
         let (_, h) = log_softmax_entropy(&[1.0; 4], 0.7);
-        assert!((h - 4f64.ln()).abs() < 1e-12);
+        assert!((h - 4f64.ln()).abs() < 1e-6);
         // p = softmax([1, 2] / 0.5) = softmax([2, 4]).
         let (_, h) = log_softmax_entropy(&[1.0, 2.0], 0.5);
         let p1 = 1.0 / (1.0 + 2f64.exp());
         let p2 = 1.0 - p1;
-        assert!((h + p1 * p1.ln() + p2 * p2.ln()).abs() < 1e-12);
+        assert!((h + p1 * p1.ln() + p2 * p2.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp_of_exp_and_zero_below_f32_range() {
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (f64::from(exp_nonpositive(x)), f64::from(x).exp());
+            assert!(
+                (got - want).abs() <= 2.4e-7 * want,
+                "e^{x}: {got} vs {want}"
+            );
+        }
+        assert_eq!(exp_nonpositive(-90.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_most_likely_set_reaching_p() {
+        // p = 0.5, 0.3, 0.15, 0.05: top-p 0.75 keeps the first two.
+        let logits = [0.5f32, 0.3, 0.15, 0.05].map(f32::ln);
+        let mut s = Sampler::new(Sampling::new(1.0, None, 0.75), 1);
+        let drawn: Vec<u32> = (0..400).map(|_| s.sample(&logits, 0).id).collect();
+        assert!(drawn.iter().all(|&id| id < 2) && drawn.contains(&0) && drawn.contains(&1));
+        // 1 000 equal logits: the nucleus (ties by id) is ids 0-499, past the first partial
+        // sorts of 64 and 256 ids; -inf ids are never drawn.
+        let mut flat = vec![0f32; 1000];
+        flat[3] = f32::NEG_INFINITY;
+        let mut s = Sampler::new(Sampling::new(1.0, None, 0.5), 2);
+        let drawn: Vec<u32> = (0..2000).map(|_| s.sample(&flat, 0).id).collect();
+        assert!(drawn.iter().all(|&id| id <= 500 && id != 3));
+        assert!(drawn.iter().any(|&id| id > 256));
     }
 
     #[test]
@@ -226,7 +328,7 @@ mod tests {
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
         let mut k1 = Sampler::new(Sampling::new(1.5, Some(1), 1.0), 3);
-        let greedy = argmax(&log_softmax_entropy(&logits, 1.0).0, |_| true);
+        let greedy = argmax(&logits);
         assert!((0..10).all(|_| k1.sample(&logits, 0).id == greedy));
     }
 
