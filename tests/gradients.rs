@@ -207,14 +207,16 @@ fn lora_gradients_under_a_half_precision_base_on_the_test_device_match_f32_on_th
 }
 
 /// The update never holds a micro-batch's logits whole (the loss is taken leaf by leaf from
-/// the final hidden states), and a large micro-batch holds no more than one layer's graph
-/// (layers are recomputed in backward). Its value and every LoRA gradient equal those of the
-/// whole loss computed directly, one unpacked forward per leaf with the whole graph, both
-/// with the packed batch's graph kept and with its layers recomputed.
+/// the final hidden states), and a large micro-batch keeps the graph of only as many of its
+/// last layers as its budget holds (the others are recomputed in backward). Its value and
+/// every LoRA gradient equal those of the whole loss computed directly, one unpacked forward
+/// per leaf with the whole graph, with the packed batch's graph kept whole, with every layer
+/// recomputed, and with budgets in between (doubling, so one of them keeps only the last
+/// layer).
 #[test]
 fn the_leaf_by_leaf_training_loss_kept_or_recomputed_has_the_value_and_gradients_of_the_whole_one()
 {
-    for kept_activation_bytes in [usize::MAX, 0] {
+    for kept_activation_bytes in [usize::MAX, 0].into_iter().chain((8..26).map(|p| 1 << p)) {
         let mut loaded = load_tiny("llama", DType::F32);
         loaded
             .model
