@@ -14,6 +14,7 @@ pub mod eval;
 pub mod generation;
 pub mod interrupt;
 pub mod model;
+pub mod numerics;
 pub mod reward;
 pub mod rollout;
 pub mod sampling;

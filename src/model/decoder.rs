@@ -21,6 +21,7 @@ use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
 use super::ops::{rms_norm, silu_mul, softmax_rows, Rope};
 use crate::error::{Error, Result};
+use crate::numerics::{exp_nonpositive, lane_sum};
 
 /// A frozen linear layer with an optional bias.
 #[derive(Debug, Clone)]
@@ -903,11 +904,10 @@ impl Model {
                     .map(|t| dot(qh, &kd[base + t * d..][..d]) * scale)
                     .collect();
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
                 for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
+                    *s = exp_nonpositive(*s - max);
                 }
+                let sum = lane_sum(&scores);
                 for (t, p) in scores.iter().enumerate() {
                     let vt = &vd[base + t * d..][..d];
                     let w = p / sum;

@@ -8,6 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 
 use super::config::RopeLayout;
+use crate::numerics::{exp_nonpositive, lane_sum};
 
 /// RMSNorm as HF computes it: statistics in f32, scaled by the (frozen) weight. f32 rows on
 /// the CPU take one fused pass each way (a chain of seven generic ops and their backward
@@ -272,11 +273,10 @@ impl CustomOp1 for SoftmaxRows {
             .zip(xs.par_chunks(d))
             .for_each(|(o, x)| {
                 let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
                 for (o, x) in o.iter_mut().zip(x) {
-                    *o = (x - max).exp();
-                    sum += *o;
+                    *o = exp_nonpositive(x - max);
                 }
+                let sum = lane_sum(o);
                 o.iter_mut().for_each(|o| *o /= sum);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -455,16 +455,28 @@ impl CustomOp1 for TokenLogpEntropy {
         out.par_chunks_mut(2)
             .zip(xs.par_chunks(vocab).zip(self.ids.par_iter()))
             .for_each(|(o, (z, &id))| {
-                // One pass: sum e and sum e z/T with e = exp(z/T - max); then
-                // lse = max + ln(sum e) and H = lse - sum p z/T.
+                // One pass: sum e and sum e s with s = z/T - max and e = exp(s), in eight
+                // lanes; then lse = max + ln(sum e) and H = ln(sum e) - sum e s / sum e.
                 let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) / t;
-                let (sum, weighted) = z.iter().fold((0f32, 0f32), |(s, w), &v| {
-                    let e = (v / t - max).exp();
-                    (s + e, w + e * v / t)
-                });
-                let lse = max + sum.ln();
-                o[0] = z[id as usize] / t - lse;
-                o[1] = lse - weighted / sum;
+                let (mut sums, mut weighted) = ([0f32; 8], [0f32; 8]);
+                let lanes = z.len() / 8 * 8;
+                for chunk in z[..lanes].chunks_exact(8) {
+                    for ((v, s), w) in chunk.iter().zip(&mut sums).zip(&mut weighted) {
+                        let shifted = v / t - max;
+                        let e = exp_nonpositive(shifted);
+                        *s += e;
+                        *w += e * shifted;
+                    }
+                }
+                for (l, v) in z[lanes..].iter().enumerate() {
+                    let shifted = v / t - max;
+                    let e = exp_nonpositive(shifted);
+                    sums[l] += e;
+                    weighted[l] += e * shifted;
+                }
+                let sum: f32 = sums.iter().sum();
+                o[0] = z[id as usize] / t - max - sum.ln();
+                o[1] = sum.ln() - weighted.iter().sum::<f32>() / sum;
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, 2))))
     }
@@ -514,12 +526,12 @@ impl CustomOp2 for TokenLogpEntropyGrad<'_> {
             .for_each(|((dz, (z, up)), &id)| {
                 let (logp_id, h, g_logp, g_h) = (up[0], up[1], up[2], up[3]);
                 let lse = z[id as usize] / t - logp_id;
-                for (j, (dz, &v)) in dz.iter_mut().zip(z).enumerate() {
+                for (dz, &v) in dz.iter_mut().zip(z) {
                     let logp = v / t - lse;
-                    let p = logp.exp();
-                    let hit = if j == id as usize { 1.0 } else { 0.0 };
-                    *dz = (g_logp * (hit - p) - g_h * p * (logp + h)) / t;
+                    let p = exp_nonpositive(logp);
+                    *dz = (-g_logp * p - g_h * p * (logp + h)) / t;
                 }
+                dz[id as usize] += g_logp / t;
             });
         Ok((CpuStorage::F32(dz), x_l.shape().clone()))
     }

@@ -4,6 +4,8 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::numerics::exp_nonpositive;
+
 /// How the next token is chosen; each variant holds only the parameters it uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampling {
@@ -97,36 +99,6 @@ impl<'a> Distribution<'a> {
     /// log p(id), -inf for ids whose logit is.
     fn logp(&self, id: usize) -> f64 {
         f64::from(self.logits[id]) / self.t - self.lse
-    }
-}
-
-/// `e^x` for `x <= 0` (shifted logits), within about 2 ulp: plain arithmetic, which the
-/// compiler vectorizes, where `f32::exp` is a libm call per number. `x = n ln 2 + r`, a
-/// degree-6 polynomial for `e^r` (Cephes' `expf`) and `2^n` built in the exponent bits;
-/// below -87 (where f32 runs out of normal numbers) the result is 0.
-fn exp_nonpositive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let y = x.max(-87.0);
-    let n = (y * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = y - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    // SAFETY: n is an integer in [-126, 0] (y is in [-87, 0]), so the unchecked conversion
-    // (one instruction, where `as` adds saturation checks that stop vectorization) is exact.
-    let n: i32 = unsafe { n.to_int_unchecked() };
-    let scale = f32::from_bits(((n + 127) as u32) << 23);
-    if x < -87.0 {
-        0.0
-    } else {
-        e * scale
     }
 }
 
@@ -279,20 +251,6 @@ mod tests {
         let p1 = 1.0 / (1.0 + 2f64.exp());
         let p2 = 1.0 - p1;
         assert!((h + p1 * p1.ln() + p2 * p2.ln()).abs() < 1e-6);
-    }
-
-    #[test]
-    fn exp_nonpositive_is_within_two_ulp_of_exp_and_zero_below_f32_range() {
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (got, want) = (f64::from(exp_nonpositive(x)), f64::from(x).exp());
-            assert!(
-                (got - want).abs() <= 2.4e-7 * want,
-                "e^{x}: {got} vs {want}"
-            );
-        }
-        assert_eq!(exp_nonpositive(-90.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]
