@@ -336,7 +336,7 @@ impl CustomOp2 for FrozenMatmul {
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k, w_t) = Self::dims(x_l, w_l)?;
-        if m <= FEW_ROWS {
+        if m <= few_rows() {
             if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) {
                 if let (Some((x0, x1)), Some((w0, w1))) =
                     (x_l.contiguous_offsets(), w_l.contiguous_offsets())
@@ -379,10 +379,18 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]; gemm is faster
-/// from about 24 rows on (`ttrl-serve bench` on the default model: batch 12 / 16 / 24 at 80 /
-/// 98 / 124 tok/s through gemm, 103 / 108 / 104 here).
-const FEW_ROWS: usize = 16;
+/// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]. `ttrl-serve
+/// bench` on the default model: with AVX-512's registers (a 2-core Zen 4) gemm is faster from
+/// about 32 rows on (batch 24 / 32 at 339-354 / 373-382 tok/s through gemm, 366-374 / 329-333
+/// here); with AVX2's, from about 24 (a Zen 3: batch 12 / 16 / 24 at 80 / 98 / 124 tok/s
+/// through gemm, 103 / 108 / 104 here).
+fn few_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::wide_registers() {
+        return 24;
+    }
+    16
+}
 
 /// Rows of `x` per kernel call: each row keeps four 8-lane accumulators, and three rows'
 /// twelve leave the weight's four vectors the rest of AVX2's sixteen registers.
@@ -634,55 +642,182 @@ mod avx2 {
         // SAFETY: forwarded from the caller.
         unsafe {
             match weight_row(0) {
-                WeightRow::F32(_) => task::<F32Row>(rows, weight_row, k, out),
-                WeightRow::Bf16(_) => task::<Bf16Row>(rows, weight_row, k, out),
-                WeightRow::F16(_) => task::<F16Row>(rows, weight_row, k, out),
-                WeightRow::Q8_0 { .. } => task::<Q8_0Row>(rows, weight_row, k, out),
-                WeightRow::Q4_1 { .. } => task::<Q4_1Row>(rows, weight_row, k, out),
+                WeightRow::F32(_) => by_registers::<F32Row>(rows, weight_row, k, out),
+                WeightRow::Bf16(_) => by_registers::<Bf16Row>(rows, weight_row, k, out),
+                WeightRow::F16(_) => by_registers::<F16Row>(rows, weight_row, k, out),
+                WeightRow::Q8_0 { .. } => by_registers::<Q8_0Row>(rows, weight_row, k, out),
+                WeightRow::Q4_1 { .. } => by_registers::<Q4_1Row>(rows, weight_row, k, out),
             }
         }
+    }
+
+    /// Whether the CPU has AVX-512's 32 vector registers (for 256-bit operations too).
+    pub fn wide_registers() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
+    }
+
+    /// [`task`] compiled for AVX-512's 32 vector registers where the CPU has them (they
+    /// hold [`pair_kernel`]'s accumulators), for AVX2's 16 elsewhere.
+    #[inline(always)]
+    unsafe fn by_registers<'w, W: Lanes32<'w>>(
+        rows: &[&[f32]],
+        weight_row: impl Fn(usize) -> WeightRow<'w>,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract, and the features are checked here.
+        unsafe {
+            if wide_registers() {
+                task_32_registers::<W>(rows, weight_row, k, out)
+            } else {
+                task_16_registers::<W>(rows, weight_row, k, out)
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn task_16_registers<'w, W: Lanes32<'w>>(
+        rows: &[&[f32]],
+        weight_row: impl Fn(usize) -> WeightRow<'w>,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { task::<W, 1>(rows, weight_row, k, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    unsafe fn task_32_registers<'w, W: Lanes32<'w>>(
+        rows: &[&[f32]],
+        weight_row: impl Fn(usize) -> WeightRow<'w>,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { task::<W, 2>(rows, weight_row, k, out) }
     }
 
     /// [`rows_times_weights`] for one format, the kernel inlined: rows are short (576
     /// numbers for the default model) and a decode step takes hundreds of thousands of them,
     /// so a call and a format dispatch per row cost about a tenth of the step. With more
     /// rows than one kernel call takes, a compact row is unpacked once into f32 (the same
-    /// numbers) rather than once per call.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn task<'w, W: Lanes32<'w>>(
+    /// numbers) rather than once per call, and `P` weight rows (one or two) meet each group
+    /// of rows at a time. Inlined into its callers, whose target features it needs.
+    #[inline(always)]
+    unsafe fn task<'w, W: Lanes32<'w>, const P: usize>(
         rows: &[&[f32]],
         weight_row: impl Fn(usize) -> WeightRow<'w>,
         k: usize,
         out: &mut [f32],
     ) {
         let m = rows.len();
-        let mut unpacked = vec![0f32; if m > GROUP { k } else { 0 }];
+        if m > GROUP {
+            // SAFETY: the caller's contract.
+            return unsafe { many_rows::<W, P>(rows, weight_row, k, out) };
+        }
         for (j, out) in out.chunks_mut(m).enumerate() {
             let w = weight_row(j);
-            // SAFETY (kernels): the caller's contract, and `unpacked` has `k` floats.
+            // SAFETY (kernels): the caller's contract.
             unsafe {
                 match m {
                     1 => kernel::<W, 1>(rows, &W::typed(w), k, out, |i| w.get(i)),
                     2 => kernel::<W, 2>(rows, &W::typed(w), k, out, |i| w.get(i)),
-                    3 => kernel::<W, 3>(rows, &W::typed(w), k, out, |i| w.get(i)),
-                    _ => {
-                        let w = match w {
-                            WeightRow::F32(w) => w,
-                            w => {
-                                store(&W::typed(w), &mut unpacked);
-                                &unpacked
-                            }
-                        };
-                        for (out, rows) in out.chunks_mut(GROUP).zip(rows.chunks(GROUP)) {
-                            let tail = |i: usize| w[i];
-                            match rows.len() {
-                                1 => kernel::<F32Row, 1>(rows, &F32Row(w), k, out, tail),
-                                2 => kernel::<F32Row, 2>(rows, &F32Row(w), k, out, tail),
-                                _ => kernel::<F32Row, 3>(rows, &F32Row(w), k, out, tail),
-                            }
+                    _ => kernel::<W, 3>(rows, &W::typed(w), k, out, |i| w.get(i)),
+                }
+            }
+        }
+    }
+
+    /// [`task`] for more rows than one kernel call takes: `P` (one or two) weight rows at a
+    /// time, unpacked once into f32 (the same numbers), met by [`GROUP`] rows per call.
+    #[inline(always)]
+    unsafe fn many_rows<'w, W: Lanes32<'w>, const P: usize>(
+        rows: &[&[f32]],
+        weight_row: impl Fn(usize) -> WeightRow<'w>,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let m = rows.len();
+        let mut unpacked = vec![0f32; P * k];
+        let (first, second) = unpacked.split_at_mut(k);
+        for (p, out) in out.chunks_mut(P * m).enumerate() {
+            // SAFETY (here and below): the caller's contract; the buffers have `k` floats.
+            let w0 = unsafe { as_f32::<W>(weight_row(P * p), first) };
+            if P == 2 && out.len() == 2 * m {
+                let w1 = unsafe { as_f32::<W>(weight_row(P * p + 1), second) };
+                let (out0, out1) = out.split_at_mut(m);
+                let outs = out0.chunks_mut(GROUP).zip(out1.chunks_mut(GROUP));
+                for ((o0, o1), rows) in outs.zip(rows.chunks(GROUP)) {
+                    unsafe {
+                        match rows.len() {
+                            1 => pair_kernel::<1>(rows, [w0, w1], [o0, o1]),
+                            2 => pair_kernel::<2>(rows, [w0, w1], [o0, o1]),
+                            _ => pair_kernel::<3>(rows, [w0, w1], [o0, o1]),
                         }
                     }
                 }
+                continue;
+            }
+            let tail = |i: usize| w0[i];
+            for (out, rows) in out.chunks_mut(GROUP).zip(rows.chunks(GROUP)) {
+                unsafe {
+                    match rows.len() {
+                        1 => kernel::<F32Row, 1>(rows, &F32Row(w0), k, out, tail),
+                        2 => kernel::<F32Row, 2>(rows, &F32Row(w0), k, out, tail),
+                        _ => kernel::<F32Row, 3>(rows, &F32Row(w0), k, out, tail),
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`kernel`] over two f32 weight rows at once: each chunk of a row of `x` is loaded once
+    /// for both (a third fewer loads per multiply-add), and each output keeps [`kernel`]'s four
+    /// accumulators and order of sums, so the same bits. Its 24 accumulators need AVX-512's
+    /// 32 vector registers.
+    #[inline(always)]
+    unsafe fn pair_kernel<const R: usize>(rows: &[&[f32]], w: [&[f32]; 2], out: [&mut [f32]; 2]) {
+        let k = w[0].len();
+        let body = k / BLOCK * BLOCK;
+        let rows: &[&[f32]; R] = rows.try_into().expect("R rows");
+        assert!(rows.iter().all(|r| r.len() == k) && w[1].len() == k);
+        assert!(out.iter().all(|o| o.len() >= R));
+        let mut acc = [[[_mm256_setzero_ps(); 4]; 2]; R];
+        for i in (0..body).step_by(BLOCK) {
+            for o in 0..4 {
+                // SAFETY: i + 32 <= body <= k for every row and weight row (asserted).
+                unsafe {
+                    let w0 = _mm256_loadu_ps(w[0].as_ptr().add(i + 8 * o));
+                    let w1 = _mm256_loadu_ps(w[1].as_ptr().add(i + 8 * o));
+                    for (acc, row) in acc.iter_mut().zip(rows) {
+                        let x = _mm256_loadu_ps(row.as_ptr().add(i + 8 * o));
+                        acc[0][o] = _mm256_fmadd_ps(x, w0, acc[0][o]);
+                        acc[1][o] = _mm256_fmadd_ps(x, w1, acc[1][o]);
+                    }
+                }
+            }
+        }
+        for (pair, (w, out)) in w.iter().zip(out).enumerate() {
+            for ((o, acc), row) in out.iter_mut().zip(&acc).zip(rows) {
+                // SAFETY: the caller's target features.
+                *o = unsafe { finish(&acc[pair], row, body, |i| w[i]) };
+            }
+        }
+    }
+
+    /// A weight row's numbers in f32: an f32 row itself, another unpacked into `buffer`
+    /// (as many floats as the row has numbers).
+    #[inline(always)]
+    unsafe fn as_f32<'a, 'w: 'a, W: Lanes32<'w>>(
+        w: WeightRow<'w>,
+        buffer: &'a mut [f32],
+    ) -> &'a [f32] {
+        match w {
+            WeightRow::F32(w) => w,
+            w => {
+                // SAFETY: forwarded from the caller.
+                unsafe { store(&W::typed(w), buffer) };
+                buffer
             }
         }
     }
@@ -733,12 +868,50 @@ mod avx2 {
             i += BLOCK;
         }
         for ((o, acc), row) in out.iter_mut().zip(&acc).zip(rows) {
-            let mut lanes = [0f32; 8];
-            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-            let rest: f32 = (body..k).map(|i| row[i] * tail(i)).sum();
-            *o = lanes.iter().sum::<f32>() + rest;
+            *o = finish(acc, row, body, &tail);
+        }
+    }
+
+    /// One output from its four accumulators, and the numbers past the last whole block.
+    #[inline(always)]
+    unsafe fn finish(
+        acc: &[__m256; 4],
+        row: &[f32],
+        body: usize,
+        tail: impl Fn(usize) -> f32,
+    ) -> f32 {
+        let mut lanes = [0f32; 8];
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        let rest: f32 = (body..row.len()).map(|i| row[i] * tail(i)).sum();
+        lanes.iter().sum::<f32>() + rest
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Where the CPU has AVX-512, the paired kernel and the 16-register path give each
+        /// output the same bits (with an odd weight row left over, and a tail past the blocks).
+        #[test]
+        fn both_register_files_give_the_same_bits() {
+            if !(super::available() && wide_registers()) {
+                return;
+            }
+            let k = 100;
+            let value = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
+            let x: Vec<f32> = (0..7 * k).map(value).collect();
+            let w: Vec<f32> = (0..5 * k).map(|i| value(i + 13)).collect();
+            let rows: Vec<&[f32]> = x.chunks(k).collect();
+            let weight_row = |j: usize| WeightRow::F32(&w[j * k..][..k]);
+            let (mut narrow, mut paired) = (vec![0f32; 5 * 7], vec![0f32; 5 * 7]);
+            // SAFETY: the features are checked above; rows and weight rows have `k` floats.
+            unsafe {
+                task_16_registers::<F32Row>(&rows, weight_row, k, &mut narrow);
+                task_32_registers::<F32Row>(&rows, weight_row, k, &mut paired);
+            }
+            assert_eq!(narrow, paired);
         }
     }
 }
@@ -823,9 +996,11 @@ mod tests {
     fn few_rows_matmul_matches_gemm_and_gives_a_row_the_same_bits_in_any_batch(
     ) -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        // k = 100: three 32-number blocks and a tail; n = 130: a partial last task.
-        let w = Tensor::randn(0f32, 1., (130, 100), &dev)?;
-        let x = Tensor::randn(0f32, 1., (FEW_ROWS, 100), &dev)?;
+        // k = 100: three 32-number blocks and a tail; n = 131: a partial last task with an
+        // odd number of weight rows.
+        let w = Tensor::randn(0f32, 1., (131, 100), &dev)?;
+        let limit = few_rows();
+        let x = Tensor::randn(0f32, 1., (limit, 100), &dev)?;
         let reference = x.matmul(&w.t()?)?;
         let plain = FrozenWeight::new(w, None);
         let few = plain.matmul(&x)?;
@@ -834,7 +1009,7 @@ mod tests {
         // Every batch size takes its own kernel path (1-3 rows, or groups of 3 and the rest).
         let few = few.to_vec2::<f32>()?;
         for m in [1, 2, 3, 4, 5, 7] {
-            for start in [0, FEW_ROWS - m] {
+            for start in [0, limit - m] {
                 let some = plain.matmul(&x.narrow(0, start, m)?)?.to_vec2::<f32>()?;
                 assert_eq!(some, few[start..start + m], "{m} rows from {start}");
             }
@@ -843,18 +1018,18 @@ mod tests {
     }
 
     /// The weight `make` builds, in f32 as the model holds it and compact; decode steps
-    /// (`FEW_ROWS` rows and fewer) must give the f32 path's bits.
+    /// ([`few_rows`] rows and fewer) must give the f32 path's bits.
     fn compact_matches_f32_bit_for_bit(
         make: impl Fn(&Tensor) -> candle_core::Result<(Tensor, CompactWeight)>,
     ) -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        // n = 130: a partial last task; k = 96: three blocks.
-        let source = Tensor::randn(0f32, 0.05, (130, 96), &dev)?;
+        // n = 131: a partial last task with an odd number of weight rows; k = 96: three blocks.
+        let source = Tensor::randn(0f32, 0.05, (131, 96), &dev)?;
         let (f32_weight, compact) = make(&source)?;
         let plain = FrozenWeight::new(f32_weight.clone(), None);
         let light = FrozenWeight::new(f32_weight, Some(compact));
         assert!(light.compact.is_some());
-        for m in [1, 3, FEW_ROWS] {
+        for m in [1, 3, few_rows()] {
             let x = Tensor::randn(0f32, 1., (m, 96), &dev)?;
             let a = plain.matmul(&x)?.to_vec2::<f32>()?;
             let b = light.matmul(&x)?.to_vec2::<f32>()?;
