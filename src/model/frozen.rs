@@ -477,12 +477,15 @@ fn few_rows_matmul<'w>(
                 }
             }
         });
-    let mut out = vec![0f32; m * n];
-    for (j, column) in by_feature.chunks(m).enumerate() {
-        for (i, v) in column.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
+    if m == 1 {
+        return by_feature;
     }
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (o, v) in row.iter_mut().zip(by_feature[i..].iter().step_by(m)) {
+            *o = *v;
+        }
+    });
     out
 }
 
