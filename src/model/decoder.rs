@@ -505,7 +505,7 @@ impl Model {
 
     /// The gradients of a loss of the final hidden states with respect to `adapter`'s
     /// weights (in [`Adapter::vars`] order). The last layers keep their graph, as many as fit
-    /// in [`KEPT_ACTIVATION_BYTES`] (or [`Model::set_kept_activation_bytes`]); the layers below
+    /// in 512 MB of activations (or [`Model::set_kept_activation_bytes`]); the layers below
     /// them are recomputed one at a time (gradient checkpointing, Chen et al. 2016): the
     /// forward pass keeps only their inputs, and the backward pass rebuilds one layer's graph,
     /// backpropagates the incoming gradient through it and drops it, for one more forward
