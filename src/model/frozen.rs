@@ -336,7 +336,7 @@ impl CustomOp2 for FrozenMatmul {
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k, w_t) = Self::dims(x_l, w_l)?;
-        if m <= few_rows() {
+        if m <= FEW_ROWS {
             if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) {
                 if let (Some((x0, x1)), Some((w0, w1))) =
                     (x_l.contiguous_offsets(), w_l.contiguous_offsets())
@@ -379,18 +379,13 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]. `ttrl-serve
-/// bench` on the default model: with AVX-512's registers (a 2-core Zen 4) gemm is faster from
-/// about 32 rows on (batch 24 / 32 at 339-354 / 373-382 tok/s through gemm, 366-374 / 329-333
-/// here); with AVX2's, from about 24 (a Zen 3: batch 12 / 16 / 24 at 80 / 98 / 124 tok/s
-/// through gemm, 103 / 108 / 104 here).
-fn few_rows() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::wide_registers() {
-        return 24;
-    }
-    16
-}
+/// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]; gemm is faster
+/// from about 24 rows on (`ttrl-serve bench` on the default model, a Zen 3: batch 12 / 16 / 24
+/// at 80 / 98 / 124 tok/s through gemm, 103 / 108 / 104 here). With AVX-512's paired kernel
+/// (a Zen 4) 24 rows were 5-8% faster here than through gemm, but short prompts' prefill rows
+/// then changed path with how they were split or batched, and a named adapter's answer after
+/// a restart came out 1e-6 apart from before it (`tests/adaptation.rs`); at 16 it is the same.
+const FEW_ROWS: usize = 16;
 
 /// Rows of `x` per kernel call: each row keeps four 8-lane accumulators, and three rows'
 /// twelve leave the weight's four vectors the rest of AVX2's sixteen registers.
@@ -655,7 +650,7 @@ mod avx2 {
     }
 
     /// Whether the CPU has AVX-512's 32 vector registers (for 256-bit operations too).
-    pub fn wide_registers() -> bool {
+    fn wide_registers() -> bool {
         is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
     }
 
@@ -1002,7 +997,7 @@ mod tests {
         // k = 100: three 32-number blocks and a tail; n = 131: a partial last task with an
         // odd number of weight rows.
         let w = Tensor::randn(0f32, 1., (131, 100), &dev)?;
-        let limit = few_rows();
+        let limit = FEW_ROWS;
         let x = Tensor::randn(0f32, 1., (limit, 100), &dev)?;
         let reference = x.matmul(&w.t()?)?;
         let plain = FrozenWeight::new(w, None);
@@ -1021,7 +1016,7 @@ mod tests {
     }
 
     /// The weight `make` builds, in f32 as the model holds it and compact; decode steps
-    /// ([`few_rows`] rows and fewer) must give the f32 path's bits.
+    /// (`FEW_ROWS` rows and fewer) must give the f32 path's bits.
     fn compact_matches_f32_bit_for_bit(
         make: impl Fn(&Tensor) -> candle_core::Result<(Tensor, CompactWeight)>,
     ) -> candle_core::Result<()> {
@@ -1032,7 +1027,7 @@ mod tests {
         let plain = FrozenWeight::new(f32_weight.clone(), None);
         let light = FrozenWeight::new(f32_weight, Some(compact));
         assert!(light.compact.is_some());
-        for m in [1, 3, few_rows()] {
+        for m in [1, 3, FEW_ROWS] {
             let x = Tensor::randn(0f32, 1., (m, 96), &dev)?;
             let a = plain.matmul(&x)?.to_vec2::<f32>()?;
             let b = light.matmul(&x)?.to_vec2::<f32>()?;
