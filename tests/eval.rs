@@ -186,6 +186,35 @@ fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
     );
 }
 
+/// Online, an arm's wall time is its waves' time counted once (the scoring of the answers they
+/// brought was once counted again over the whole run): the arms' seconds fit in the run's.
+#[test]
+fn online_eval_counts_each_second_once() {
+    let dir = scratch_dir("eval-online-wall");
+    let data = dir.join("questions.jsonl");
+    std::fs::write(&data, QUESTIONS).unwrap();
+    let out = dir.join("out");
+    let started = std::time::Instant::now();
+    let run = in_process(
+        &data,
+        &out,
+        &["--protocol", "online", "--arms", "base,ttrl-flat"],
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let results = read_json(&out.join("results.json"));
+    let wall: f64 = results["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["wall_seconds"].as_f64().unwrap())
+        .sum();
+    assert!(
+        wall > 0.0 && wall <= elapsed,
+        "{wall} s of arms in a {elapsed} s run"
+    );
+}
+
 #[test]
 fn eval_against_a_running_server_uses_its_api() {
     let server = Server::tiny(&[]);

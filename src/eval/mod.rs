@@ -404,7 +404,6 @@ impl Runner<'_> {
         arm: Arm,
         scored: std::ops::Range<usize>,
     ) -> anyhow::Result<(Evaluation, Vec<Batch>)> {
-        let started = Instant::now();
         let mut scores = Vec::new();
         let mut waves = Vec::new();
         for start in scored.clone().step_by(self.options.batch.max(1)) {
@@ -417,7 +416,8 @@ impl Runner<'_> {
                     .map(|(i, r)| QuestionScore::new(&self.items[*i], r, None)),
             );
         }
-        Ok((QuestionScore::evaluation(&scores, 1, started), waves))
+        // The answers came with the waves, whose time is counted there: scoring takes none.
+        Ok((QuestionScore::evaluation(&scores, 1, Instant::now()), waves))
     }
 
     /// Sends a batch of questions with adaptation on, together, so the server runs them as
