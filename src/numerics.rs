@@ -40,14 +40,28 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 /// every add wait on the last).
 #[inline]
 pub fn lane_sum(xs: &[f32]) -> f32 {
+    eight_lanes(xs, xs, |x, _| x)
+}
+
+/// `a . b` in eight lanes, as [`lane_sum`].
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    eight_lanes(a, b, |x, y| x * y)
+}
+
+/// The sum of `term(a[i], b[i])` in eight running sums, then the rest.
+#[inline(always)]
+fn eight_lanes(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
-    let (body, rest) = xs.split_at(xs.len() / 8 * 8);
-    for chunk in body.chunks_exact(8) {
-        for (l, x) in lanes.iter_mut().zip(chunk) {
-            *l += x;
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += term(*x, *y);
         }
     }
-    lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    let rest: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| term(*x, *y)).sum();
+    lanes.iter().sum::<f32>() + rest
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
 use super::ops::{rms_norm, silu_mul, softmax_rows, Rope};
 use crate::error::{Error, Result};
-use crate::numerics::{exp_nonpositive, lane_sum};
+use crate::numerics::{dot, exp_nonpositive, lane_sum};
 
 /// A frozen linear layer with an optional bias.
 #[derive(Debug, Clone)]
@@ -986,17 +986,3 @@ impl Model {
 /// Multiply-adds of decode attention per parallel task: a task is one sequence's head, or a
 /// run of them while contexts are short.
 const ATTENTION_MULS_PER_TASK: usize = 32 * 1024;
-
-/// `a . b` in eight running sums: one sum waits on every add, eight vectorize.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *l += x * y;
-        }
-    }
-    let rest: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + rest
-}
