@@ -66,6 +66,8 @@ struct Distribution<'a> {
     t: f64,
     /// `exp(logits[i] / t - max / t)`: 0 for ids whose logit is -inf.
     weights: Vec<f32>,
+    /// The weights' sum, in f64.
+    total: f64,
     /// log of the softmax's denominator.
     lse: f64,
     entropy: f64,
@@ -91,6 +93,7 @@ impl<'a> Distribution<'a> {
             logits,
             t: f64::from(t),
             weights,
+            total: sum,
             lse: f64::from(max) + sum.ln(),
             entropy: sum.ln() - weighted / sum,
         }
@@ -135,7 +138,7 @@ impl Sampler {
 
     fn draw(&mut self, d: &Distribution, top_k: Option<usize>, top_p: f32) -> u32 {
         if top_k.is_none() && top_p >= 1.0 {
-            return self.pick(d.weights.iter().copied().enumerate(), d);
+            return self.pick(d.weights.iter().copied().enumerate(), d.total, d);
         }
         // The kept ids in order of probability (ties by id, so the order is deterministic),
         // sorting only as many of the largest as top-k and top-p keep: a nucleus is usually a
@@ -177,16 +180,18 @@ impl Sampler {
                 sorted *= 4;
             }
         }
-        self.pick(ids.into_iter().map(|i| (i, d.weights[i])), d)
+        let total = ids.iter().map(|&i| f64::from(d.weights[i])).sum();
+        self.pick(ids.into_iter().map(|i| (i, d.weights[i])), total, d)
     }
 
-    /// One id drawn in proportion to its weight among `candidates` (in their order).
+    /// One id drawn in proportion to its weight among `candidates` (in their order), whose
+    /// weights sum to `total`.
     fn pick(
         &mut self,
-        candidates: impl Iterator<Item = (usize, f32)> + Clone,
+        candidates: impl Iterator<Item = (usize, f32)>,
+        total: f64,
         d: &Distribution,
     ) -> u32 {
-        let total: f64 = candidates.clone().map(|(_, w)| f64::from(w)).sum();
         if total <= 0.0 {
             return argmax(d.logits);
         }
