@@ -211,12 +211,12 @@ fn lora_gradients_under_a_half_precision_base_on_the_test_device_match_f32_on_th
 /// last layers as its budget holds (the others are recomputed in backward). Its value and
 /// every LoRA gradient equal those of the whole loss computed directly, one unpacked forward
 /// per leaf with the whole graph, with the packed batch's graph kept whole, with every layer
-/// recomputed, and with budgets in between (doubling, so one of them keeps only the last
-/// layer).
+/// recomputed, and with budgets in between (doubling around the tiny model's ~55 KB per layer,
+/// so one of them keeps only the last layer).
 #[test]
 fn the_leaf_by_leaf_training_loss_kept_or_recomputed_has_the_value_and_gradients_of_the_whole_one()
 {
-    for kept_activation_bytes in [usize::MAX, 0].into_iter().chain((8..26).map(|p| 1 << p)) {
+    for kept_activation_bytes in [usize::MAX, 0, 1 << 15, 1 << 16, 1 << 17] {
         let mut loaded = load_tiny("llama", DType::F32);
         loaded
             .model
