@@ -655,7 +655,7 @@ mod avx2 {
     }
 
     /// [`task`] compiled for AVX-512's 32 vector registers where the CPU has them (they
-    /// hold [`pair_kernel`]'s accumulators), for AVX2's 16 elsewhere.
+    /// hold [`quad_kernel`]'s accumulators), for AVX2's 16 elsewhere.
     #[inline(always)]
     unsafe fn by_registers<'w, W: Lanes32<'w>>(
         rows: &[&[f32]],
@@ -692,14 +692,14 @@ mod avx2 {
         out: &mut [f32],
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { task::<W, 2>(rows, weight_row, k, out) }
+        unsafe { task::<W, 4>(rows, weight_row, k, out) }
     }
 
     /// [`rows_times_weights`] for one format, the kernel inlined: rows are short (576
     /// numbers for the default model) and a decode step takes hundreds of thousands of them,
     /// so a call and a format dispatch per row cost about a tenth of the step. With more
     /// rows than one kernel call takes, a compact row is unpacked once into f32 (the same
-    /// numbers) rather than once per call, and `P` weight rows (one or two) meet each group
+    /// numbers) rather than once per call, and `P` weight rows (one or four) meet each group
     /// of rows at a time. Inlined into its callers, whose target features it needs.
     #[inline(always)]
     unsafe fn task<'w, W: Lanes32<'w>, const P: usize>(
@@ -726,8 +726,9 @@ mod avx2 {
         }
     }
 
-    /// [`task`] for more rows than one kernel call takes: `P` (one or two) weight rows at a
-    /// time, unpacked once into f32 (the same numbers), met by [`GROUP`] rows per call.
+    /// [`task`] for more rows than one kernel call takes: `P` (one, or four with AVX-512)
+    /// weight rows at a time, unpacked once into f32 (the same numbers), met by [`GROUP`] rows
+    /// per call.
     #[inline(always)]
     unsafe fn many_rows<'w, W: Lanes32<'w>, const P: usize>(
         rows: &[&[f32]],
@@ -736,71 +737,107 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let m = rows.len();
-        let mut unpacked = vec![0f32; P * k];
-        let (first, second) = unpacked.split_at_mut(k);
+        let mut unpacked = vec![0f32; 4 * k];
         for (p, out) in out.chunks_mut(P * m).enumerate() {
-            // SAFETY (here and below): the caller's contract; the buffers have `k` floats.
-            let w0 = unsafe { as_f32::<W>(weight_row(P * p), first) };
-            if P == 2 && out.len() == 2 * m {
-                let w1 = unsafe { as_f32::<W>(weight_row(P * p + 1), second) };
-                let (out0, out1) = out.split_at_mut(m);
-                let outs = out0.chunks_mut(GROUP).zip(out1.chunks_mut(GROUP));
-                for ((o0, o1), rows) in outs.zip(rows.chunks(GROUP)) {
+            let mut buffers = unpacked.chunks_mut(k);
+            if P == 4 && out.len() == 4 * m {
+                // SAFETY (here and below): the caller's contract; each buffer has `k` floats.
+                let w = unsafe {
+                    [
+                        as_f32::<W>(weight_row(4 * p), buffers.next().unwrap()),
+                        as_f32::<W>(weight_row(4 * p + 1), buffers.next().unwrap()),
+                        as_f32::<W>(weight_row(4 * p + 2), buffers.next().unwrap()),
+                        as_f32::<W>(weight_row(4 * p + 3), buffers.next().unwrap()),
+                    ]
+                };
+                for (g, rows) in rows.chunks(GROUP).enumerate() {
+                    let first = g * GROUP;
                     unsafe {
                         match rows.len() {
-                            1 => pair_kernel::<1>(rows, [w0, w1], [o0, o1]),
-                            2 => pair_kernel::<2>(rows, [w0, w1], [o0, o1]),
-                            _ => pair_kernel::<3>(rows, [w0, w1], [o0, o1]),
+                            1 => quad_kernel::<1>(rows, &w, out, first),
+                            2 => quad_kernel::<2>(rows, &w, out, first),
+                            _ => quad_kernel::<3>(rows, &w, out, first),
                         }
                     }
                 }
                 continue;
             }
-            let tail = |i: usize| w0[i];
-            for (out, rows) in out.chunks_mut(GROUP).zip(rows.chunks(GROUP)) {
-                unsafe {
-                    match rows.len() {
-                        1 => kernel::<F32Row, 1>(rows, &F32Row(w0), k, out, tail),
-                        2 => kernel::<F32Row, 2>(rows, &F32Row(w0), k, out, tail),
-                        _ => kernel::<F32Row, 3>(rows, &F32Row(w0), k, out, tail),
+            // One weight row at a time: always without AVX-512, and a task's last few with it.
+            for (j, out) in out.chunks_mut(m).enumerate() {
+                let w = unsafe { as_f32::<W>(weight_row(P * p + j), buffers.next().unwrap()) };
+                let tail = |i: usize| w[i];
+                for (out, rows) in out.chunks_mut(GROUP).zip(rows.chunks(GROUP)) {
+                    unsafe {
+                        match rows.len() {
+                            1 => kernel::<F32Row, 1>(rows, &F32Row(w), k, out, tail),
+                            2 => kernel::<F32Row, 2>(rows, &F32Row(w), k, out, tail),
+                            _ => kernel::<F32Row, 3>(rows, &F32Row(w), k, out, tail),
+                        }
                     }
                 }
             }
         }
     }
 
-    /// [`kernel`] over two f32 weight rows at once: each chunk of a row of `x` is loaded once
-    /// for both (a third fewer loads per multiply-add), and each output keeps [`kernel`]'s four
-    /// accumulators and order of sums, so the same bits. Its 24 accumulators need AVX-512's
-    /// 32 vector registers.
+    /// [`kernel`] over four f32 weight rows at once, in AVX-512's 16-lane vectors: each 16
+    /// numbers of a row of `x` are loaded once for all four weight rows (from 16 rows of 576
+    /// numbers on, the rows of `x` outgrow a 32 KB first-level cache, and their loads, not
+    /// the multiply-adds, set the pace). Lane for lane, each output's two 16-lane accumulators are [`kernel`]'s
+    /// four 8-lane ones, summed in the same order: the same bits. `out` holds the four weight
+    /// rows' outputs for all `m` rows one after another; these rows start at row `first`.
     #[inline(always)]
-    unsafe fn pair_kernel<const R: usize>(rows: &[&[f32]], w: [&[f32]; 2], out: [&mut [f32]; 2]) {
-        let k = w[0].len();
+    unsafe fn quad_kernel<const R: usize>(
+        rows: &[&[f32]],
+        w: &[&[f32]; 4],
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let (k, m) = (w[0].len(), out.len() / 4);
         let body = k / BLOCK * BLOCK;
         let rows: &[&[f32]; R] = rows.try_into().expect("R rows");
-        assert!(rows.iter().all(|r| r.len() == k) && w[1].len() == k);
-        assert!(out.iter().all(|o| o.len() >= R));
-        let mut acc = [[[_mm256_setzero_ps(); 4]; 2]; R];
+        assert!(rows.iter().chain(w).all(|r| r.len() == k) && first + R <= m);
+        let mut acc = [[[_mm512_setzero_ps(); 2]; 4]; R];
         for i in (0..body).step_by(BLOCK) {
-            for o in 0..4 {
+            for h in 0..2 {
                 // SAFETY: i + 32 <= body <= k for every row and weight row (asserted).
                 unsafe {
-                    let w0 = _mm256_loadu_ps(w[0].as_ptr().add(i + 8 * o));
-                    let w1 = _mm256_loadu_ps(w[1].as_ptr().add(i + 8 * o));
+                    let at = i + 16 * h;
+                    let w = [
+                        _mm512_loadu_ps(w[0].as_ptr().add(at)),
+                        _mm512_loadu_ps(w[1].as_ptr().add(at)),
+                        _mm512_loadu_ps(w[2].as_ptr().add(at)),
+                        _mm512_loadu_ps(w[3].as_ptr().add(at)),
+                    ];
                     for (acc, row) in acc.iter_mut().zip(rows) {
-                        let x = _mm256_loadu_ps(row.as_ptr().add(i + 8 * o));
-                        acc[0][o] = _mm256_fmadd_ps(x, w0, acc[0][o]);
-                        acc[1][o] = _mm256_fmadd_ps(x, w1, acc[1][o]);
+                        let x = _mm512_loadu_ps(row.as_ptr().add(at));
+                        for (acc, w) in acc.iter_mut().zip(w) {
+                            acc[h] = _mm512_fmadd_ps(x, w, acc[h]);
+                        }
                     }
                 }
             }
         }
-        for (pair, (w, out)) in w.iter().zip(out).enumerate() {
-            for ((o, acc), row) in out.iter_mut().zip(&acc).zip(rows) {
+        for (q, w) in w.iter().enumerate() {
+            for (r, (acc, row)) in acc.iter().zip(rows).enumerate() {
+                let [low, high] = acc[q];
                 // SAFETY: the caller's target features.
-                *o = unsafe { finish(&acc[pair], row, body, |i| w[i]) };
+                out[q * m + first + r] = unsafe {
+                    let eights = [
+                        halve::<0>(low),
+                        halve::<1>(low),
+                        halve::<0>(high),
+                        halve::<1>(high),
+                    ];
+                    finish(&eights, row, body, |i| w[i])
+                };
             }
         }
+    }
+
+    /// Lanes `8 * H..8 * H + 8` of a 16-lane vector.
+    #[inline(always)]
+    unsafe fn halve<const H: i32>(v: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<H>(_mm512_castps_pd(v)))
     }
 
     /// A weight row's numbers in f32: an f32 row itself, another unpacked into `buffer`
@@ -890,7 +927,7 @@ mod avx2 {
     mod tests {
         use super::*;
 
-        /// Where the CPU has AVX-512, the paired kernel and the 16-register path give each
+        /// Where the CPU has AVX-512, the four-row kernel and the 16-register path give each
         /// output the same bits (with an odd weight row left over, and a tail past the blocks).
         #[test]
         fn both_register_files_give_the_same_bits() {
@@ -900,16 +937,16 @@ mod avx2 {
             let k = 100;
             let value = |i: usize| ((i * 7919) % 1000) as f32 / 500.0 - 1.0;
             let x: Vec<f32> = (0..7 * k).map(value).collect();
-            let w: Vec<f32> = (0..5 * k).map(|i| value(i + 13)).collect();
+            let w: Vec<f32> = (0..9 * k).map(|i| value(i + 13)).collect();
             let rows: Vec<&[f32]> = x.chunks(k).collect();
             let weight_row = |j: usize| WeightRow::F32(&w[j * k..][..k]);
-            let (mut narrow, mut paired) = (vec![0f32; 5 * 7], vec![0f32; 5 * 7]);
+            let (mut narrow, mut four) = (vec![0f32; 9 * 7], vec![0f32; 9 * 7]);
             // SAFETY: the features are checked above; rows and weight rows have `k` floats.
             unsafe {
                 task_16_registers::<F32Row>(&rows, weight_row, k, &mut narrow);
-                task_32_registers::<F32Row>(&rows, weight_row, k, &mut paired);
+                task_32_registers::<F32Row>(&rows, weight_row, k, &mut four);
             }
-            assert_eq!(narrow, paired);
+            assert_eq!(narrow, four);
         }
     }
 }
