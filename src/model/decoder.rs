@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::config::ModelConfig;
-use super::frozen::{CompactWeight, FrozenWeight, LowRank};
+use super::frozen::{CompactWeight, FrozenWeight, LowRank, Rows};
 use super::kv_cache::KvCache;
 use super::lora::{Adapter, Projection};
 use super::ops::{rms_norm, silu_mul, softmax_rows, Rope};
@@ -31,8 +31,8 @@ struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_low_rank(x, None)
+    fn forward(&self, x: &Tensor, rows: Rows) -> candle_core::Result<Tensor> {
+        self.forward_low_rank(x, None, rows)
     }
 
     /// The layer with a low-rank update of its weight, when there is one.
@@ -40,10 +40,11 @@ impl Linear {
         &self,
         x: &Tensor,
         update: Option<&LowRank>,
+        rows: Rows,
     ) -> candle_core::Result<Tensor> {
         let y = match update {
-            Some(update) => self.weight.matmul_low_rank(x, update)?,
-            None => self.weight.matmul(x)?,
+            Some(update) => self.weight.matmul_low_rank(x, update, rows)?,
+            None => self.weight.matmul(x, rows)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -450,8 +451,12 @@ impl Model {
         // directly; from outside, each of them (about 200 per decode step) would wake a pool
         // thread and put this one to sleep.
         rayon::scope(|_| {
+            let rows = match logits_for {
+                LogitsFor::Last => Rows::PerSequence,
+                LogitsFor::All | LogitsFor::Rows(_) => Rows::Spans,
+            };
             let hidden = self.hidden_mixed(seqs, adapters, logits_for)?;
-            self.logits(&hidden)
+            Ok(self.lm_head.matmul(&hidden, rows)?)
         })
     }
 
@@ -471,7 +476,7 @@ impl Model {
     /// The vocabulary projection of final hidden states: (rows, hidden) to (rows, vocab).
     /// Frozen: the gradient flows to the hidden states only.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.matmul(hidden)?)
+        Ok(self.lm_head.matmul(hidden, Rows::Spans)?)
     }
 
     fn hidden_mixed(
@@ -739,6 +744,12 @@ impl Model {
     ) -> Result<Tensor> {
         let c = &self.config;
         let (positions, spans) = (&packed.positions, packed.spans.as_slice());
+        let one_token_each = spans.iter().all(|s| s.len == 1);
+        let rows = if one_token_each {
+            Rows::PerSequence
+        } else {
+            Rows::Spans
+        };
         let proj = |lin: &Linear, p: Projection, h: &Tensor| -> candle_core::Result<Tensor> {
             // The common case, one adapter over every row, takes one fused op.
             if let [LoraRows {
@@ -746,9 +757,10 @@ impl Model {
                 rows: None,
             }] = lora
             {
-                return lin.forward_low_rank(h, adapter.low_rank(index, p, track).as_ref());
+                let update = adapter.low_rank(index, p, track);
+                return lin.forward_low_rank(h, update.as_ref(), rows);
             }
-            let mut y = lin.forward(h)?;
+            let mut y = lin.forward(h, rows)?;
             for group in lora {
                 let Some(update) = group.adapter.low_rank(index, p, track) else {
                     continue;
@@ -791,7 +803,7 @@ impl Model {
 
         let single_token_decode = self.device.is_cpu()
             && self.dtype == DType::F32
-            && spans.iter().all(|s| s.len == 1)
+            && one_token_each
             && seqs.iter().all(|s| s.cache.is_some());
         let attn = if single_token_decode {
             self.decode_attention_cpu(index, &q, &k, &v, seqs)?

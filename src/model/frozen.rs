@@ -186,18 +186,59 @@ impl FrozenWeight {
             + self.compact.as_ref().map_or(0, |c| c.bytes())
     }
 
-    /// `x @ w^T` over the last dimension of `x` (any leading shape).
-    pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x @ w^T` over the last dimension of `x` (any leading shape), whose rows are `rows`.
+    pub fn matmul(&self, x: &Tensor, rows: Rows) -> candle_core::Result<Tensor> {
         let mut out_dims = x.dims().to_vec();
         let k = out_dims.pop().unwrap_or(0);
-        let rows = out_dims.iter().product::<usize>();
+        let m = out_dims.iter().product::<usize>();
         out_dims.push(self.tensor.dim(0)?);
-        let x2 = x.reshape((rows, k))?.contiguous()?;
-        let op = FrozenMatmul {
-            compact: self.compact.clone(),
-        };
-        x2.apply_op2(&self.tensor, op)?.reshape(out_dims)
+        let x2 = x.reshape((m, k))?.contiguous()?;
+        x2.apply_op2(&self.tensor, self.op(rows))?.reshape(out_dims)
     }
+
+    fn op(&self, rows: Rows) -> FrozenMatmul {
+        FrozenMatmul {
+            compact: self.compact.clone(),
+            few_rows: rows.few_rows_limit(),
+        }
+    }
+}
+
+/// What the rows of a frozen matmul are, which picks the kernel that multiplies them: up to a
+/// limit, [`few_rows_matmul`] (a row's bits whatever the batch), beyond it gemm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// One row per sequence (a decode step, or the last positions' logits): how many there
+    /// are depends on the batch alone.
+    PerSequence,
+    /// Every position of some spans (prompts, training): how many there are also depends on
+    /// how much of a prompt the prompt cache held.
+    Spans,
+}
+
+impl Rows {
+    /// gemm is faster from about 24 rows on with AVX2 alone (`ttrl-serve bench` on the
+    /// default model, a Zen 3: batch 12 / 16 / 24 at 80 / 98 / 124 tok/s through gemm, 103 /
+    /// 108 / 104 through the kernel); with AVX-512's four-row kernel, decode batch 32 / 64 /
+    /// 96 / 128 ran at 591 / 662 / 666-673 / 637 tok/s through it against 296 / 515 / 599-610
+    /// / 680 through gemm (a Zen 4). Spans stay at 16 rows: a prompt's rows past the prompt
+    /// cache would otherwise take the kernel where the whole prompt takes gemm, and a named
+    /// adapter's answer after a restart (an empty cache) came out 1e-6 apart from before it
+    /// (`tests/adaptation.rs`).
+    fn few_rows_limit(self) -> usize {
+        match self {
+            Rows::PerSequence if wide_registers() => 96,
+            _ => 16,
+        }
+    }
+}
+
+/// Whether the decode kernels have AVX-512's 32 vector registers here.
+fn wide_registers() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx2::available() && avx2::wide_registers();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// A trainable low-rank update of a frozen weight, `scale * (x A^T) B^T` with A (r, in) and
@@ -221,15 +262,18 @@ impl FrozenWeight {
     /// backward gives x's, A's and B's gradients directly: composed, the update's five ops and
     /// the sum each cost a pass over (rows, out) values both ways, and candle's backward adds
     /// every gradient into a zeroed buffer. Both give the same values.
-    pub fn matmul_low_rank(&self, x: &Tensor, update: &LowRank) -> candle_core::Result<Tensor> {
+    pub fn matmul_low_rank(
+        &self,
+        x: &Tensor,
+        update: &LowRank,
+        rows: Rows,
+    ) -> candle_core::Result<Tensor> {
         let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
         if !(f32_cpu(x) && f32_cpu(&self.tensor) && f32_cpu(&update.a) && f32_cpu(&update.b)) {
-            return self.matmul(x)? + update.delta(x)?;
+            return self.matmul(x, rows)? + update.delta(x)?;
         }
         let op = FrozenMatmulLowRank {
-            frozen: FrozenMatmul {
-                compact: self.compact.clone(),
-            },
+            frozen: self.op(rows),
             w: self.tensor.clone(),
             scale: update.scale,
         };
@@ -310,6 +354,8 @@ impl CustomOp3 for FrozenMatmulLowRank {
 /// doubles peak memory during adaptation.
 struct FrozenMatmul {
     compact: Option<Arc<CompactWeight>>,
+    /// Up to this many rows take [`few_rows_matmul`] ([`Rows::few_rows_limit`]).
+    few_rows: usize,
 }
 
 impl FrozenMatmul {
@@ -336,7 +382,7 @@ impl CustomOp2 for FrozenMatmul {
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, n, k, w_t) = Self::dims(x_l, w_l)?;
-        if m <= FEW_ROWS {
+        if m <= self.few_rows {
             if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) {
                 if let (Some((x0, x1)), Some((w0, w1))) =
                     (x_l.contiguous_offsets(), w_l.contiguous_offsets())
@@ -378,14 +424,6 @@ impl CustomOp2 for FrozenMatmul {
         Ok((Some(grad_out.matmul(w)?), None))
     }
 }
-
-/// Up to this many rows (a decode step's sequences) take [`few_rows_matmul`]; gemm is faster
-/// from about 24 rows on (`ttrl-serve bench` on the default model, a Zen 3: batch 12 / 16 / 24
-/// at 80 / 98 / 124 tok/s through gemm, 103 / 108 / 104 here). With AVX-512's paired kernel
-/// (a Zen 4) 24 rows were 5-8% faster here than through gemm, but short prompts' prefill rows
-/// then changed path with how they were split or batched, and a named adapter's answer after
-/// a restart came out 1e-6 apart from before it (`tests/adaptation.rs`); at 16 it is the same.
-const FEW_ROWS: usize = 16;
 
 /// Rows of `x` per kernel call: each row keeps four 8-lane accumulators, and three rows'
 /// twelve leave the weight's four vectors the rest of AVX2's sixteen registers.
@@ -650,7 +688,7 @@ mod avx2 {
     }
 
     /// Whether the CPU has AVX-512's 32 vector registers (for 256-bit operations too).
-    fn wide_registers() -> bool {
+    pub fn wide_registers() -> bool {
         is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
     }
 
@@ -975,7 +1013,7 @@ mod tests {
             // A loss that weighs every output differently.
             let weights = Tensor::randn(0f32, 1., (rows, 40), &dev)?;
             let loss = |y: Tensor| (y * &weights)?.sum_all();
-            let fused = frozen.matmul_low_rank(x.as_tensor(), &update)?;
+            let fused = frozen.matmul_low_rank(x.as_tensor(), &update, Rows::Spans)?;
             let composed = (x.as_tensor().matmul(&w.t()?)? + update.delta(x.as_tensor())?)?;
             let max_diff = |p: &Tensor, q: &Tensor| -> candle_core::Result<f32> {
                 (p - q)?.abs()?.max_all()?.to_scalar::<f32>()
@@ -998,7 +1036,8 @@ mod tests {
                 b: b.as_detached_tensor(),
                 scale: 2.0,
             };
-            let grads = loss(frozen.matmul_low_rank(x.as_tensor(), &detached)?)?.backward()?;
+            let grads =
+                loss(frozen.matmul_low_rank(x.as_tensor(), &detached, Rows::Spans)?)?.backward()?;
             assert!(grads.get(x.as_tensor()).is_some());
             assert!(grads.get(a.as_tensor()).is_none() && grads.get(b.as_tensor()).is_none());
         }
@@ -1010,7 +1049,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1., (2, 3, 4), &dev)?;
         let w = Tensor::randn(0f32, 1., (5, 4), &dev)?;
-        let y = FrozenWeight::new(w.clone(), None).matmul(x.as_tensor())?;
+        let y = FrozenWeight::new(w.clone(), None).matmul(x.as_tensor(), Rows::Spans)?;
         let reference = x.as_tensor().broadcast_matmul(&w.t()?)?;
         let diff = (y.clone() - reference)?
             .abs()?
@@ -1034,26 +1073,31 @@ mod tests {
         // k = 100: three 32-number blocks and a tail; n = 131: a partial last task with an
         // odd number of weight rows.
         let w = Tensor::randn(0f32, 1., (131, 100), &dev)?;
-        let limit = FEW_ROWS;
-        let x = Tensor::randn(0f32, 1., (limit, 100), &dev)?;
-        let reference = x.matmul(&w.t()?)?;
-        let plain = FrozenWeight::new(w, None);
-        let few = plain.matmul(&x)?;
-        let diff = (&few - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-4, "{diff}");
-        // Every batch size takes its own kernel path (1-3 rows, or groups of 3 and the rest).
-        let few = few.to_vec2::<f32>()?;
-        for m in [1, 2, 3, 4, 5, 7] {
-            for start in [0, limit - m] {
-                let some = plain.matmul(&x.narrow(0, start, m)?)?.to_vec2::<f32>()?;
-                assert_eq!(some, few[start..start + m], "{m} rows from {start}");
+        let plain = FrozenWeight::new(w.clone(), None);
+        for rows in [Rows::Spans, Rows::PerSequence] {
+            let limit = rows.few_rows_limit();
+            let x = Tensor::randn(0f32, 1., (limit, 100), &dev)?;
+            let reference = x.matmul(&w.t()?)?;
+            let few = plain.matmul(&x, rows)?;
+            let diff = (&few - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{diff}");
+            // Every batch size takes its own kernel path (1-3 rows, or groups of 3 and the
+            // rest).
+            let few = few.to_vec2::<f32>()?;
+            for m in [1, 2, 3, 4, 5, 7, 17].into_iter().filter(|&m| m <= limit) {
+                for start in [0, limit - m] {
+                    let some = plain
+                        .matmul(&x.narrow(0, start, m)?, rows)?
+                        .to_vec2::<f32>()?;
+                    assert_eq!(some, few[start..start + m], "{m} rows from {start}");
+                }
             }
         }
         Ok(())
     }
 
     /// The weight `make` builds, in f32 as the model holds it and compact; decode steps
-    /// (`FEW_ROWS` rows and fewer) must give the f32 path's bits.
+    /// must give the f32 path's bits.
     fn compact_matches_f32_bit_for_bit(
         make: impl Fn(&Tensor) -> candle_core::Result<(Tensor, CompactWeight)>,
     ) -> candle_core::Result<()> {
@@ -1064,10 +1108,10 @@ mod tests {
         let plain = FrozenWeight::new(f32_weight.clone(), None);
         let light = FrozenWeight::new(f32_weight, Some(compact));
         assert!(light.compact.is_some());
-        for m in [1, 3, FEW_ROWS] {
+        for m in [1, 3, Rows::PerSequence.few_rows_limit()] {
             let x = Tensor::randn(0f32, 1., (m, 96), &dev)?;
-            let a = plain.matmul(&x)?.to_vec2::<f32>()?;
-            let b = light.matmul(&x)?.to_vec2::<f32>()?;
+            let a = plain.matmul(&x, Rows::PerSequence)?.to_vec2::<f32>()?;
+            let b = light.matmul(&x, Rows::PerSequence)?.to_vec2::<f32>()?;
             assert_eq!(a, b, "{m} rows");
         }
         Ok(())
