@@ -282,6 +282,12 @@ fn leaf_by_leaf_loss_equals_the_whole_one(model: &Model) {
             .unwrap()
             .neg()
             .unwrap();
+        let selected: Vec<u32> = l.selected().iter().map(|&i| i as u32).collect();
+        let selected = Tensor::new(selected.as_slice(), &Device::Cpu).unwrap();
+        let (logp, entropy) = (
+            logp.index_select(&selected, 0).unwrap(),
+            entropy.index_select(&selected, 0).unwrap(),
+        );
         let term = leaf_loss(l, &logp, &entropy, &config, denom, &mut stats).unwrap();
         whole = (whole + term).unwrap();
     }

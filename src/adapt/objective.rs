@@ -26,6 +26,13 @@ pub struct TrainLeaf {
     pub advantage: f32,
 }
 
+impl TrainLeaf {
+    /// Positions of the selected tokens in the response: the only ones the loss reads.
+    pub fn selected(&self) -> Vec<usize> {
+        (0..self.mask.len()).filter(|&i| self.mask[i]).collect()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ObjectiveConfig {
     pub temperature: f32,
@@ -55,8 +62,8 @@ pub struct ObjectiveStats {
 
 /// The leaves packed for one forward pass, each distinct prompt once, its responses
 /// attending to its keys and values, and the packed rows that predict the responses'
-/// tokens, leaf after leaf.
-fn pack<'a>(leaves: &[&'a TrainLeaf]) -> (Vec<SeqInput<'a>>, LogitsFor) {
+/// tokens (all of them, or only the selected ones), leaf after leaf.
+fn pack<'a>(leaves: &[&'a TrainLeaf], only_selected: bool) -> (Vec<SeqInput<'a>>, LogitsFor) {
     let mut prompts: Vec<&[u32]> = Vec::new();
     let owner: Vec<usize> = leaves
         .iter()
@@ -86,13 +93,17 @@ fn pack<'a>(leaves: &[&'a TrainLeaf]) -> (Vec<SeqInput<'a>>, LogitsFor) {
             Some(start)
         })
         .collect();
-    // The rows that predict response tokens: the prompt's last row, then all but the
-    // response's last.
+    // The row that predicts response token i: the prompt's last row for the first, the
+    // response's row i - 1 for the others.
     let mut rows = Vec::new();
     for (j, (leaf, &p)) in leaves.iter().zip(&owner).enumerate() {
-        rows.push((starts[p] + prompts[p].len() - 1) as u32);
-        let start = starts[prompts.len() + j];
-        rows.extend((start..start + leaf.response.len() - 1).map(|r| r as u32));
+        let (prompt_last, start) = (starts[p] + prompts[p].len() - 1, starts[prompts.len() + j]);
+        let predicting = |i: usize| (if i == 0 { prompt_last } else { start + i - 1 }) as u32;
+        rows.extend(
+            (0..leaf.response.len())
+                .filter(|&i| !only_selected || leaf.mask[i])
+                .map(predicting),
+        );
     }
     (inputs, LogitsFor::Rows(rows))
 }
@@ -117,7 +128,7 @@ pub(crate) fn token_values(
     leaves: &[&TrainLeaf],
     temperature: f32,
 ) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-    let (mut inputs, rows) = pack(leaves);
+    let (mut inputs, rows) = pack(leaves, false);
     let hidden = model.hidden(&mut inputs, adapter, rows)?.detach();
     let mut out = Vec::with_capacity(leaves.len());
     let mut start = 0;
@@ -200,17 +211,20 @@ pub fn leaves_loss(
             stats,
         });
     }
-    let (mut inputs, rows) = pack(&leaves);
+    // Every term reads only the selected tokens (a fifth of them under SPINE), so only their
+    // rows go through the vocabulary projection.
+    let (mut inputs, rows) = pack(&leaves, true);
     let (grads, value) = model.adapter_gradients(&mut inputs, adapter, rows, |hidden| {
         let mut row_grads = Vec::with_capacity(leaves.len());
         let mut value = 0.0;
         let mut start = 0;
         for leaf in &leaves {
-            let n = leaf.response.len();
+            let tokens: Vec<u32> = leaf.selected().iter().map(|&i| leaf.response[i]).collect();
+            let n = tokens.len();
             let rows = Var::from_tensor(&hidden.narrow(0, start, n)?)?;
             start += n;
             let (logp, entropy) =
-                logp_entropy(model, rows.as_tensor(), &leaf.response, config.temperature)?;
+                logp_entropy(model, rows.as_tensor(), &tokens, config.temperature)?;
             let loss = leaf_loss(leaf, &logp, &entropy, config, denom, &mut stats)?;
             value += f64::from(loss.to_scalar::<f32>()?);
             let grads = loss.backward()?;
@@ -228,9 +242,9 @@ pub fn leaves_loss(
     })
 }
 
-/// One leaf's term of the step's loss, from its log-probs and entropies: PPO-clip and k3 KL
-/// on the selected tokens, and the entropy band on those outside it, each over the step's
-/// selected tokens.
+/// One leaf's term of the step's loss, from the log-probs and entropies at its selected
+/// tokens ([`TrainLeaf::selected`], in order): PPO-clip and k3 KL on each, and the entropy
+/// band on those outside it, each over the step's selected tokens.
 pub fn leaf_loss(
     leaf: &TrainLeaf,
     logp: &Tensor,
@@ -240,29 +254,27 @@ pub fn leaf_loss(
     stats: &mut ObjectiveStats,
 ) -> Result<Tensor> {
     let device = logp.device();
-    let mask_f: Vec<f32> = leaf.mask.iter().map(|&m| f32::from(u8::from(m))).collect();
-    let mask = Tensor::new(mask_f.as_slice(), device)?;
-    let old = Tensor::new(leaf.old_logprobs.as_slice(), device)?;
-    let ref_logp = Tensor::new(leaf.ref_logprobs.as_slice(), device)?;
+    let selected = leaf.selected();
+    let at_selected = |v: &[f32]| -> Result<Tensor> {
+        let picked: Vec<f32> = selected.iter().map(|&i| v[i]).collect();
+        Ok(Tensor::new(picked.as_slice(), device)?)
+    };
+    let old = at_selected(&leaf.old_logprobs)?;
+    let ref_logp = at_selected(&leaf.ref_logprobs)?;
 
-    let policy = (ppo_clip(logp, &old, leaf.advantage, config.clip_epsilon)? * &mask)?.sum_all()?;
-    let kl = (k3(&ref_logp, logp)? * &mask)?.sum_all()?;
+    let policy = ppo_clip(logp, &old, leaf.advantage, config.clip_epsilon)?.sum_all()?;
+    let kl = k3(&ref_logp, logp)?.sum_all()?;
     stats.kl_sum += f64::from(kl.to_scalar::<f32>()?);
-    stats.kl_tokens += leaf.mask.iter().filter(|&&m| m).count();
+    stats.kl_tokens += selected.len();
     let mut loss = (policy + (kl * f64::from(config.lambda_kl))?)?;
 
-    let selected: Vec<u32> = (0..leaf.mask.len() as u32)
-        .filter(|&i| leaf.mask[i as usize])
-        .collect();
-    let idx = Tensor::new(selected.as_slice(), device)?;
-    let h = entropy.index_select(&idx, 0)?;
-    let h_values = h.to_vec1::<f32>()?;
+    let h_values = entropy.to_vec1::<f32>()?;
     stats.selected_entropy_sum += h_values.iter().map(|&x| f64::from(x)).sum::<f64>();
     stats.selected_tokens += h_values.len();
     if let (Some((lo, hi)), true) = (denom.band, config.lambda_band > 0.0) {
         // Zero inside the base model's band; pushes back only the forks outside it.
-        let above = (&h - f64::from(hi))?.relu()?;
-        let below = (h.neg()? + f64::from(lo))?.relu()?;
+        let above = (entropy - f64::from(hi))?.relu()?;
+        let below = (entropy.neg()? + f64::from(lo))?.relu()?;
         let band = (above + below)?.sum_all()?;
         loss = (loss + (band * f64::from(config.lambda_band))?)?;
     }
