@@ -157,7 +157,7 @@ fn a_fresh_adapters_sampled_logprobs_and_entropies_are_the_base_models_reference
         assert!((g.entropy - entropy[k]).abs() < 1e-4, "token {k}");
     }
     // A trained adapter is not the base model, and is not taken for one.
-    assert!(!randomized_adapter(&m.model, DType::F32)
+    assert!(!randomized_adapter(&m.model, DType::F32, 0)
         .is_identity()
         .unwrap());
 }
@@ -306,8 +306,8 @@ fn random_weights_of_any_config_build_a_model_that_decodes_every_id() {
 fn a_batch_mixing_adapters_gives_each_sequence_the_tokens_of_its_adapter_alone() {
     let m = load_tiny("llama", DType::F32);
     let (a, b) = (
-        randomized_adapter(&m.model, DType::F32),
-        randomized_adapter(&m.model, DType::F32),
+        randomized_adapter(&m.model, DType::F32, 1),
+        randomized_adapter(&m.model, DType::F32, 2),
     );
     let lora: [Option<&Adapter>; 4] = [None, Some(&a), Some(&b), Some(&a)];
     let new_seq = |i: usize| {

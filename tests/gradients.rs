@@ -34,7 +34,7 @@ fn pg_loss(model: &Model, adapter: Option<&Adapter>, ids: &[Vec<u32>]) -> Tensor
 fn every_lora_tensor_gets_a_gradient_and_no_base_weight_does() {
     for family in FAMILIES {
         let m = load_tiny(family, DType::F32);
-        let adapter = randomized_adapter(&m.model, DType::F32);
+        let adapter = randomized_adapter(&m.model, DType::F32, 0);
         let (ids, _) = expected(family);
         let grads = pg_loss(&m.model, Some(&adapter), &ids).backward().unwrap();
         for (i, var) in adapter.vars().iter().enumerate() {
@@ -64,7 +64,7 @@ fn every_lora_tensor_gets_a_gradient_and_no_base_weight_does() {
 fn finite_differences_agree_with_autograd_in_f64() {
     for family in FAMILIES {
         let m = load_tiny(family, DType::F64);
-        let adapter = randomized_adapter(&m.model, DType::F64);
+        let adapter = randomized_adapter(&m.model, DType::F64, 0);
         let (ids, _) = expected(family);
         let grads = pg_loss(&m.model, Some(&adapter), &ids).backward().unwrap();
         let vars = adapter.vars();
@@ -171,7 +171,7 @@ fn agreement(a: &Tensor, b: &Tensor) -> (f64, f64) {
 fn lora_gradients_under_a_half_precision_base_on_the_test_device_match_f32_on_the_cpu() {
     for family in FAMILIES {
         let reference = load_tiny_on(family, DType::F32, &Device::Cpu);
-        let adapter = randomized_adapter(&reference.model, DType::F32);
+        let adapter = randomized_adapter(&reference.model, DType::F32, 0);
         let (ids, _) = expected(family);
         let want = pg_loss(&reference.model, Some(&adapter), &ids)
             .backward()
@@ -229,7 +229,7 @@ fn leaf_by_leaf_loss_equals_the_whole_one(model: &Model) {
     use ttrl_serve::adapt::objective::{
         leaf_loss, leaves_loss, Denominators, ObjectiveConfig, ObjectiveStats, TrainLeaf,
     };
-    let adapter = randomized_adapter(model, DType::F32);
+    let adapter = randomized_adapter(model, DType::F32, 0);
     let leaf = |prompt: &[u32], response: Vec<u32>, advantage: f32| {
         let n = response.len();
         TrainLeaf {

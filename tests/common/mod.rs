@@ -98,8 +98,11 @@ pub fn scratch_copy(family: &str, name: &str) -> PathBuf {
     dir
 }
 
-/// A fresh adapter has B = 0 (so A gets no gradient); give every tensor random values.
-pub fn randomized_adapter(model: &Model, dtype: DType) -> Adapter {
+/// A fresh adapter has B = 0 (so A gets no gradient); give every tensor values from N(0, 0.01),
+/// drawn by a generator seeded with `seed`: a test meets the same adapter on every run (with
+/// fresh draws, about one run in a hundred fell outside a gradient test's bounds).
+pub fn randomized_adapter(model: &Model, dtype: DType, seed: u64) -> Adapter {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
     let adapter = Adapter::new(
         "t",
         LoraConfig {
@@ -112,17 +115,20 @@ pub fn randomized_adapter(model: &Model, dtype: DType) -> Adapter {
         1,
     )
     .unwrap();
-    let values: HashMap<String, Tensor> = adapter
-        .named_tensors()
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Box-Muller: two uniform draws, one normal one.
+    let mut normal = move || {
+        let (u, v): (f64, f64) = (rng.random(), rng.random());
+        ((-2.0 * (1.0 - u).ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    };
+    let mut named: Vec<(String, Tensor)> = adapter.named_tensors().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let values: HashMap<String, Tensor> = named
         .into_iter()
         .map(|(k, t)| {
-            (
-                k,
-                (Tensor::randn(0f32, 0.1, t.dims(), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap()),
-            )
+            let v: Vec<f32> = (0..t.elem_count()).map(|_| 0.1 * normal()).collect();
+            let t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+            (k, t.to_dtype(dtype).unwrap())
         })
         .collect();
     adapter.set_tensors(&values).unwrap();
@@ -168,7 +174,7 @@ pub fn unzip(zip: &[u8], file: &str) -> Vec<u8> {
 /// with it differ from the base model's.
 pub fn random_adapter_zip(dir: &std::path::Path) -> Vec<u8> {
     let loaded = load_tiny("llama", DType::F32);
-    let adapter = randomized_adapter(&loaded.model, DType::F32);
+    let adapter = randomized_adapter(&loaded.model, DType::F32, 0);
     adapter.write_files(dir, None, &[]).unwrap();
     let file = |name: &'static str| (name, std::fs::read(dir.join(name)).unwrap());
     zip_of(&[
