@@ -127,6 +127,42 @@ struct Packed {
     positions: Tensor,
     spans: Vec<Span>,
     rows: usize,
+    /// Without caches (training, scoring): the spans that attend together.
+    groups: Option<AttentionGroups>,
+}
+
+/// A batch without caches as groups of spans that attend as one: a sequence and the
+/// sequences continuing it (training's prompt and its responses), each group one masked
+/// attention. One attention per span cost more in backward than the attention itself: the
+/// gradient of each span's slice of q, k and v is a zero-padded copy of the whole batch,
+/// transposed, added into another.
+struct AttentionGroups {
+    groups: Vec<AttentionGroup>,
+    /// The packed row of each row of the groups' outputs put one after another, inverted:
+    /// `None` when they already are in packed order.
+    to_packed: Option<Tensor>,
+}
+
+struct AttentionGroup {
+    rows: GroupRows,
+    /// Over (rows, rows): a row sees the keys of its own sequence and of the one it
+    /// continues, up to its own position. `None` for a single row.
+    mask: Option<Tensor>,
+}
+
+/// Where a group's rows lie in the packed batch.
+enum GroupRows {
+    Range(usize, usize),
+    Scattered(Tensor),
+}
+
+impl GroupRows {
+    fn of(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            GroupRows::Range(start, len) => t.narrow(0, *start, *len),
+            GroupRows::Scattered(rows) => t.index_select(rows, 0),
+        }
+    }
 }
 
 /// Where a sequence's rows sit in the packed batch.
@@ -680,12 +716,84 @@ impl Model {
             ids.extend_from_slice(s.tokens);
             positions.extend(offset as u32..end as u32);
         }
+        let groups = seqs
+            .iter()
+            .all(|s| s.cache.is_none())
+            .then(|| self.attention_groups(&spans, ids.len()))
+            .transpose()?;
         Ok(Packed {
             rows: ids.len(),
             ids: Tensor::new(ids.as_slice(), &self.device)?,
             positions: Tensor::new(positions.as_slice(), &self.device)?,
             spans,
+            groups,
         })
+    }
+
+    /// Each span without a prefix, with the spans continuing it, as one group (see
+    /// [`AttentionGroups`]).
+    fn attention_groups(&self, spans: &[Span], total: usize) -> Result<AttentionGroups> {
+        let mut groups = Vec::new();
+        let mut order: Vec<u32> = Vec::with_capacity(total);
+        for (root, first) in spans.iter().enumerate().filter(|(_, s)| s.prefix.is_none()) {
+            let members =
+                std::iter::once(first).chain(spans.iter().filter(|s| s.prefix == Some(root)));
+            // Per row: its packed row, its sequence within the group (0: the root) and its
+            // position.
+            let (mut rows, mut segment, mut position) = (Vec::new(), Vec::new(), Vec::new());
+            for (j, span) in members.enumerate() {
+                let offset = if j == 0 { 0 } else { first.len };
+                rows.extend(span.start as u32..(span.start + span.len) as u32);
+                segment.extend(std::iter::repeat_n(j, span.len));
+                position.extend(offset..offset + span.len);
+            }
+            let n = rows.len();
+            let mask = if n == 1 {
+                None
+            } else {
+                let (segment, position) = (&segment, &position);
+                let mask: Vec<f32> = (0..n)
+                    .flat_map(|q| {
+                        (0..n).map(move |k| {
+                            let sees = (segment[k] == 0 || segment[k] == segment[q])
+                                && position[k] <= position[q];
+                            if sees {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                    .collect();
+                Some(Tensor::from_vec(mask, (n, n), &self.device)?.to_dtype(self.dtype)?)
+            };
+            let start = rows[0] as usize;
+            let contiguous = rows
+                .iter()
+                .enumerate()
+                .all(|(i, &r)| r as usize == start + i);
+            let group_rows = if contiguous {
+                GroupRows::Range(start, n)
+            } else {
+                GroupRows::Scattered(Tensor::new(rows.as_slice(), &self.device)?)
+            };
+            order.extend(&rows);
+            groups.push(AttentionGroup {
+                rows: group_rows,
+                mask,
+            });
+        }
+        let in_order = order.iter().enumerate().all(|(i, &r)| r as usize == i);
+        let to_packed = if in_order {
+            None
+        } else {
+            let mut inverse = vec![0u32; order.len()];
+            for (i, &r) in order.iter().enumerate() {
+                inverse[r as usize] = i as u32;
+            }
+            Some(Tensor::new(inverse.as_slice(), &self.device)?)
+        };
+        Ok(AttentionGroups { groups, to_packed })
     }
 
     /// The last norm over the rows `logits_for` selects from the last layer's output.
@@ -807,6 +915,8 @@ impl Model {
             && seqs.iter().all(|s| s.cache.is_some());
         let attn = if single_token_decode {
             self.decode_attention_cpu(index, &q, &k, &v, seqs)?
+        } else if let Some(groups) = &packed.groups {
+            self.grouped_attention(&q, &k, &v, groups)?
         } else {
             self.spans_attention(index, &q, &k, &v, spans, seqs)?
         };
@@ -848,6 +958,30 @@ impl Model {
             outs.push(self.attention(&qi, &ki, &vi, span.mask.as_ref())?);
         }
         Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// Attention of a batch without caches, group by group (see [`AttentionGroups`]).
+    /// Returns (rows, heads * d) in packed order.
+    fn grouped_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        groups: &AttentionGroups,
+    ) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(groups.groups.len());
+        for group in &groups.groups {
+            let pick = |t: &Tensor| group.rows.of(t)?.transpose(0, 1);
+            outs.push(self.attention(&pick(q)?, &pick(k)?, &pick(v)?, group.mask.as_ref())?);
+        }
+        let out = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 0)?,
+        };
+        Ok(match &groups.to_packed {
+            Some(rows) => out.index_select(rows, 0)?,
+            None => out,
+        })
     }
 
     /// Attention of one new token per sequence, on the CPU in f32, written out by hand: with
