@@ -206,28 +206,30 @@ fn lora_gradients_under_a_half_precision_base_on_the_test_device_match_f32_on_th
     }
 }
 
-/// The update never holds a micro-batch's logits whole (the loss is taken leaf by leaf from
-/// the final hidden states), and a large micro-batch keeps the graph of only as many of its
-/// last layers as its budget holds (the others are recomputed in backward). Its value and
+/// The update holds the logits of a few leaves at a time (the loss is taken chunk by chunk
+/// from the final hidden states), and a large micro-batch keeps the graph of only as many of
+/// its last layers as its budget holds (the others are recomputed in backward). Its value and
 /// every LoRA gradient equal those of the whole loss computed directly, one unpacked forward
-/// per leaf with the whole graph, with the packed batch's graph kept whole, with every layer
-/// recomputed, and with budgets in between (doubling around the tiny model's ~55 KB per layer,
-/// so one of them keeps only the last layer).
+/// per leaf with the whole graph, with chunks of one leaf, two and all three, with the packed
+/// batch's graph kept whole, with every layer recomputed, and with budgets in between
+/// (doubling around the tiny model's ~55 KB per layer, so one of them keeps only the last
+/// layer).
 #[test]
-fn the_leaf_by_leaf_training_loss_kept_or_recomputed_has_the_value_and_gradients_of_the_whole_one()
-{
+fn the_training_loss_by_logit_chunks_kept_or_recomputed_has_the_value_and_gradients_of_the_whole_one(
+) {
     for kept_activation_bytes in [usize::MAX, 0, 1 << 15, 1 << 16, 1 << 17] {
         let mut loaded = load_tiny("llama", DType::F32);
         loaded
             .model
             .set_kept_activation_bytes(kept_activation_bytes);
-        leaf_by_leaf_loss_equals_the_whole_one(&loaded.model);
+        chunked_loss_equals_the_whole_one(&loaded.model);
     }
 }
 
-fn leaf_by_leaf_loss_equals_the_whole_one(model: &Model) {
+fn chunked_loss_equals_the_whole_one(model: &Model) {
     use ttrl_serve::adapt::objective::{
         leaf_loss, leaves_loss, Denominators, ObjectiveConfig, ObjectiveStats, TrainLeaf,
+        LOGIT_ROWS,
     };
     let adapter = randomized_adapter(model, DType::F32, 0);
     let leaf = |prompt: &[u32], response: Vec<u32>, advantage: f32| {
@@ -253,13 +255,13 @@ fn leaf_by_leaf_loss_equals_the_whole_one(model: &Model) {
         clip_epsilon: 0.2,
         lambda_kl: 0.1,
         lambda_band: 0.5,
+        logit_rows: LOGIT_ROWS,
     };
     // A band the tiny model's entropies (about ln 267) lie above: that term is active.
     let denom = Denominators {
         selected_tokens: 8.0,
         band: Some((1.0, 2.0)),
     };
-    let chunked = leaves_loss(model, &adapter, &leaves, &config, denom).unwrap();
 
     let mut whole = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
     let mut stats = ObjectiveStats::default();
@@ -292,25 +294,34 @@ fn leaf_by_leaf_loss_equals_the_whole_one(model: &Model) {
         whole = (whole + term).unwrap();
     }
     let value = f64::from(whole.to_scalar::<f32>().unwrap());
-    assert!(
-        (value - chunked.value).abs() < 1e-5,
-        "{value} vs {}",
-        chunked.value
-    );
     let whole_grads = whole.backward().unwrap();
-    let mut compared = 0;
-    for (var, c) in adapter.vars().iter().zip(&chunked.grads) {
-        let (w, c) = (
-            whole_grads.get(var.as_tensor()).unwrap(),
-            c.as_ref().unwrap(),
-        );
-        let scale = max_abs_diff(w, &w.zeros_like().unwrap()).max(1e-6);
-        let diff = max_abs_diff(w, c);
+    // The leaves have 4, 2 and 3 selected tokens: logits of one leaf at a time, of the first
+    // two and then the third, and of all three at once.
+    for logit_rows in [1, 6, LOGIT_ROWS] {
+        let config = ObjectiveConfig {
+            logit_rows,
+            ..config
+        };
+        let chunked = leaves_loss(model, &adapter, &leaves, &config, denom).unwrap();
         assert!(
-            diff / scale < 1e-4,
-            "gradient differs by {diff} (scale {scale})"
+            (value - chunked.value).abs() < 1e-5,
+            "{value} vs {} ({logit_rows} logit rows)",
+            chunked.value
         );
-        compared += 1;
+        let mut compared = 0;
+        for (var, c) in adapter.vars().iter().zip(&chunked.grads) {
+            let (w, c) = (
+                whole_grads.get(var.as_tensor()).unwrap(),
+                c.as_ref().unwrap(),
+            );
+            let scale = max_abs_diff(w, &w.zeros_like().unwrap()).max(1e-6);
+            let diff = max_abs_diff(w, c);
+            assert!(
+                diff / scale < 1e-4,
+                "gradient differs by {diff} (scale {scale}, {logit_rows} logit rows)"
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, adapter.vars().len());
     }
-    assert_eq!(compared, adapter.vars().len());
 }

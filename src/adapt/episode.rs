@@ -15,7 +15,7 @@ use super::advantage::{band_bounds, ear, forking_threshold, grpo};
 use super::config::{AdaptConfig, Method};
 use super::objective::{
     k3, leaves_loss, reference, token_values, Denominators, MicroBatchLoss, ObjectiveConfig,
-    ObjectiveStats, TrainLeaf,
+    ObjectiveStats, TrainLeaf, LOGIT_ROWS,
 };
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::Result;
@@ -418,6 +418,7 @@ fn run_rounds(
         clip_epsilon: config.clip_epsilon,
         lambda_kl: config.lambda_kl,
         lambda_band: if spine { config.lambda_band } else { 0.0 },
+        logit_rows: LOGIT_ROWS,
     };
     let mut report = EpisodeReport {
         applied: false,

@@ -40,6 +40,8 @@ pub struct ObjectiveConfig {
     pub lambda_kl: f32,
     /// 0 turns the band off (TTRL).
     pub lambda_band: f32,
+    /// Rows of logits that exist at once ([`LOGIT_ROWS`] in an episode).
+    pub logit_rows: usize,
 }
 
 /// What the whole optimizer step shares, so micro-batch losses add up to its loss.
@@ -108,20 +110,47 @@ fn pack<'a>(leaves: &[&'a TrainLeaf], only_selected: bool) -> (Vec<SeqInput<'a>>
     (inputs, LogitsFor::Rows(rows))
 }
 
-/// Log-probs of `response` and the entropies of softmax(logits / T), from the hidden rows
-/// that predict it: only these rows' logits exist at a time.
+/// Log-probs of `tokens` and the entropies of softmax(logits / T), from the hidden rows
+/// that predict them: only these rows' logits exist at a time.
 fn logp_entropy(
     model: &Model,
     hidden: &Tensor,
-    response: &[u32],
+    tokens: &[u32],
     temperature: f32,
 ) -> Result<(Tensor, Tensor)> {
     let logits = model.logits(hidden)?.to_dtype(DType::F32)?;
-    Ok(token_logp_entropy(&logits, response, temperature)?)
+    Ok(token_logp_entropy(&logits, tokens, temperature)?)
+}
+
+/// Rows of logits that exist at once (about 50 MB for a 49 152-token vocabulary): several
+/// leaves' rows share one pass over the vocabulary projection, which reads the whole output
+/// layer each time (113 MB for the default model) however few rows it has.
+pub const LOGIT_ROWS: usize = 256;
+
+/// Consecutive runs of leaves whose `rows` add up to at most `limit` (or one leaf alone),
+/// with the tokens those rows predict, one after another.
+fn logit_chunks<'a, 'l>(
+    leaves: &'a [&'l TrainLeaf],
+    limit: usize,
+    rows: impl Fn(&TrainLeaf) -> Vec<usize>,
+) -> Vec<(&'a [&'l TrainLeaf], Vec<u32>)> {
+    let mut chunks = Vec::new();
+    let (mut first, mut tokens) = (0, Vec::new());
+    for (i, leaf) in leaves.iter().enumerate() {
+        let at = rows(leaf);
+        if i > first && tokens.len() + at.len() > limit {
+            chunks.push((&leaves[first..i], std::mem::take(&mut tokens)));
+            first = i;
+        }
+        tokens.extend(at.iter().map(|&t| leaf.response[t]));
+    }
+    chunks.push((&leaves[first..], tokens));
+    chunks
 }
 
 /// Per leaf, as plain numbers: the log-probs of its response under `adapter` (or the base
-/// model) and the entropies at its positions. No graph is kept; logits exist one leaf at a time.
+/// model) and the entropies at its positions. No graph is kept; logits exist
+/// [`LOGIT_ROWS`] rows at a time.
 pub(crate) fn token_values(
     model: &Model,
     adapter: Option<&Adapter>,
@@ -132,16 +161,17 @@ pub(crate) fn token_values(
     let hidden = model.hidden(&mut inputs, adapter, rows)?.detach();
     let mut out = Vec::with_capacity(leaves.len());
     let mut start = 0;
-    for leaf in leaves {
-        let n = leaf.response.len();
-        let (logp, entropy) = logp_entropy(
-            model,
-            &hidden.narrow(0, start, n)?,
-            &leaf.response,
-            temperature,
-        )?;
-        start += n;
-        out.push((logp.to_vec1::<f32>()?, entropy.to_vec1::<f32>()?));
+    for (chunk, tokens) in logit_chunks(leaves, LOGIT_ROWS, |l| (0..l.response.len()).collect()) {
+        let rows = hidden.narrow(0, start, tokens.len())?;
+        start += tokens.len();
+        let (logp, entropy) = logp_entropy(model, &rows, &tokens, temperature)?;
+        let (logp, entropy) = (logp.to_vec1::<f32>()?, entropy.to_vec1::<f32>()?);
+        let mut at = 0;
+        for leaf in chunk {
+            let n = leaf.response.len();
+            out.push((logp[at..at + n].to_vec(), entropy[at..at + n].to_vec()));
+            at += n;
+        }
     }
     Ok(out)
 }
@@ -186,12 +216,12 @@ pub struct MicroBatchLoss {
     pub stats: ObjectiveStats,
 }
 
-/// The loss of these leaves and its gradients, without ever holding their logits whole or
-/// more than one layer's activations. The network runs to the final hidden states; then,
-/// leaf by leaf, the vocabulary projection and the loss are computed from a detached copy of
-/// that leaf's rows and differentiated back to it, and the leaf's graph is dropped. The row
-/// gradients go back through the network one recomputed layer at a time
-/// ([`Model::adapter_gradients`]).
+/// The loss of these leaves and its gradients, holding the logits of at most
+/// `config.logit_rows` rows at a time (or of one longer leaf). The network runs to the final
+/// hidden states; then, a few leaves at a time, the vocabulary projection and the loss are
+/// computed from a detached copy of their rows and differentiated back to it, and their
+/// graph is dropped. The row gradients go back through the network, layers beyond the
+/// activation budget recomputed ([`Model::adapter_gradients`]).
 pub fn leaves_loss(
     model: &Model,
     adapter: &Adapter,
@@ -215,17 +245,23 @@ pub fn leaves_loss(
     // rows go through the vocabulary projection.
     let (mut inputs, rows) = pack(&leaves, true);
     let (grads, value) = model.adapter_gradients(&mut inputs, adapter, rows, |hidden| {
-        let mut row_grads = Vec::with_capacity(leaves.len());
+        let mut row_grads = Vec::new();
         let mut value = 0.0;
         let mut start = 0;
-        for leaf in &leaves {
-            let tokens: Vec<u32> = leaf.selected().iter().map(|&i| leaf.response[i]).collect();
-            let n = tokens.len();
-            let rows = Var::from_tensor(&hidden.narrow(0, start, n)?)?;
-            start += n;
+        for (chunk, tokens) in logit_chunks(&leaves, config.logit_rows, TrainLeaf::selected) {
+            let rows = Var::from_tensor(&hidden.narrow(0, start, tokens.len())?)?;
+            start += tokens.len();
             let (logp, entropy) =
                 logp_entropy(model, rows.as_tensor(), &tokens, config.temperature)?;
-            let loss = leaf_loss(leaf, &logp, &entropy, config, denom, &mut stats)?;
+            let mut at = 0;
+            let mut terms = Vec::with_capacity(chunk.len());
+            for leaf in chunk {
+                let n = leaf.selected().len();
+                let (logp, entropy) = (logp.narrow(0, at, n)?, entropy.narrow(0, at, n)?);
+                terms.push(leaf_loss(leaf, &logp, &entropy, config, denom, &mut stats)?);
+                at += n;
+            }
+            let loss = Tensor::stack(&terms, 0)?.sum_all()?;
             value += f64::from(loss.to_scalar::<f32>()?);
             let grads = loss.backward()?;
             row_grads.push(match grads.get(rows.as_tensor()) {
