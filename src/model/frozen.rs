@@ -205,7 +205,7 @@ impl FrozenWeight {
 }
 
 /// What the rows of a frozen matmul are, which picks the kernel that multiplies them: up to a
-/// limit, [`few_rows_matmul`] (a row's bits whatever the batch), beyond it gemm.
+/// limit, the decode kernel (a row's bits whatever the batch), beyond it gemm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rows {
     /// One row per sequence (a decode step, or the last positions' logits): how many there
