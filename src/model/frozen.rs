@@ -407,7 +407,7 @@ impl CustomOp2 for FrozenMatmul {
             if let CpuStorage::F32(by_feature) =
                 w.matmul(x, (1, n, m, k), w_l, &x_l.transpose(0, 1)?)?
             {
-                let out = transposed(&by_feature, n, m);
+                let out = transposed(by_feature, n, m);
                 return Ok((CpuStorage::F32(out), Shape::from((m, n))));
             }
         }
@@ -529,13 +529,13 @@ fn few_rows_matmul<'w>(
                 }
             }
         });
-    transposed(&by_feature, n, m)
+    transposed(by_feature, n, m)
 }
 
-/// `(m, n)` from `by_feature` `(n, m)`, both row-major.
-fn transposed(by_feature: &[f32], n: usize, m: usize) -> Vec<f32> {
+/// `(m, n)` from `by_feature` `(n, m)`, both row-major (one row is already itself).
+fn transposed(by_feature: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
     if m == 1 {
-        return by_feature.to_vec();
+        return by_feature;
     }
     let mut out = vec![0f32; m * n];
     out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
