@@ -172,7 +172,8 @@ struct Span {
     /// The span whose keys and values come first (see [`SeqInput::prefix`]).
     prefix: Option<usize>,
     /// Causal mask over (new tokens, all keys), built once per forward and shared by every
-    /// layer; `None` for a single new token, which sees every key.
+    /// layer; `None` for a single new token, which sees every key, and in a batch without
+    /// caches, whose groups have their own ([`AttentionGroup`]).
     mask: Option<Tensor>,
 }
 
@@ -669,6 +670,8 @@ impl Model {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
+        // Without caches the spans attend in groups, each with its own mask.
+        let grouped = seqs.iter().all(|s| s.cache.is_none());
         for (i, s) in seqs.iter().enumerate() {
             if s.tokens.is_empty() {
                 return Err(Error::InvalidConfig(
@@ -711,14 +714,16 @@ impl Model {
                 start: ids.len(),
                 len: s.tokens.len(),
                 prefix: s.prefix,
-                mask: self.causal_mask(s.tokens.len(), offset)?,
+                mask: if grouped {
+                    None
+                } else {
+                    self.causal_mask(s.tokens.len(), offset)?
+                },
             });
             ids.extend_from_slice(s.tokens);
             positions.extend(offset as u32..end as u32);
         }
-        let groups = seqs
-            .iter()
-            .all(|s| s.cache.is_none())
+        let groups = grouped
             .then(|| self.attention_groups(&spans, ids.len()))
             .transpose()?;
         Ok(Packed {
@@ -748,25 +753,13 @@ impl Model {
                 position.extend(offset..offset + span.len);
             }
             let n = rows.len();
-            let mask = if n == 1 {
-                None
-            } else {
-                let (segment, position) = (&segment, &position);
-                let mask: Vec<f32> = (0..n)
-                    .flat_map(|q| {
-                        (0..n).map(move |k| {
-                            let sees = (segment[k] == 0 || segment[k] == segment[q])
-                                && position[k] <= position[q];
-                            if sees {
-                                0.0
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        })
+            let mask = (n > 1)
+                .then(|| {
+                    self.additive_mask(n, n, |q, k| {
+                        (segment[k] == 0 || segment[k] == segment[q]) && position[k] <= position[q]
                     })
-                    .collect();
-                Some(Tensor::from_vec(mask, (n, n), &self.device)?.to_dtype(self.dtype)?)
-            };
+                })
+                .transpose()?;
             let start = rows[0] as usize;
             let contiguous = rows
                 .iter()
@@ -1070,11 +1063,24 @@ impl Model {
         if n == 1 {
             return Ok(None);
         }
-        let keys = offset + n;
-        let mask: Vec<f32> = (0..n)
+        Ok(Some(self.additive_mask(n, offset + n, |row, col| {
+            col <= offset + row
+        })?))
+    }
+
+    /// An attention mask over (rows, keys) to add to the scores: 0 where `sees(row, key)`,
+    /// -inf elsewhere, in the model's dtype.
+    fn additive_mask(
+        &self,
+        rows: usize,
+        keys: usize,
+        sees: impl Fn(usize, usize) -> bool,
+    ) -> Result<Tensor> {
+        let sees = &sees;
+        let mask: Vec<f32> = (0..rows)
             .flat_map(|row| {
-                (0..keys).map(move |col| {
-                    if col <= offset + row {
+                (0..keys).map(move |key| {
+                    if sees(row, key) {
                         0.0
                     } else {
                         f32::NEG_INFINITY
@@ -1082,9 +1088,7 @@ impl Model {
                 })
             })
             .collect();
-        Ok(Some(
-            Tensor::from_vec(mask, (n, keys), &self.device)?.to_dtype(self.dtype)?,
-        ))
+        Ok(Tensor::from_vec(mask, (rows, keys), &self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Causal attention of one sequence. `q`: (heads, n, d) for positions offset..offset+n;
