@@ -1,7 +1,10 @@
 use candle_core::DType;
 use ttrl_serve::adapt::objective::{reference, TrainLeaf};
 use ttrl_serve::generation::{decode_step, decode_step_mixed, run_to_end, Sequence, StopRules};
+use ttrl_serve::interrupt::Interrupt;
 use ttrl_serve::model::{Adapter, LoadedModel, LogitsFor, LoraConfig, SeqInput};
+use ttrl_serve::reward::AnswerFormat;
+use ttrl_serve::rollout::{self, Prompt, RolloutConfig, RolloutKind, TreeShape};
 use ttrl_serve::sampling::{log_softmax_entropy, Sampler, Sampling};
 
 use crate::common::{load_tiny, randomized_adapter};
@@ -346,4 +349,71 @@ fn a_batch_mixing_adapters_gives_each_sequence_the_tokens_of_its_adapter_alone()
         let ids: Vec<u32> = s.generated().iter().map(|t| t.id).collect();
         assert_eq!(ids, alone[i], "sequence {i}");
     }
+}
+
+#[test]
+fn a_tree_grows_branches_from_roots_and_branches_that_share_their_parents_prefix() {
+    let m = load_tiny("llama", DType::F32);
+    let questions = prompts();
+    let prompts: Vec<Prompt<'_>> = questions[..2]
+        .iter()
+        .map(|p| Prompt {
+            tokens: p,
+            format: AnswerFormat::Number,
+        })
+        .collect();
+    let config = RolloutConfig {
+        kind: RolloutKind::Tree,
+        samples: 8,
+        tree: TreeShape::for_samples(8, 3, 1, 1),
+        temperature: 1.0,
+        top_p: 1.0,
+        max_tokens: 14,
+        seed: 5,
+        max_batch: 16,
+    };
+    let out = rollout::run(
+        &m.model,
+        &m.tokenizer,
+        None,
+        &prompts,
+        &config,
+        &Interrupt::never(),
+    )
+    .unwrap();
+    // Two roots per question, then three rounds of one fork each: 2 x (1 + 3) per question.
+    assert_eq!(out.leaves.len(), 16);
+    let mut counted = 0;
+    let mut second_level = 0;
+    for (i, leaf) in out.leaves.iter().enumerate() {
+        let Some((parent, at)) = leaf.fork else {
+            counted += leaf.response.len();
+            continue;
+        };
+        let p = &out.leaves[parent];
+        assert!(parent < i && p.question == leaf.question);
+        assert_eq!(leaf.response[..at], p.response[..at], "leaf {i}");
+        counted += leaf.response.len() - at;
+        // A fork lies in its parent's own tokens, past (and not next to) the parent's fork.
+        match p.fork {
+            Some((_, parent_at)) => {
+                assert!(at > parent_at + 1, "leaf {i} forks {parent} at {at}");
+                second_level += 1;
+            }
+            None => assert!(at >= 1),
+        }
+        // Two forks of one leaf are never adjacent or equal.
+        for other in &out.leaves[..i] {
+            if let Some((q, other_at)) = other.fork {
+                assert!(q != parent || other_at.abs_diff(at) > 1, "leaf {i}");
+            }
+        }
+    }
+    assert!(second_level > 0, "no branch was forked again");
+    assert_eq!(out.generated_tokens, counted);
+    assert_eq!(
+        out.flat_equivalent_tokens,
+        out.leaves.iter().map(|l| l.response.len()).sum::<usize>()
+    );
+    assert!(out.generated_tokens < out.flat_equivalent_tokens);
 }

@@ -6,7 +6,7 @@ mod common;
 mod parity;
 // LoRA gradients, finite differences, an optimizer step, LoRA off.
 mod gradients;
-// Seeds, batching, entropies and forks on the batched decoder.
+// Seeds, batching, entropies, forks and trees on the batched decoder.
 mod generation;
 // Truncated files, unknown architectures, missing tokenizers.
 mod bad_input;

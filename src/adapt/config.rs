@@ -34,7 +34,9 @@ pub struct AdaptConfig {
     pub samples: usize,
     /// Leaves per question the update trains on, a spread-out subset of the voters.
     pub train_samples: usize,
-    /// ETMR forks per root (N) and branches per fork (B); roots M = ceil(samples / (1 + N B)).
+    /// ETMR as EPTree grows it: rounds (L), forks per tree in each round (N) and branches per
+    /// fork (B); roots M = ceil(samples / (1 + L N B)).
+    pub tree_rounds: usize,
     pub tree_forks: usize,
     pub tree_branches: usize,
     /// Rollout sampling temperature (TTRL: 0.6 for general models, 1.0 for math-tuned).
@@ -101,7 +103,8 @@ impl Default for AdaptConfig {
             rollout: RolloutKind::Flat,
             samples: 32,
             train_samples: 16,
-            tree_forks: 3,
+            tree_rounds: 3,
+            tree_forks: 1,
             tree_branches: 1,
             temperature: 0.8,
             top_p: 1.0,

@@ -438,7 +438,12 @@ fn run_rounds(
         let rollout_config = RolloutConfig {
             kind: config.rollout,
             samples: config.samples,
-            tree: TreeShape::for_samples(config.samples, config.tree_forks, config.tree_branches),
+            tree: TreeShape::for_samples(
+                config.samples,
+                config.tree_rounds,
+                config.tree_forks,
+                config.tree_branches,
+            ),
             temperature: config.temperature,
             top_p: config.top_p,
             max_tokens: config.max_tokens,

@@ -370,7 +370,7 @@ impl Scheduler {
             .map(|(j, (_, leaf))| TreeLeaf {
                 parent: leaf
                     .fork
-                    .and_then(|(root, _)| leaves.iter().position(|(i, _)| *i == root)),
+                    .and_then(|(parent, _)| leaves.iter().position(|(i, _)| *i == parent)),
                 fork_at: leaf.fork.map(|(_, at)| at),
                 tokens: leaf
                     .response

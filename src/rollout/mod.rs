@@ -1,10 +1,10 @@
 //! Rollouts: flat sampling and ETMR entropy-fork trees (Liu et al. 2025, ETTRL,
-//! arXiv 2508.11356), branched as TreeRL's EPTree does. A tree starts from one complete
-//! response; its top-N entropy positions before the final answer become forks, never two
-//! adjacent ones, and B branches per fork continue from the parent's KV prefix with the fork
-//! token drawn from the unmodified policy. One branching layer: M (1 + N B) leaves per
-//! question; a root with too few fork positions makes up its leaves with fresh samples.
-//! Tokens are counted, not estimated.
+//! arXiv 2508.11356), grown as TreeRL's EPTree grows them. A tree starts from one complete
+//! response; in each of L rounds its N highest-entropy positions over all of its leaves'
+//! own tokens (before each leaf's final answer, never two adjacent ones) become forks, and B
+//! branches per fork continue from that leaf's KV prefix with the fork token drawn from the
+//! unmodified policy. M (1 + L N B) leaves per question; a tree with too few fork positions
+//! makes up its leaves with fresh samples. Tokens are counted, not estimated.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,26 +34,31 @@ impl RolloutKind {
     }
 }
 
-/// The tree's shape: M roots, N forks per root, B branches per fork.
+/// The tree's shape: M roots, L rounds of growth, N forks per tree in each round, B branches
+/// per fork.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeShape {
     pub m: usize,
+    pub l: usize,
     pub n: usize,
     pub b: usize,
 }
 
 impl TreeShape {
-    pub fn leaves(&self) -> usize {
-        self.m * (1 + self.n * self.b)
+    fn per_tree(&self) -> usize {
+        1 + self.l * self.n * self.b
     }
 
-    /// The fewest roots that give at least `samples` leaves with this N and B.
-    pub fn for_samples(samples: usize, n: usize, b: usize) -> Self {
-        let per_tree = 1 + n * b;
+    pub fn leaves(&self) -> usize {
+        self.m * self.per_tree()
+    }
+
+    /// The fewest roots that give at least `samples` leaves with this L, N and B.
+    pub fn for_samples(samples: usize, l: usize, n: usize, b: usize) -> Self {
+        let shape = Self { m: 1, l, n, b };
         Self {
-            m: samples.div_ceil(per_tree).max(1),
-            n,
-            b,
+            m: samples.div_ceil(shape.per_tree()).max(1),
+            ..shape
         }
     }
 }
@@ -83,7 +88,8 @@ pub struct Prompt<'a> {
 #[derive(Debug, Clone)]
 pub struct Leaf {
     pub question: usize,
-    /// For a branch: the leaf index of its root and the response position it forked at.
+    /// For a branch: the index of the leaf it forked from (a root or an earlier branch) and
+    /// the response position it forked at.
     pub fork: Option<(usize, usize)>,
     pub response: Vec<u32>,
     pub logprobs: Vec<f32>,
@@ -110,19 +116,43 @@ pub struct Rollouts {
     pub widest_batch: usize,
 }
 
-/// Up to `n` fork positions among the first `before` response positions, highest entropy
-/// first (ties: earlier first). Never position 0 (a fork there is just another root) and
-/// never next to a chosen fork (adjacent forks split one decision twice).
-pub fn fork_points(entropies: &[f32], n: usize, before: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (1..before.min(entropies.len())).collect();
-    idx.sort_by(|&a, &b| entropies[b].total_cmp(&entropies[a]).then(a.cmp(&b)));
-    let mut chosen: Vec<usize> = Vec::with_capacity(n);
-    for i in idx {
+/// One leaf of a growing tree, as fork selection sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ForkSite<'a> {
+    pub entropies: &'a [f32],
+    /// Where its own tokens start (0 for a root): earlier ones belong to its parent.
+    pub from: usize,
+    /// Positions wholly before its final answer.
+    pub before: usize,
+    /// Positions it was already forked at, its own fork among them.
+    pub taken: &'a [usize],
+}
+
+/// Up to `n` forks, (site, position), over one tree's leaves, highest entropy first (ties:
+/// earlier site, then earlier position). A site's candidates are its own tokens before its
+/// answer, never position 0 (a fork there is just another root) and never next to or at a
+/// position already taken (adjacent forks split one decision twice; a branch's first token
+/// is its own fork).
+pub fn fork_points(sites: &[ForkSite<'_>], n: usize) -> Vec<(usize, usize)> {
+    let mut candidates: Vec<(usize, usize)> = sites
+        .iter()
+        .enumerate()
+        .flat_map(|(s, site)| {
+            let end = site.before.min(site.entropies.len());
+            (site.from.max(1)..end)
+                .filter(|i| site.taken.iter().all(|t| t.abs_diff(*i) > 1))
+                .map(move |i| (s, i))
+        })
+        .collect();
+    let entropy = |&(s, i): &(usize, usize)| sites[s].entropies[i];
+    candidates.sort_by(|a, b| entropy(b).total_cmp(&entropy(a)).then(a.cmp(b)));
+    let mut chosen: Vec<(usize, usize)> = Vec::with_capacity(n);
+    for (s, i) in candidates {
         if chosen.len() == n {
             break;
         }
-        if chosen.iter().all(|&c| c.abs_diff(i) > 1) {
-            chosen.push(i);
+        if chosen.iter().all(|&(cs, ci)| cs != s || ci.abs_diff(i) > 1) {
+            chosen.push((s, i));
         }
     }
     chosen
@@ -223,32 +253,101 @@ pub fn run(
         out.generated_tokens += seq.generated().len();
     }
     if config.kind == RolloutKind::Tree {
-        let mut branches = Vec::new();
-        let mut branch_meta = Vec::new();
-        for (root, seq) in seqs.iter().enumerate() {
-            let q = owners[root];
-            let leaf = &out.leaves[root];
-            let before = positions_before_answer(tok, leaf, prompts[q].format)?;
-            let forks = fork_points(&leaf.entropies, config.tree.n, before);
-            for &at in &forks {
-                for _ in 0..config.tree.b {
-                    branches.push(seq.fork(at, sampler(), tok)?);
-                    branch_meta.push((q, Some((root, at))));
-                }
-            }
-            for _ in forks.len() * config.tree.b..config.tree.n * config.tree.b {
-                branches.push(seq.fork(0, sampler(), tok)?);
-                branch_meta.push((q, None));
-            }
-        }
-        out.widest_batch = out.widest_batch.max(decode(&mut branches)?);
-        for ((q, fork), seq) in branch_meta.into_iter().zip(&branches) {
-            out.generated_tokens += seq.generated().len() - fork.map_or(0, |(_, at)| at);
-            out.leaves.push(leaf_of(q, fork, seq));
-        }
+        grow_trees(
+            &mut out,
+            seqs,
+            tok,
+            prompts,
+            config.tree,
+            &mut sampler,
+            decode,
+        )?;
     }
     out.flat_equivalent_tokens = out.leaves.iter().map(|l| l.response.len()).sum();
     Ok(out)
+}
+
+/// A leaf a tree may still fork from.
+struct Grown {
+    seq: Sequence,
+    tree: usize,
+    from: usize,
+    before: usize,
+    taken: Vec<usize>,
+}
+
+/// EPTree's rounds over the roots in `out.leaves`, whose sequences are `roots`: each round
+/// forks every tree at its top-N positions and decodes all the new branches together.
+fn grow_trees(
+    out: &mut Rollouts,
+    roots: Vec<Sequence>,
+    tok: &TextTokenizer,
+    prompts: &[Prompt<'_>],
+    shape: TreeShape,
+    sampler: &mut impl FnMut() -> Sampler,
+    decode: impl Fn(&mut [Sequence]) -> Result<usize>,
+) -> Result<()> {
+    let mut grown = Vec::with_capacity(roots.len() * shape.per_tree());
+    for (tree, seq) in roots.into_iter().enumerate() {
+        let leaf = &out.leaves[tree];
+        grown.push(Grown {
+            before: positions_before_answer(tok, leaf, prompts[leaf.question].format)?,
+            seq,
+            tree,
+            from: 0,
+            taken: Vec::new(),
+        });
+    }
+    let trees = grown.len();
+    for _ in 0..shape.l {
+        let mut branches = Vec::new();
+        let mut meta = Vec::new();
+        for tree in 0..trees {
+            let members: Vec<usize> = (0..grown.len())
+                .filter(|&i| grown[i].tree == tree)
+                .collect();
+            let sites: Vec<ForkSite<'_>> = members
+                .iter()
+                .map(|&i| ForkSite {
+                    entropies: &out.leaves[i].entropies,
+                    from: grown[i].from,
+                    before: grown[i].before,
+                    taken: &grown[i].taken,
+                })
+                .collect();
+            let forks: Vec<(usize, usize)> = fork_points(&sites, shape.n)
+                .into_iter()
+                .map(|(site, at)| (members[site], at))
+                .collect();
+            for &(parent, at) in &forks {
+                grown[parent].taken.push(at);
+                for _ in 0..shape.b {
+                    branches.push(grown[parent].seq.fork(at, sampler(), tok)?);
+                    meta.push((tree, Some((parent, at))));
+                }
+            }
+            for _ in forks.len() * shape.b..shape.n * shape.b {
+                branches.push(grown[tree].seq.fork(0, sampler(), tok)?);
+                meta.push((tree, None));
+            }
+        }
+        out.widest_batch = out.widest_batch.max(decode(&mut branches)?);
+        for ((tree, fork), seq) in meta.into_iter().zip(branches) {
+            let q = out.leaves[tree].question;
+            let from = fork.map_or(0, |(_, at)| at);
+            out.generated_tokens += seq.generated().len() - from;
+            let leaf = leaf_of(q, fork, &seq);
+            grown.push(Grown {
+                before: positions_before_answer(tok, &leaf, prompts[q].format)?,
+                seq,
+                tree,
+                from,
+                taken: fork.map(|(_, at)| at).into_iter().collect(),
+            });
+            out.leaves.push(leaf);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -256,28 +355,75 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tree_has_m_times_one_plus_n_b_leaves() {
-        assert_eq!(TreeShape { m: 12, n: 2, b: 2 }.leaves(), 60);
+    fn a_tree_has_m_times_one_plus_l_n_b_leaves() {
         assert_eq!(
-            TreeShape::for_samples(32, 2, 2),
-            TreeShape { m: 7, n: 2, b: 2 }
+            TreeShape {
+                m: 12,
+                l: 1,
+                n: 2,
+                b: 2
+            }
+            .leaves(),
+            60
         );
-        assert_eq!(TreeShape::for_samples(1, 2, 2).m, 1);
+        assert_eq!(
+            TreeShape::for_samples(32, 3, 1, 1),
+            TreeShape {
+                m: 8,
+                l: 3,
+                n: 1,
+                b: 1
+            }
+        );
+        assert_eq!(TreeShape::for_samples(32, 1, 2, 2).m, 7);
+        assert_eq!(TreeShape::for_samples(1, 3, 1, 1).m, 1);
+    }
+
+    fn root<'a>(entropies: &'a [f32], before: usize) -> ForkSite<'a> {
+        ForkSite {
+            entropies,
+            from: 0,
+            before,
+            taken: &[],
+        }
     }
 
     #[test]
     fn forks_go_to_the_highest_entropy_positions() {
-        assert_eq!(
-            fork_points(&[0.1, 2.0, 0.5, 2.0, 0.3, 1.0], 3, 6),
-            vec![1, 3, 5]
-        );
-        assert_eq!(fork_points(&[0.3], 2, 1), Vec::<usize>::new());
+        let h = [0.1, 2.0, 0.5, 2.0, 0.3, 1.0];
+        assert_eq!(fork_points(&[root(&h, 6)], 3), vec![(0, 1), (0, 3), (0, 5)]);
+        assert_eq!(fork_points(&[root(&[0.3], 1)], 2), vec![]);
     }
 
     #[test]
     fn forks_are_never_adjacent_first_or_inside_the_answer() {
         // Position 0 is the highest but never a fork; 2 sits next to 3; 5 and 6 are the answer.
         let h = [9.0, 0.1, 5.0, 6.0, 0.2, 8.0, 7.0];
-        assert_eq!(fork_points(&h, 3, 5), vec![3, 1]);
+        assert_eq!(fork_points(&[root(&h, 5)], 3), vec![(0, 3), (0, 1)]);
+    }
+
+    #[test]
+    fn a_round_forks_the_whole_tree_but_never_a_shared_prefix_or_a_taken_position() {
+        // The root was forked at 2 in an earlier round; the branch's own tokens start there.
+        let root_h = [0.0, 1.0, 9.0, 3.0, 4.0, 0.5];
+        let branch_h = [0.0, 1.0, 9.0, 8.0, 7.0, 0.2, 6.0];
+        let sites = [
+            ForkSite {
+                entropies: &root_h,
+                from: 0,
+                before: 6,
+                taken: &[2],
+            },
+            ForkSite {
+                entropies: &branch_h,
+                from: 2,
+                before: 6,
+                taken: &[2],
+            },
+        ];
+        // Root: 1 and 3 touch its fork at 2, so 4 then 5 (adjacent to 4). Branch: 0-2 are
+        // the root's, 3 touches its own fork, 6 is its answer; so 4, then nothing next to it.
+        assert_eq!(fork_points(&sites, 3), vec![(1, 4), (0, 4)]);
+        assert_eq!(fork_points(&sites, 1), vec![(1, 4)]);
     }
 }
