@@ -113,7 +113,7 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
     assert_eq!(a["method"], "ttrl", "the default method");
     assert_eq!(a["rollout"], "tree");
     assert_eq!(a["adapter"], Value::Null);
-    // samples 8 with N = 3, B = 1: M = 2 roots, 2 * (1 + 3) = 8 leaves.
+    // samples 8 with L = 3 rounds of N = 1 fork, B = 1: M = 2 roots, 2 * (1 + 3) = 8 leaves.
     assert_eq!(a["rollouts"], 8);
     assert!(a["rollout_tokens"].as_u64().unwrap() <= a["flat_equivalent_tokens"].as_u64().unwrap());
     for field in [
