@@ -22,7 +22,7 @@ const QUESTION: &str = "What is 2 plus 3? Answer with just the number.";
 /// A learning rate that moves the adapter visibly in one step.
 const LEARN: &str = "lr = 0.002\n";
 
-/// Small rollouts so an episode takes a few seconds.
+/// Small rollouts, one round, so an episode takes a few seconds.
 fn config_file(extra: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!(
         "ttrl-adapt-{}-{}.toml",
@@ -31,7 +31,7 @@ fn config_file(extra: &str) -> std::path::PathBuf {
     ));
     std::fs::write(
         &path,
-        format!("[adaptation]\nmax_tokens = 64\nsamples = 8\nkl_bound = 100.0\n{extra}"),
+        format!("[adaptation]\nmax_tokens = 64\nsamples = 8\nsteps = 1\nkl_bound = 100.0\n{extra}"),
     )
     .unwrap();
     path

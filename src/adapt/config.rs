@@ -72,7 +72,8 @@ pub struct AdaptConfig {
     pub adam_eps: f64,
     pub weight_decay: f64,
     pub grad_clip: f64,
-    /// Rollout + update rounds per episode.
+    /// Rollout + update rounds per episode: the second round votes on answers sampled after
+    /// the first update, which measured about +0.04 pass@1 over one round online.
     pub steps: usize,
     /// Leaves of one question per optimizer step (a PPO mini-batch): several steps per
     /// question, so a fresh adapter gets past Adam's sign-like first step within one round.
@@ -123,7 +124,7 @@ impl Default for AdaptConfig {
             adam_eps: 1e-3,
             weight_decay: 0.01,
             grad_clip: 1.0,
-            steps: 1,
+            steps: 2,
             leaves_per_update: 4,
             ear: false,
             kl_bound: 1.0,
