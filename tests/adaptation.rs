@@ -407,6 +407,7 @@ fn an_episode_changes_only_lora_weights() {
         max_tokens: 64,
         samples: 12,
         rollout: RolloutKind::Flat,
+        steps: 1,
         lr: 0.01,
         kl_bound: 100.0,
         ..Default::default()
