@@ -60,9 +60,9 @@ pub struct EvalArgs {
     /// Leaves voted on per question per adaptation step (default: the server's).
     #[arg(long)]
     samples: Option<usize>,
-    /// Adaptation steps per batch.
-    #[arg(long, default_value_t = 1)]
-    steps: usize,
+    /// Rollout + update rounds per adaptation batch (default: the server's).
+    #[arg(long)]
+    steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Only the first N questions.

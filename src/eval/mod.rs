@@ -110,10 +110,10 @@ pub struct EvalOptions {
     pub max_tokens: usize,
     /// Questions per adaptation batch.
     pub batch: usize,
-    /// Leaves per question per adaptation step.
     /// Leaves per question per adaptation step; the server's default when unset.
     pub samples: Option<usize>,
-    pub steps: usize,
+    /// Rollout + update rounds per batch; the server's default when unset.
+    pub steps: Option<usize>,
     pub seed: u64,
     /// Skip the first `skip` questions, then use at most `limit`.
     pub skip: usize,
@@ -442,7 +442,7 @@ impl Runner<'_> {
                 enabled: Some(true),
                 method: Some(method.into()),
                 rollout: Some(rollout.into()),
-                steps: Some(o.steps as i64),
+                steps: o.steps.map(|s| s as i64),
                 answer_format: Some(self.items[i].format.into()),
                 adapter: named.then(|| self.adapter(arm)),
                 samples: o.samples.map(|s| s as i64),

@@ -31,7 +31,8 @@ pub struct Setup {
     pub batch: usize,
     /// None: the server's default.
     pub samples: Option<usize>,
-    pub steps: usize,
+    /// None: the server's default.
+    pub steps: Option<usize>,
     pub seed: u64,
 }
 
@@ -308,7 +309,7 @@ impl Results {
         let mut out = format!(
             "# Eval: {} on {} ({} questions, {} protocol)\n\n\
              k = {k} samples at T = {}, answers up to {} tokens; adaptation in batches of {}, \
-             {} leaves per question, {} step(s) per batch; seed {}.\n\n\
+             {} leaves per question, {} rounds per batch; seed {}.\n\n\
              | arm | episodes | greedy | pass@1 | maj@{k} | mean length | rollout tokens | \
              flat-equivalent tokens | wall s | tokens/s |\n\
              |---|---|---|---|---|---|---|---|---|---|\n",
@@ -321,7 +322,8 @@ impl Results {
             s.batch,
             s.samples
                 .map_or("the server's default number of".into(), |n| n.to_string()),
-            s.steps,
+            s.steps
+                .map_or("the server's default number of".into(), |n| n.to_string()),
             s.seed
         );
         for a in &self.summary {
