@@ -30,31 +30,6 @@ pub fn ear(advantages: &[f32], mean_entropies: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// The advantages less their least-squares line in response length over the group. When
-/// short answers are more often right (a small model's long ones ramble into wrong numbers),
-/// plain advantages teach brevity along with the answer; what is left has no covariance
-/// with length, so the update rewards what right answers have beyond their length.
-pub fn length_neutral(advantages: &[f32], lengths: &[f32]) -> Vec<f32> {
-    let n = advantages.len().max(1) as f32;
-    let mean_len = lengths.iter().sum::<f32>() / n;
-    let mean_adv = advantages.iter().sum::<f32>() / n;
-    let var: f32 = lengths.iter().map(|l| (l - mean_len).powi(2)).sum();
-    if var <= 0.0 {
-        return advantages.to_vec();
-    }
-    let cov: f32 = advantages
-        .iter()
-        .zip(lengths)
-        .map(|(a, l)| (a - mean_adv) * (l - mean_len))
-        .sum();
-    let slope = cov / var;
-    advantages
-        .iter()
-        .zip(lengths)
-        .map(|(a, l)| a - slope * (l - mean_len))
-        .collect()
-}
-
 /// The q-quantile with linear interpolation between order statistics (numpy's default).
 pub fn quantile(values: &[f32], q: f32) -> f32 {
     if values.is_empty() {
@@ -91,27 +66,6 @@ mod tests {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
         }
-    }
-
-    #[test]
-    fn length_neutral_advantages_keep_their_sum_and_lose_their_covariance_with_length() {
-        // Right answers short, wrong ones long: plain advantages fall with length.
-        let adv = grpo(&[1.0, 1.0, 0.0, 1.0, 0.0]).unwrap();
-        let lengths = [5.0, 9.0, 30.0, 12.0, 20.0];
-        let out = length_neutral(&adv, &lengths);
-        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
-        let cov = |v: &[f32]| {
-            let (mv, ml) = (mean(v), mean(&lengths));
-            v.iter()
-                .zip(&lengths)
-                .map(|(a, l)| (a - mv) * (l - ml))
-                .sum::<f32>()
-        };
-        assert!(cov(&adv) < -10.0);
-        assert!(cov(&out).abs() < 1e-4, "{out:?}");
-        assert!((mean(&out) - mean(&adv)).abs() < 1e-5);
-        // Equal lengths leave every advantage as it was.
-        close(&length_neutral(&adv, &[7.0; 5]), &adv);
     }
 
     #[test]

@@ -80,9 +80,6 @@ pub struct AdaptConfig {
     pub leaves_per_update: usize,
     /// Entropy-based advantage reshaping (ETTRL), its factor clamped to [0, 2].
     pub ear: bool,
-    /// Take out of each question's advantages the part a straight line in response length
-    /// explains, so an update rewards what right answers have beyond their length.
-    pub length_neutral: bool,
     /// A round whose mean k3 KL to the base model exceeds this is rolled back.
     pub kl_bound: f64,
     /// Leaves per forward/backward pass during the update (memory against speed).
@@ -130,7 +127,6 @@ impl Default for AdaptConfig {
             steps: 2,
             leaves_per_update: 4,
             ear: false,
-            length_neutral: false,
             kl_bound: 1.0,
             micro_batch: 8,
             batch_window_ms: 50,

@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-use super::advantage::{band_bounds, ear, forking_threshold, grpo, length_neutral};
+use super::advantage::{band_bounds, ear, forking_threshold, grpo};
 use super::config::{AdaptConfig, Method};
 use super::objective::{
     k3, leaves_loss, reference, token_values, Denominators, MicroBatchLoss, ObjectiveConfig,
@@ -266,13 +266,6 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
                             })
                             .collect();
                         adv = ear(&adv, &mean_h);
-                    }
-                    if config.length_neutral {
-                        let lengths: Vec<f32> = chosen
-                            .iter()
-                            .map(|&i| leaves[i].response.len() as f32)
-                            .collect();
-                        adv = length_neutral(&adv, &lengths);
                     }
                     let start = train.len();
                     for (&i, a) in chosen.iter().zip(adv) {
