@@ -165,9 +165,6 @@ fn positions_before_answer(
     leaf: &Leaf,
     format: AnswerFormat,
 ) -> Result<usize> {
-    if leaf.truncated() {
-        return Ok(0);
-    }
     let Some(start) = answer_start(&leaf.text, format) else {
         return Ok(leaf.response.len());
     };
