@@ -205,8 +205,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .steps
             .iter()
             .fold((0, 0), |(r, u), s| (r + s.rollout_ms, u + s.update_ms));
+        let rounds: Vec<String> = report
+            .steps
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:.2} + {:.2} s, {} trained",
+                    s.rollout_ms as f64 / 1e3,
+                    s.update_ms as f64 / 1e3,
+                    s.trained_questions
+                )
+            })
+            .collect();
         println!(
-            "| adaptation episode, {} questions x {} leaves, up to {} tokens | {:.2} s (rollouts {:.2} s, {} tokens; update {:.2} s; peak {} above start){} |",
+            "| adaptation episode, {} questions x {} leaves, up to {} tokens | {:.2} s (rollouts {:.2} s, {} tokens; update {:.2} s; by round, rollouts + update and questions trained: {}; peak {} above start){} |",
             args.episode_questions,
             args.episode_samples,
             args.episode_max_tokens,
@@ -214,6 +226,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rollout_ms as f64 / 1e3,
             report.rollout_tokens,
             update_ms as f64 / 1e3,
+            rounds.join(" / "),
             report
                 .peak_memory_bytes
                 .map_or("unknown".into(), |b| format!("{:.2} GB", b as f64 / 1e9)),
