@@ -306,10 +306,12 @@ impl Results {
     pub fn markdown(&self) -> String {
         let s = &self.setup;
         let k = s.k;
+        let or_default =
+            |n: Option<usize>| n.map_or("the server's default number of".into(), |n| n.to_string());
         let mut out = format!(
             "# Eval: {} on {} ({} questions, {} protocol)\n\n\
              k = {k} samples at T = {}, answers up to {} tokens; adaptation in batches of {}, \
-             {} leaves per question, {} rounds per batch; seed {}.\n\n\
+             {} leaves per question, {} round(s) per batch; seed {}.\n\n\
              | arm | episodes | greedy | pass@1 | maj@{k} | mean length | rollout tokens | \
              flat-equivalent tokens | wall s | tokens/s |\n\
              |---|---|---|---|---|---|---|---|---|---|\n",
@@ -320,10 +322,8 @@ impl Results {
             s.temperature,
             s.max_tokens,
             s.batch,
-            s.samples
-                .map_or("the server's default number of".into(), |n| n.to_string()),
-            s.steps
-                .map_or("the server's default number of".into(), |n| n.to_string()),
+            or_default(s.samples),
+            or_default(s.steps),
             s.seed
         );
         for a in &self.summary {
