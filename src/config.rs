@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapt::config::{MAX_SAMPLES, MAX_STEPS};
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -171,6 +173,102 @@ impl Settings {
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
+
+    /// Refuses, at start-up and naming the key, a value the server could only misuse
+    /// later: a `max_batch` of 0 would leave every request waiting, a rollout temperature
+    /// of 0 would make every entropy and log-prob undefined, a quantile above 1 would be
+    /// clamped without a word.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let (e, a) = (&self.engine, &self.adaptation);
+        let at_least_one = [
+            ("engine.max_batch", e.max_batch),
+            ("engine.keep_versions", e.keep_versions),
+            ("engine.max_resident_adapters", e.max_resident_adapters),
+            ("adaptation.train_samples", a.train_samples),
+            ("adaptation.tree_rounds", a.tree_rounds),
+            ("adaptation.tree_forks", a.tree_forks),
+            ("adaptation.tree_branches", a.tree_branches),
+            ("adaptation.max_tokens", a.max_tokens),
+            ("adaptation.min_majority_votes", a.min_majority_votes),
+            ("adaptation.leaves_per_update", a.leaves_per_update),
+            ("adaptation.micro_batch", a.micro_batch),
+            ("adaptation.max_questions", a.max_questions),
+            ("adaptation.max_prompt_tokens", a.max_prompt_tokens),
+            ("adaptation.lora.rank", a.lora.rank),
+        ];
+        for (key, value) in at_least_one {
+            anyhow::ensure!(value >= 1, "`{key}` must be at least 1. Given: {value}");
+        }
+        // The defaults must be values a request could ask for.
+        anyhow::ensure!(
+            (2..=MAX_SAMPLES).contains(&a.samples),
+            "`adaptation.samples` must be in [2, {MAX_SAMPLES}]. Given: {}",
+            a.samples
+        );
+        anyhow::ensure!(
+            (1..=MAX_STEPS).contains(&a.steps),
+            "`adaptation.steps` must be in [1, {MAX_STEPS}]. Given: {}",
+            a.steps
+        );
+        let any = f64::INFINITY;
+        // Each must lie in (0, highest] (the first list) or [0, highest] (the second).
+        let above_zero = [
+            ("engine.kv_cache_gpu_fraction", e.kv_cache_gpu_fraction, 1.0),
+            ("adaptation.temperature", a.temperature.into(), 2.0),
+            ("adaptation.top_p", a.top_p.into(), 1.0),
+            ("adaptation.rho", a.rho.into(), 1.0),
+            ("adaptation.clip_epsilon", a.clip_epsilon.into(), 1.0),
+            ("adaptation.adam_eps", a.adam_eps, 1.0),
+            ("adaptation.grad_clip", a.grad_clip, any),
+            ("adaptation.kl_bound", a.kl_bound, any),
+            ("adaptation.lora.alpha", a.lora.alpha, any),
+        ];
+        let from_zero = [
+            ("engine.trainer_nice", e.trainer_nice.into(), 19.0),
+            (
+                "adaptation.min_majority_share",
+                a.min_majority_share.into(),
+                1.0,
+            ),
+            ("adaptation.choice_margin", a.choice_margin.into(), 1.0),
+            (
+                "adaptation.band_low_quantile",
+                a.band_low_quantile.into(),
+                1.0,
+            ),
+            (
+                "adaptation.band_high_quantile",
+                a.band_high_quantile.into(),
+                1.0,
+            ),
+            ("adaptation.lambda_kl", a.lambda_kl.into(), any),
+            ("adaptation.lambda_band", a.lambda_band.into(), any),
+            // 0 is allowed: the zero-learning-rate control arm.
+            ("adaptation.lr", a.lr, 1.0),
+            ("adaptation.weight_decay", a.weight_decay, 1.0),
+            ("adaptation.max_episode_seconds", a.max_episode_seconds, any),
+        ];
+        // Written so that NaN fails too.
+        for (key, value, hi) in above_zero {
+            anyhow::ensure!(
+                value > 0.0 && value <= hi,
+                "`{key}` must be in (0, {hi}]. Given: {value}"
+            );
+        }
+        for (key, value, hi) in from_zero {
+            anyhow::ensure!(
+                value >= 0.0 && value <= hi,
+                "`{key}` must be in [0, {hi}]. Given: {value}"
+            );
+        }
+        anyhow::ensure!(
+            a.band_low_quantile < a.band_high_quantile,
+            "`adaptation.band_low_quantile` ({}) must be below `adaptation.band_high_quantile` ({})",
+            a.band_low_quantile,
+            a.band_high_quantile
+        );
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +282,10 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                Settings::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                let settings = Settings::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                settings
+                    .check()
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 parsed += 1;
             }
         }
@@ -235,6 +336,31 @@ mod tests {
             missing.is_empty(),
             "not in configs/default.toml: {missing:?}"
         );
+    }
+
+    #[test]
+    fn a_value_the_server_would_misuse_is_an_error_that_names_its_key() {
+        Settings::default().check().unwrap();
+        for (text, key) in [
+            ("[engine]\nmax_batch = 0", "engine.max_batch"),
+            ("[adaptation]\ntemperature = 0.0", "adaptation.temperature"),
+            ("[adaptation]\nrho = 1.5", "adaptation.rho"),
+            ("[adaptation]\nsamples = 65", "adaptation.samples"),
+            ("[adaptation]\nlr = nan", "adaptation.lr"),
+            (
+                "[adaptation]\nband_low_quantile = 0.9\nband_high_quantile = 0.5",
+                "band_low",
+            ),
+        ] {
+            let err = toml::from_str::<Settings>(text)
+                .unwrap()
+                .check()
+                .unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        // The zero-learning-rate control arm is a real setting.
+        let control: Settings = toml::from_str("[adaptation]\nlr = 0.0").unwrap();
+        control.check().unwrap();
     }
 
     #[test]

@@ -25,6 +25,11 @@ impl Method {
     }
 }
 
+/// Most leaves per question a request (or the server's default) may ask for.
+pub const MAX_SAMPLES: usize = 64;
+/// Most rounds per episode a request (or the server's default) may ask for.
+pub const MAX_STEPS: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdaptConfig {

@@ -133,6 +133,7 @@ impl EvalArgs {
         // Adapters beside the results, so a resumed eval finds them.
         s.engine.data_dir = Some(self.out.join("adapters").display().to_string());
         s.adaptation.max_questions = s.adaptation.max_questions.max(self.batch);
+        s.check()?;
         Ok(s)
     }
 }

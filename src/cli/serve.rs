@@ -90,6 +90,7 @@ impl ServeArgs {
         if let Some(v) = &self.api_keys_file {
             s.server.api_keys_file = Some(v.clone());
         }
+        s.check()?;
         Ok(s)
     }
 }

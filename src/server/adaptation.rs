@@ -10,11 +10,6 @@ use crate::engine;
 use crate::reward::AnswerFormat;
 use crate::rollout::RolloutKind;
 
-/// Most rollouts per question a request may ask for.
-pub const MAX_ADAPT_SAMPLES: i64 = 64;
-/// Most rounds per episode a request may ask for.
-pub const MAX_ADAPT_STEPS: i64 = 8;
-
 /// Adapt to this request's batch before answering (ttrl-serve's extension; OpenAI SDK users
 /// send it through `extra_body`). Fields left out take the server's settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

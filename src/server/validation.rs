@@ -5,12 +5,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use super::adaptation::{MAX_ADAPT_SAMPLES, MAX_ADAPT_STEPS};
 use super::error::ApiError;
 use super::openai::{
     AdaptationSpec, ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec,
     SamplingFields, StopSpec,
 };
+use crate::adapt::config::{MAX_SAMPLES, MAX_STEPS};
 use crate::adapt::store::valid_name;
 use crate::adapt::{AdaptConfig, Question};
 use crate::engine::AdaptRequest;
@@ -132,14 +132,14 @@ fn adaptation(
         "adaptation.samples",
         spec.samples,
         2,
-        MAX_ADAPT_SAMPLES,
+        MAX_SAMPLES as i64,
         config.samples as i64,
     )? as usize;
     config.steps = range_i(
         "adaptation.steps",
         spec.steps,
         1,
-        MAX_ADAPT_STEPS,
+        MAX_STEPS as i64,
         config.steps as i64,
     )? as usize;
     if let Some(name) = spec.adapter.as_deref().filter(|n| !valid_name(n)) {
