@@ -403,9 +403,19 @@ fn a_tree_grows_branches_from_roots_and_branches_that_share_their_parents_prefix
             None => assert!(at >= 1),
         }
         // Two forks of one leaf are never adjacent or equal.
+        let mut earlier_forks = 0;
         for other in &out.leaves[..i] {
             if let Some((q, other_at)) = other.fork {
                 assert!(q != parent || other_at.abs_diff(at) > 1, "leaf {i}");
+                earlier_forks += usize::from(q == parent);
+            }
+        }
+        // A leaf's first fork is its most surprising token (EPTree's -log p) among the ones
+        // open to it before that point: its own, past its own fork's neighbour.
+        if earlier_forks == 0 {
+            let open = p.fork.map_or(1, |(_, parent_at)| parent_at + 2);
+            for j in open..at {
+                assert!(p.logprobs[j] >= p.logprobs[at], "leaf {i}: {j} beats {at}");
             }
         }
     }

@@ -1,10 +1,11 @@
 //! Rollouts: flat sampling and ETMR entropy-fork trees (Liu et al. 2025, ETTRL,
 //! arXiv 2508.11356), grown as TreeRL's EPTree grows them. A tree starts from one complete
-//! response; in each of L rounds its N highest-entropy positions over all of its leaves'
-//! own tokens (before each leaf's final answer, never two adjacent ones) become forks, and B
-//! branches per fork continue from that leaf's KV prefix with the fork token drawn from the
-//! unmodified policy. M (1 + L N B) leaves per question; a tree with too few fork positions
-//! makes up its leaves with fresh samples. Tokens are counted, not estimated.
+//! response; in each of L rounds its N most surprising positions over all of its leaves'
+//! own tokens (the sampled token's -log p, as EPTree's code ranks them; before each leaf's
+//! final answer, never two adjacent ones) become forks, and B branches per fork continue
+//! from that leaf's KV prefix with the fork token drawn from the unmodified policy.
+//! M (1 + L N B) leaves per question; a tree with too few fork positions makes up its leaves
+//! with fresh samples. Tokens are counted, not estimated.
 
 use serde::{Deserialize, Serialize};
 
@@ -119,7 +120,8 @@ pub struct Rollouts {
 /// One leaf of a growing tree, as fork selection sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct ForkSite<'a> {
-    pub entropies: &'a [f32],
+    /// What ranks its positions: the sampled token's surprisal, -log p.
+    pub surprisal: &'a [f32],
     /// Where its own tokens start (0 for a root): earlier ones belong to its parent.
     pub from: usize,
     /// Positions wholly before its final answer.
@@ -128,7 +130,7 @@ pub struct ForkSite<'a> {
     pub taken: &'a [usize],
 }
 
-/// Up to `n` forks, (site, position), over one tree's leaves, highest entropy first (ties:
+/// Up to `n` forks, (site, position), over one tree's leaves, most surprising first (ties:
 /// earlier site, then earlier position). A site's candidates are its own tokens before its
 /// answer, never position 0 (a fork there is just another root) and never next to or at a
 /// position already taken (adjacent forks split one decision twice; a branch's first token
@@ -138,14 +140,14 @@ pub fn fork_points(sites: &[ForkSite<'_>], n: usize) -> Vec<(usize, usize)> {
         .iter()
         .enumerate()
         .flat_map(|(s, site)| {
-            let end = site.before.min(site.entropies.len());
+            let end = site.before.min(site.surprisal.len());
             (site.from.max(1)..end)
                 .filter(|i| site.taken.iter().all(|t| t.abs_diff(*i) > 1))
                 .map(move |i| (s, i))
         })
         .collect();
-    let entropy = |&(s, i): &(usize, usize)| sites[s].entropies[i];
-    candidates.sort_by(|a, b| entropy(b).total_cmp(&entropy(a)).then(a.cmp(b)));
+    let score = |&(s, i): &(usize, usize)| sites[s].surprisal[i];
+    candidates.sort_by(|a, b| score(b).total_cmp(&score(a)).then(a.cmp(b)));
     let mut chosen: Vec<(usize, usize)> = Vec::with_capacity(n);
     for (s, i) in candidates {
         if chosen.len() == n {
@@ -300,6 +302,11 @@ fn grow_trees(
     }
     let trees = grown.len();
     for _ in 0..shape.l {
+        let surprisal: Vec<Vec<f32>> = out
+            .leaves
+            .iter()
+            .map(|l| l.logprobs.iter().map(|lp| -lp).collect())
+            .collect();
         let mut branches = Vec::new();
         let mut meta = Vec::new();
         for tree in 0..trees {
@@ -309,7 +316,7 @@ fn grow_trees(
             let sites: Vec<ForkSite<'_>> = members
                 .iter()
                 .map(|&i| ForkSite {
-                    entropies: &out.leaves[i].entropies,
+                    surprisal: &surprisal[i],
                     from: grown[i].from,
                     before: grown[i].before,
                     taken: &grown[i].taken,
@@ -379,9 +386,9 @@ mod tests {
         assert_eq!(TreeShape::for_samples(1, 3, 1, 1).m, 1);
     }
 
-    fn root<'a>(entropies: &'a [f32], before: usize) -> ForkSite<'a> {
+    fn root<'a>(surprisal: &'a [f32], before: usize) -> ForkSite<'a> {
         ForkSite {
-            entropies,
+            surprisal,
             from: 0,
             before,
             taken: &[],
@@ -389,7 +396,7 @@ mod tests {
     }
 
     #[test]
-    fn forks_go_to_the_highest_entropy_positions() {
+    fn forks_go_to_the_most_surprising_positions() {
         let h = [0.1, 2.0, 0.5, 2.0, 0.3, 1.0];
         assert_eq!(fork_points(&[root(&h, 6)], 3), vec![(0, 1), (0, 3), (0, 5)]);
         assert_eq!(fork_points(&[root(&[0.3], 1)], 2), vec![]);
@@ -409,13 +416,13 @@ mod tests {
         let branch_h = [0.0, 1.0, 9.0, 8.0, 7.0, 0.2, 6.0];
         let sites = [
             ForkSite {
-                entropies: &root_h,
+                surprisal: &root_h,
                 from: 0,
                 before: 6,
                 taken: &[2],
             },
             ForkSite {
-                entropies: &branch_h,
+                surprisal: &branch_h,
                 from: 2,
                 before: 6,
                 taken: &[2],
