@@ -120,8 +120,8 @@ pub struct Rollouts {
 /// One leaf of a growing tree, as fork selection sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct ForkSite<'a> {
-    /// What ranks its positions: the sampled token's surprisal, -log p.
-    pub surprisal: &'a [f32],
+    /// The sampled tokens' log-probs: the least likely (most surprising, -log p) ranks first.
+    pub logprobs: &'a [f32],
     /// Where its own tokens start (0 for a root): earlier ones belong to its parent.
     pub from: usize,
     /// Positions wholly before its final answer.
@@ -140,14 +140,14 @@ pub fn fork_points(sites: &[ForkSite<'_>], n: usize) -> Vec<(usize, usize)> {
         .iter()
         .enumerate()
         .flat_map(|(s, site)| {
-            let end = site.before.min(site.surprisal.len());
+            let end = site.before.min(site.logprobs.len());
             (site.from.max(1)..end)
                 .filter(|i| site.taken.iter().all(|t| t.abs_diff(*i) > 1))
                 .map(move |i| (s, i))
         })
         .collect();
-    let score = |&(s, i): &(usize, usize)| sites[s].surprisal[i];
-    candidates.sort_by(|a, b| score(b).total_cmp(&score(a)).then(a.cmp(b)));
+    let logp = |&(s, i): &(usize, usize)| sites[s].logprobs[i];
+    candidates.sort_by(|a, b| logp(a).total_cmp(&logp(b)).then(a.cmp(b)));
     let mut chosen: Vec<(usize, usize)> = Vec::with_capacity(n);
     for (s, i) in candidates {
         if chosen.len() == n {
@@ -302,11 +302,6 @@ fn grow_trees(
     }
     let trees = grown.len();
     for _ in 0..shape.l {
-        let surprisal: Vec<Vec<f32>> = out
-            .leaves
-            .iter()
-            .map(|l| l.logprobs.iter().map(|lp| -lp).collect())
-            .collect();
         let mut branches = Vec::new();
         let mut meta = Vec::new();
         for tree in 0..trees {
@@ -316,7 +311,7 @@ fn grow_trees(
             let sites: Vec<ForkSite<'_>> = members
                 .iter()
                 .map(|&i| ForkSite {
-                    surprisal: &surprisal[i],
+                    logprobs: &out.leaves[i].logprobs,
                     from: grown[i].from,
                     before: grown[i].before,
                     taken: &grown[i].taken,
@@ -386,9 +381,9 @@ mod tests {
         assert_eq!(TreeShape::for_samples(1, 3, 1, 1).m, 1);
     }
 
-    fn root<'a>(surprisal: &'a [f32], before: usize) -> ForkSite<'a> {
+    fn root<'a>(logprobs: &'a [f32], before: usize) -> ForkSite<'a> {
         ForkSite {
-            surprisal,
+            logprobs,
             from: 0,
             before,
             taken: &[],
@@ -397,32 +392,35 @@ mod tests {
 
     #[test]
     fn forks_go_to_the_most_surprising_positions() {
-        let h = [0.1, 2.0, 0.5, 2.0, 0.3, 1.0];
-        assert_eq!(fork_points(&[root(&h, 6)], 3), vec![(0, 1), (0, 3), (0, 5)]);
-        assert_eq!(fork_points(&[root(&[0.3], 1)], 2), vec![]);
+        let logp = [-0.1, -2.0, -0.5, -2.0, -0.3, -1.0];
+        assert_eq!(
+            fork_points(&[root(&logp, 6)], 3),
+            vec![(0, 1), (0, 3), (0, 5)]
+        );
+        assert_eq!(fork_points(&[root(&[-0.3], 1)], 2), vec![]);
     }
 
     #[test]
     fn forks_are_never_adjacent_first_or_inside_the_answer() {
-        // Position 0 is the highest but never a fork; 2 sits next to 3; 5 and 6 are the answer.
-        let h = [9.0, 0.1, 5.0, 6.0, 0.2, 8.0, 7.0];
-        assert_eq!(fork_points(&[root(&h, 5)], 3), vec![(0, 3), (0, 1)]);
+        // Position 0 is the least likely but never a fork; 2 sits next to 3; 5 and 6 are the answer.
+        let logp = [-9.0, -0.1, -5.0, -6.0, -0.2, -8.0, -7.0];
+        assert_eq!(fork_points(&[root(&logp, 5)], 3), vec![(0, 3), (0, 1)]);
     }
 
     #[test]
     fn a_round_forks_the_whole_tree_but_never_a_shared_prefix_or_a_taken_position() {
         // The root was forked at 2 in an earlier round; the branch's own tokens start there.
-        let root_h = [0.0, 1.0, 9.0, 3.0, 4.0, 0.5];
-        let branch_h = [0.0, 1.0, 9.0, 8.0, 7.0, 0.2, 6.0];
+        let root_logp = [0.0, -1.0, -9.0, -3.0, -4.0, -0.5];
+        let branch_logp = [0.0, -1.0, -9.0, -8.0, -7.0, -0.2, -6.0];
         let sites = [
             ForkSite {
-                surprisal: &root_h,
+                logprobs: &root_logp,
                 from: 0,
                 before: 6,
                 taken: &[2],
             },
             ForkSite {
-                surprisal: &branch_h,
+                logprobs: &branch_logp,
                 from: 2,
                 before: 6,
                 taken: &[2],
