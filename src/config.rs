@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapt::config::{MAX_SAMPLES, MAX_STEPS};
+use crate::adapt::config::{SAMPLES, STEPS};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -200,16 +200,17 @@ impl Settings {
             anyhow::ensure!(value >= 1, "`{key}` must be at least 1. Given: {value}");
         }
         // The defaults must be values a request could ask for.
-        anyhow::ensure!(
-            (2..=MAX_SAMPLES).contains(&a.samples),
-            "`adaptation.samples` must be in [2, {MAX_SAMPLES}]. Given: {}",
-            a.samples
-        );
-        anyhow::ensure!(
-            (1..=MAX_STEPS).contains(&a.steps),
-            "`adaptation.steps` must be in [1, {MAX_STEPS}]. Given: {}",
-            a.steps
-        );
+        for (key, value, range) in [
+            ("adaptation.samples", a.samples, SAMPLES),
+            ("adaptation.steps", a.steps, STEPS),
+        ] {
+            anyhow::ensure!(
+                range.contains(&value),
+                "`{key}` must be in [{}, {}]. Given: {value}",
+                range.start(),
+                range.end()
+            );
+        }
         let any = f64::INFINITY;
         // Each must lie in (0, highest] (the first list) or [0, highest] (the second).
         let above_zero = [

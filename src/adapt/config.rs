@@ -1,6 +1,8 @@
 //! Adaptation knobs with their defaults (the `[adaptation]` table of the settings file).
 //! The defaults follow the TTRL, SPINE and ETTRL papers, CPU-sized where they use GPUs.
 
+use std::ops::RangeInclusive;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::LoraConfig;
@@ -25,10 +27,10 @@ impl Method {
     }
 }
 
-/// Most leaves per question a request (or the server's default) may ask for.
-pub const MAX_SAMPLES: usize = 64;
-/// Most rounds per episode a request (or the server's default) may ask for.
-pub const MAX_STEPS: usize = 8;
+/// Leaves per question a request (or the server's default) may ask for: a vote needs two.
+pub const SAMPLES: RangeInclusive<usize> = 2..=64;
+/// Rounds per episode a request (or the server's default) may ask for.
+pub const STEPS: RangeInclusive<usize> = 1..=8;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

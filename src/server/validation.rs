@@ -10,7 +10,7 @@ use super::openai::{
     AdaptationSpec, ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec,
     SamplingFields, StopSpec,
 };
-use crate::adapt::config::{MAX_SAMPLES, MAX_STEPS};
+use crate::adapt::config::{SAMPLES, STEPS};
 use crate::adapt::store::valid_name;
 use crate::adapt::{AdaptConfig, Question};
 use crate::engine::AdaptRequest;
@@ -131,15 +131,15 @@ fn adaptation(
     config.samples = range_i(
         "adaptation.samples",
         spec.samples,
-        2,
-        MAX_SAMPLES as i64,
+        *SAMPLES.start() as i64,
+        *SAMPLES.end() as i64,
         config.samples as i64,
     )? as usize;
     config.steps = range_i(
         "adaptation.steps",
         spec.steps,
-        1,
-        MAX_STEPS as i64,
+        *STEPS.start() as i64,
+        *STEPS.end() as i64,
         config.steps as i64,
     )? as usize;
     if let Some(name) = spec.adapter.as_deref().filter(|n| !valid_name(n)) {
