@@ -3,6 +3,8 @@
 # Installs what the tests need, then runs every unit and integration test and the
 # browser test of the playground.
 set -euo pipefail
+# A step that fails says which, instead of ending the run without a word.
+trap 'echo "scripts/test.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 CACHE="${TTRL_SERVE_CACHE:-$HOME/.cache/ttrl-serve}"
 
@@ -35,7 +37,8 @@ fi
 
 # Tests never touch the user's adapters: the data folder must be the same afterwards.
 USER_DATA="${XDG_DATA_HOME:-$HOME/.local/share}/ttrl-serve"
-snapshot() { find "$USER_DATA" -printf '%P %s %T@\n' 2>/dev/null | sort | sha256sum; }
+# (A folder that does not exist yet is a snapshot too: find's failure must not end the run.)
+snapshot() { { find "$USER_DATA" -printf '%P %s %T@\n' 2>/dev/null || true; } | sort | sha256sum; }
 BEFORE="$(snapshot)"
 # Nor the work tree: whatever a test writes goes to temporary folders, all of them in one
 # folder for this run that goes when the run ends (each run left about 120 MB in /tmp before).
