@@ -69,8 +69,12 @@ def collect(args):
             print(f"questions {start + 1}-{min(start + WAVE, len(rows))} done", flush=True)
 
 
+def normal(answer):
+    return answer.strip().rstrip(".").lower()
+
+
 def same(answer, gold):
-    return answer is not None and answer.strip().rstrip(".").lower() == gold.strip().lower()
+    return answer is not None and normal(answer) == normal(gold)
 
 
 def right(leaf, gold):
@@ -80,9 +84,7 @@ def right(leaf, gold):
 def vote(leaves, gold):
     """Chance that the majority of the leaves that finished is the gold answer (ties split)."""
     counts = collections.Counter(
-        leaf["answer"].strip().rstrip(".").lower()
-        for leaf in leaves
-        if not leaf["truncated"] and leaf["answer"]
+        normal(leaf["answer"]) for leaf in leaves if not leaf["truncated"] and leaf["answer"]
     )
     if not counts:
         return 0.0
