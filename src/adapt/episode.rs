@@ -276,7 +276,12 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
                             response: leaf.response.clone(),
                             old_logprobs: leaf.logprobs.clone(),
                             ref_logprobs: Vec::new(),
-                            mask: vec![true; leaf.response.len()],
+                            mask: match config.method {
+                                Method::Answer => (0..leaf.response.len())
+                                    .map(|i| i >= leaf.answer_at)
+                                    .collect(),
+                                Method::Ttrl | Method::Spine => vec![true; leaf.response.len()],
+                            },
                             advantage: a,
                         });
                     }
@@ -639,6 +644,8 @@ mod tests {
             entropies: entropies.to_vec(),
             text: text.into(),
             finish,
+            // These texts are the answer alone.
+            answer_at: 0,
         }
     }
 
@@ -750,6 +757,34 @@ mod tests {
         for (t, l) in s.train.iter().zip(&leaves) {
             let want: Vec<bool> = l.entropies.iter().map(|&h| h >= 3.0).collect();
             assert_eq!(t.mask, want);
+        }
+    }
+
+    #[test]
+    fn the_answer_method_trains_only_the_final_answer_span() {
+        let config = AdaptConfig {
+            method: Method::Answer,
+            ..Default::default()
+        };
+        let spans = [
+            (4, "So 2 + 2 = 4."),
+            (1, "4"),
+            (2, "It is 4."),
+            (4, "So 2 + 2 = 5."),
+            (6, "It is"),
+        ];
+        let leaves = spans
+            .iter()
+            .map(|&(at, text)| Leaf {
+                answer_at: at,
+                ..leaf(0, text, &[1.0; 6], STOP)
+            })
+            .collect();
+        let s = score(&rollouts(leaves), &[question(&[1])], &config);
+        assert_eq!(s.outcomes[0].no_signal, None);
+        for (t, (at, text)) in s.train.iter().zip(spans) {
+            let want: Vec<bool> = (0..6).map(|i| i >= at).collect();
+            assert_eq!(t.mask, want, "{text}");
         }
     }
 
