@@ -114,6 +114,8 @@ pub struct StepReport {
     /// (first micro-batch): how far the answers moved. Checked against `kl_bound`.
     pub kl_after: f32,
     pub mean_forking_entropy: f32,
+    /// Share of the trained leaves' tokens the update selects: SPINE's forks, the answer
+    /// spans, or all of them (1).
     pub forking_fraction: f32,
     pub vote_share: f32,
     /// Largest global gradient norm over the round's optimizer steps.
@@ -299,7 +301,6 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
             leaf_rewards: rewards,
         });
     }
-    let mut forking_fraction = 1.0;
     if config.method == Method::Spine {
         // Forking tokens: the top rho by rollout entropy over the leaves being trained.
         let all: Vec<f32> = entropies.iter().flat_map(|h| h.iter().copied()).collect();
@@ -307,9 +308,13 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
         for (t, h) in train.iter_mut().zip(&entropies) {
             t.mask = h.iter().map(|&x| x >= tau).collect();
         }
-        let selected = train.iter().flat_map(|t| &t.mask).filter(|&&m| m).count();
-        forking_fraction = selected as f32 / all.len().max(1) as f32;
     }
+    let masks = || train.iter().flat_map(|t| &t.mask);
+    let forking_fraction = if train.is_empty() {
+        1.0
+    } else {
+        masks().filter(|&&m| m).count() as f32 / masks().count() as f32
+    };
     Scored {
         train,
         entropies: entropies.iter().map(|h| h.to_vec()).collect(),
@@ -786,6 +791,8 @@ mod tests {
             let want: Vec<bool> = (0..6).map(|i| i >= at).collect();
             assert_eq!(t.mask, want, "{text}");
         }
+        // 2 + 5 + 4 + 2 + 0 of 5 x 6 tokens.
+        assert_eq!(s.forking_fraction, 13.0 / 30.0);
     }
 
     #[test]
