@@ -16,9 +16,6 @@ pub enum Method {
     /// Every token, plain KL, no band: the default, which measured better per request.
     #[default]
     Ttrl,
-    /// Only the final answer span ("the answer is 12."), plain KL, no band: the reasoning
-    /// before it gets no gradient, so it stays the base model's, length included.
-    Answer,
 }
 
 impl Method {
@@ -26,7 +23,6 @@ impl Method {
         match self {
             Method::Spine => "spine",
             Method::Ttrl => "ttrl",
-            Method::Answer => "answer",
         }
     }
 }

@@ -41,8 +41,7 @@ pub struct EvalArgs {
     /// answers them; heldout: adapts on the first half, answers the second.
     #[arg(long, default_value = "transductive")]
     protocol: String,
-    /// Comma-separated: base, spine-tree, spine-flat, ttrl-tree, ttrl-flat, answer-tree,
-    /// answer-flat.
+    /// Comma-separated: base, spine-tree, spine-flat, ttrl-tree, ttrl-flat.
     #[arg(long, default_value = "base,spine-tree,spine-flat,ttrl-tree,ttrl-flat")]
     arms: String,
     /// Adaptation passes over the data, each followed by an evaluation.
@@ -85,7 +84,7 @@ impl EvalArgs {
             .map(|name| {
                 Arm::parse(name.trim()).with_context(|| {
                     format!(
-                        "unknown arm `{name}` (base, spine-tree, spine-flat, ttrl-tree, ttrl-flat, answer-tree, answer-flat)"
+                        "unknown arm `{name}` (base, spine-tree, spine-flat, ttrl-tree, ttrl-flat)"
                     )
                 })
             })

@@ -45,7 +45,6 @@ pub struct AdaptationSpec {
 pub enum MethodName {
     Spine,
     Ttrl,
-    Answer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -86,7 +85,7 @@ macro_rules! same_variants {
     };
 }
 
-same_variants!(MethodName, Method, [Spine, Ttrl, Answer]);
+same_variants!(MethodName, Method, [Spine, Ttrl]);
 same_variants!(RolloutName, RolloutKind, [Tree, Flat]);
 same_variants!(
     AnswerFormatName,
