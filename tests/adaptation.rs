@@ -136,6 +136,16 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
         base_before,
         "ephemeral adaptation changed the base"
     );
+    // The answer method trains the final answer span alone: a share of the tokens.
+    let a = &ask(
+        &server,
+        MODEL,
+        json!({"enabled": true, "method": "answer", "samples": 8, "rollout": "flat"}),
+    )["adaptation"];
+    assert_eq!(a["method"], "answer");
+    assert!(a["applied"].as_bool().unwrap(), "{a}");
+    let share = a["forking_fraction"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0, "{a}");
 
     // A named adapter: versions go up, the adapter serves plain requests, the base stays.
     let first = ask(
@@ -191,7 +201,7 @@ fn an_adapted_request_reports_its_episode_and_a_named_adapter_learns_and_persist
         "{metrics}"
     );
     assert!(metrics.contains(&format!(
-        "ttrl_adaptation_batches_total{{model=\"{MODEL}\"}} 3"
+        "ttrl_adaptation_batches_total{{model=\"{MODEL}\"}} 4"
     )));
     // The episodes' memory peak above their start is measured (host memory on the CPU).
     let peak = metrics

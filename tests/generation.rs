@@ -147,6 +147,7 @@ fn a_fresh_adapters_sampled_logprobs_and_entropies_are_the_base_models_reference
         old_logprobs: Vec::new(),
         ref_logprobs: Vec::new(),
         mask: vec![true; seq.generated().len()],
+        policy_from: 0,
         advantage: 0.0,
     };
     let (logp, entropy) = reference(&m.model, &[&leaf], 1, t).unwrap().remove(0);

@@ -232,23 +232,25 @@ fn chunked_loss_equals_the_whole_one(model: &Model) {
         LOGIT_ROWS,
     };
     let adapter = randomized_adapter(model, DType::F32, 0);
-    let leaf = |prompt: &[u32], response: Vec<u32>, advantage: f32| {
+    let leaf = |prompt: &[u32], response: Vec<u32>, advantage: f32, policy_from: usize| {
         let n = response.len();
         TrainLeaf {
             prompt: prompt.to_vec(),
             old_logprobs: (0..n).map(|i| -5.4 - 0.05 * i as f32).collect(),
             ref_logprobs: (0..n).map(|i| -5.6 + 0.03 * i as f32).collect(),
             mask: (0..n).map(|i| i % 3 != 1).collect(),
+            policy_from,
             response,
             advantage,
         }
     };
-    // Two responses share a prompt (packed once); a third has its own.
+    // Two responses share a prompt (packed once); a third has its own. The first's policy
+    // term reads only its selected tokens from position 2 on (3 of 4).
     let (a, b) = ([1u32, 5, 9, 13], [2u32, 7]);
     let leaves = vec![
-        leaf(&a, vec![20, 30, 40, 50, 60], 1.0),
-        leaf(&a, vec![21, 31, 41], -0.5),
-        leaf(&b, vec![100, 120, 140, 160], 0.7),
+        leaf(&a, vec![20, 30, 40, 50, 60], 1.0, 2),
+        leaf(&a, vec![21, 31, 41], -0.5, 0),
+        leaf(&b, vec![100, 120, 140, 160], 0.7, 0),
     ];
     let config = ObjectiveConfig {
         temperature: 0.8,
@@ -260,6 +262,7 @@ fn chunked_loss_equals_the_whole_one(model: &Model) {
     // A band the tiny model's entropies (about ln 267) lie above: that term is active.
     let denom = Denominators {
         selected_tokens: 8.0,
+        policy_tokens: 6.0,
         band: Some((1.0, 2.0)),
     };
 

@@ -16,6 +16,10 @@ pub enum Method {
     /// Every token, plain KL, no band: the default, which measured better per request.
     #[default]
     Ttrl,
+    /// The policy term on the final answer span only ("the answer is 12."), the KL anchor on
+    /// every token, no band: the reasoning gets no reward and is held to the base model's,
+    /// length included.
+    Answer,
 }
 
 impl Method {
@@ -23,6 +27,7 @@ impl Method {
         match self {
             Method::Spine => "spine",
             Method::Ttrl => "ttrl",
+            Method::Answer => "answer",
         }
     }
 }

@@ -114,6 +114,8 @@ pub struct StepReport {
     /// (first micro-batch): how far the answers moved. Checked against `kl_bound`.
     pub kl_after: f32,
     pub mean_forking_entropy: f32,
+    /// Share of the trained leaves' tokens the update selects: SPINE's forks, the answer
+    /// spans, or all of them (1).
     pub forking_fraction: f32,
     pub vote_share: f32,
     /// Largest global gradient norm over the round's optimizer steps.
@@ -277,6 +279,10 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
                             old_logprobs: leaf.logprobs.clone(),
                             ref_logprobs: Vec::new(),
                             mask: vec![true; leaf.response.len()],
+                            policy_from: match config.method {
+                                Method::Answer => leaf.answer_at,
+                                Method::Ttrl | Method::Spine => 0,
+                            },
                             advantage: a,
                         });
                     }
@@ -294,7 +300,6 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
             leaf_rewards: rewards,
         });
     }
-    let mut forking_fraction = 1.0;
     if config.method == Method::Spine {
         // Forking tokens: the top rho by rollout entropy over the leaves being trained.
         let all: Vec<f32> = entropies.iter().flat_map(|h| h.iter().copied()).collect();
@@ -302,9 +307,13 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
         for (t, h) in train.iter_mut().zip(&entropies) {
             t.mask = h.iter().map(|&x| x >= tau).collect();
         }
-        let selected = train.iter().flat_map(|t| &t.mask).filter(|&&m| m).count();
-        forking_fraction = selected as f32 / all.len().max(1) as f32;
     }
+    let forking_fraction = if train.is_empty() {
+        1.0
+    } else {
+        let policy: usize = train.iter().map(TrainLeaf::policy_tokens).sum();
+        policy as f32 / train.iter().map(|t| t.mask.len()).sum::<usize>() as f32
+    };
     Scored {
         train,
         entropies: entropies.iter().map(|h| h.to_vec()).collect(),
@@ -553,6 +562,7 @@ fn run_rounds(
             let leaves = &scored.train[range];
             let denom = Denominators {
                 selected_tokens: leaves.iter().flat_map(|l| &l.mask).filter(|&&m| m).count() as f32,
+                policy_tokens: leaves.iter().map(TrainLeaf::policy_tokens).sum::<usize>() as f32,
                 band,
             };
             let mut grads: Vec<Option<Tensor>> = vec![None; learner.adapter.vars().len()];
@@ -639,6 +649,8 @@ mod tests {
             entropies: entropies.to_vec(),
             text: text.into(),
             finish,
+            // These texts are the answer alone.
+            answer_at: 0,
         }
     }
 
@@ -751,6 +763,37 @@ mod tests {
             let want: Vec<bool> = l.entropies.iter().map(|&h| h >= 3.0).collect();
             assert_eq!(t.mask, want);
         }
+    }
+
+    #[test]
+    fn the_answer_method_rewards_only_the_final_answer_span_and_anchors_every_token() {
+        let config = AdaptConfig {
+            method: Method::Answer,
+            ..Default::default()
+        };
+        let spans = [
+            (4, "So 2 + 2 = 4."),
+            (1, "4"),
+            (2, "It is 4."),
+            (4, "So 2 + 2 = 5."),
+            (6, "It is"),
+        ];
+        let leaves = spans
+            .iter()
+            .map(|&(at, text)| Leaf {
+                answer_at: at,
+                ..leaf(0, text, &[1.0; 6], STOP)
+            })
+            .collect();
+        let s = score(&rollouts(leaves), &[question(&[1])], &config);
+        assert_eq!(s.outcomes[0].no_signal, None);
+        for (t, (at, text)) in s.train.iter().zip(spans) {
+            assert_eq!((t.policy_from, t.policy_tokens()), (at, 6 - at), "{text}");
+            // The KL anchor reads every token.
+            assert_eq!(t.mask, vec![true; 6], "{text}");
+        }
+        // 2 + 5 + 4 + 2 + 0 of 5 x 6 tokens.
+        assert_eq!(s.forking_fraction, 13.0 / 30.0);
     }
 
     #[test]

@@ -20,8 +20,12 @@ pub struct TrainLeaf {
     pub old_logprobs: Vec<f32>,
     /// log pi_ref(token) of the base model (LoRA off), computed once before the update.
     pub ref_logprobs: Vec<f32>,
-    /// Token selection: the policy, KL and band terms apply where true.
+    /// Token selection: the KL and band terms apply where true, and the policy term too
+    /// from `policy_from` on.
     pub mask: Vec<bool>,
+    /// First response position the policy term reads (0 but for the answer method, whose
+    /// policy term reads only the final answer span while its KL anchor reads every token).
+    pub policy_from: usize,
     /// Per-token advantage (the leaf's GRPO advantage, EAR-reshaped when on).
     pub advantage: f32,
 }
@@ -30,6 +34,15 @@ impl TrainLeaf {
     /// Positions of the selected tokens in the response: the only ones the loss reads.
     pub fn selected(&self) -> Vec<usize> {
         (0..self.mask.len()).filter(|&i| self.mask[i]).collect()
+    }
+
+    /// How many selected tokens the policy term reads.
+    pub fn policy_tokens(&self) -> usize {
+        self.mask
+            .iter()
+            .skip(self.policy_from)
+            .filter(|&&m| m)
+            .count()
     }
 }
 
@@ -47,8 +60,10 @@ pub struct ObjectiveConfig {
 /// What the whole optimizer step shares, so micro-batch losses add up to its loss.
 #[derive(Debug, Clone, Copy)]
 pub struct Denominators {
-    /// Selected tokens over the step's leaves: every term is a mean over them.
+    /// Selected tokens over the step's leaves: the KL and band terms are means over them.
     pub selected_tokens: f32,
+    /// Selected tokens from each leaf's `policy_from` on: the policy term is a mean over them.
+    pub policy_tokens: f32,
     /// The band's bounds (from the base model's forking entropies), when it is on.
     pub band: Option<(f32, f32)>,
 }
@@ -279,8 +294,9 @@ pub fn leaves_loss(
 }
 
 /// One leaf's term of the step's loss, from the log-probs and entropies at its selected
-/// tokens ([`TrainLeaf::selected`], in order): PPO-clip and k3 KL on each, and the entropy
-/// band on those outside it, each over the step's selected tokens.
+/// tokens ([`TrainLeaf::selected`], in order): PPO-clip from `policy_from` on, over the
+/// step's policy tokens; k3 KL on each, and the entropy band on those outside it, over the
+/// step's selected tokens.
 pub fn leaf_loss(
     leaf: &TrainLeaf,
     logp: &Tensor,
@@ -298,11 +314,22 @@ pub fn leaf_loss(
     let old = at_selected(&leaf.old_logprobs)?;
     let ref_logp = at_selected(&leaf.ref_logprobs)?;
 
-    let policy = ppo_clip(logp, &old, leaf.advantage, config.clip_epsilon)?.sum_all()?;
+    let from = selected
+        .iter()
+        .position(|&i| i >= leaf.policy_from)
+        .unwrap_or(selected.len());
+    let n = selected.len() - from;
+    let policy = ppo_clip(
+        &logp.narrow(0, from, n)?,
+        &old.narrow(0, from, n)?,
+        leaf.advantage,
+        config.clip_epsilon,
+    )?
+    .sum_all()?;
     let kl = k3(&ref_logp, logp)?.sum_all()?;
     stats.kl_sum += f64::from(kl.to_scalar::<f32>()?);
     stats.kl_tokens += selected.len();
-    let mut loss = (policy + (kl * f64::from(config.lambda_kl))?)?;
+    let mut loss = (kl * f64::from(config.lambda_kl))?;
 
     let h_values = entropy.to_vec1::<f32>()?;
     stats.selected_entropy_sum += h_values.iter().map(|&x| f64::from(x)).sum::<f64>();
@@ -315,7 +342,8 @@ pub fn leaf_loss(
         loss = (loss + (band * f64::from(config.lambda_band))?)?;
     }
     let per_token = 1.0 / f64::from(denom.selected_tokens.max(1.0));
-    Ok((loss * per_token)?)
+    let per_policy_token = 1.0 / f64::from(denom.policy_tokens.max(1.0));
+    Ok(((loss * per_token)? + (policy * per_policy_token)?)?)
 }
 
 #[cfg(test)]
@@ -348,6 +376,43 @@ mod tests {
         for (g, w) in neg.iter().zip([0.5f32.exp(), 0.8, 1.0]) {
             assert!((g - w).abs() < 1e-6, "{neg:?}");
         }
+    }
+
+    #[test]
+    fn the_policy_term_reads_from_policy_from_and_the_anchor_every_selected_token() {
+        // At logp = old the ratio is 1, so each policy token adds -A; the KL reads ref - logp.
+        let leaf = TrainLeaf {
+            prompt: vec![1],
+            response: vec![2, 3, 4, 5],
+            old_logprobs: vec![-1.0; 4],
+            ref_logprobs: vec![-1.0, -1.0, 0.0, -1.0],
+            mask: vec![true, false, true, true],
+            policy_from: 2,
+            advantage: 0.5,
+        };
+        assert_eq!(leaf.policy_tokens(), 2);
+        let config = ObjectiveConfig {
+            temperature: 1.0,
+            clip_epsilon: 0.2,
+            lambda_kl: 0.1,
+            lambda_band: 0.0,
+            logit_rows: LOGIT_ROWS,
+        };
+        let denom = Denominators {
+            selected_tokens: 3.0,
+            policy_tokens: 2.0,
+            band: None,
+        };
+        let mut stats = ObjectiveStats::default();
+        let (logp, entropy) = (t(&[-1.0; 3]), t(&[1.0; 3]));
+        let got = leaf_loss(&leaf, &logp, &entropy, &config, denom, &mut stats)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Policy: 2 x -0.5 over 2 tokens. KL: e - 2 at the token whose ref is 0, over 3.
+        let want = -0.5 + 0.1 * (1f32.exp() - 2.0) / 3.0;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        assert_eq!(stats.kl_tokens, 3);
     }
 
     #[test]

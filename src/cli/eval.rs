@@ -41,7 +41,8 @@ pub struct EvalArgs {
     /// answers them; heldout: adapts on the first half, answers the second.
     #[arg(long, default_value = "transductive")]
     protocol: String,
-    /// Comma-separated: base, spine-tree, spine-flat, ttrl-tree, ttrl-flat.
+    /// Comma-separated: base, spine-tree, spine-flat, ttrl-tree, ttrl-flat, answer-tree,
+    /// answer-flat.
     #[arg(long, default_value = "base,spine-tree,spine-flat,ttrl-tree,ttrl-flat")]
     arms: String,
     /// Adaptation passes over the data, each followed by an evaluation.
@@ -84,7 +85,7 @@ impl EvalArgs {
             .map(|name| {
                 Arm::parse(name.trim()).with_context(|| {
                     format!(
-                        "unknown arm `{name}` (base, spine-tree, spine-flat, ttrl-tree, ttrl-flat)"
+                        "unknown arm `{name}` (base, spine-tree, spine-flat, ttrl-tree, ttrl-flat, answer-tree, answer-flat)"
                     )
                 })
             })

@@ -76,12 +76,14 @@ pub enum Arm {
 }
 
 impl Arm {
-    pub const ALL: [Arm; 5] = [
+    pub const ALL: [Arm; 7] = [
         Arm::Base,
         Arm::Adapted(Method::Spine, RolloutKind::Tree),
         Arm::Adapted(Method::Spine, RolloutKind::Flat),
         Arm::Adapted(Method::Ttrl, RolloutKind::Tree),
         Arm::Adapted(Method::Ttrl, RolloutKind::Flat),
+        Arm::Adapted(Method::Answer, RolloutKind::Tree),
+        Arm::Adapted(Method::Answer, RolloutKind::Flat),
     ];
 
     pub fn name(self) -> String {

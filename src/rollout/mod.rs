@@ -97,6 +97,10 @@ pub struct Leaf {
     pub entropies: Vec<f32>,
     pub text: String,
     pub finish: FinishReason,
+    /// Response positions wholly before the final answer span (all of them when there is
+    /// no answer): trees never fork at or after it, and the `answer` method trains only
+    /// what follows.
+    pub answer_at: usize,
 }
 
 impl Leaf {
@@ -160,37 +164,46 @@ pub fn fork_points(sites: &[ForkSite<'_>], n: usize) -> Vec<(usize, usize)> {
     chosen
 }
 
-/// Response positions wholly before the final answer span (all of them when there is no
-/// answer): forking inside the answer would re-draw the answer itself.
+/// A leaf's [`Leaf::answer_at`]: forking inside the answer would re-draw the answer itself.
 fn positions_before_answer(
     tok: &TextTokenizer,
-    leaf: &Leaf,
+    response: &[u32],
+    text: &str,
     format: AnswerFormat,
 ) -> Result<usize> {
-    let Some(start) = answer_start(&leaf.text, format) else {
-        return Ok(leaf.response.len());
+    let Some(start) = answer_start(text, format) else {
+        return Ok(response.len());
     };
     let mut decoder = IncrementalDecoder::default();
     let mut end = 0;
-    for (i, &id) in leaf.response.iter().enumerate() {
+    for (i, &id) in response.iter().enumerate() {
         end += decoder.push(tok, id)?.len();
         if end > start {
             return Ok(i);
         }
     }
-    Ok(leaf.response.len())
+    Ok(response.len())
 }
 
-fn leaf_of(question: usize, fork: Option<(usize, usize)>, seq: &Sequence) -> Leaf {
-    Leaf {
+fn leaf_of(
+    tok: &TextTokenizer,
+    format: AnswerFormat,
+    question: usize,
+    fork: Option<(usize, usize)>,
+    seq: &Sequence,
+) -> Result<Leaf> {
+    let response: Vec<u32> = seq.generated().iter().map(|t| t.id).collect();
+    let text = seq.text().to_string();
+    Ok(Leaf {
         question,
         fork,
-        response: seq.generated().iter().map(|t| t.id).collect(),
+        answer_at: positions_before_answer(tok, &response, &text, format)?,
         logprobs: seq.generated().iter().map(|t| t.logprob).collect(),
         entropies: seq.generated().iter().map(|t| t.entropy).collect(),
-        text: seq.text().to_string(),
+        response,
+        text,
         finish: seq.finish_reason().unwrap_or(FinishReason::Length),
-    }
+    })
 }
 
 /// Samples leaves for every prompt, all questions decoding together, `max_batch` at a time;
@@ -251,7 +264,8 @@ pub fn run(
         ..Rollouts::default()
     };
     for (q, seq) in owners.iter().zip(&seqs) {
-        out.leaves.push(leaf_of(*q, None, seq));
+        out.leaves
+            .push(leaf_of(tok, prompts[*q].format, *q, None, seq)?);
         out.generated_tokens += seq.generated().len();
     }
     if config.kind == RolloutKind::Tree {
@@ -274,7 +288,6 @@ struct Grown {
     seq: Sequence,
     tree: usize,
     from: usize,
-    before: usize,
     taken: Vec<usize>,
 }
 
@@ -291,9 +304,7 @@ fn grow_trees(
 ) -> Result<()> {
     let mut grown = Vec::with_capacity(roots.len() * shape.per_tree());
     for (tree, seq) in roots.into_iter().enumerate() {
-        let leaf = &out.leaves[tree];
         grown.push(Grown {
-            before: positions_before_answer(tok, leaf, prompts[leaf.question].format)?,
             seq,
             tree,
             from: 0,
@@ -313,7 +324,7 @@ fn grow_trees(
                 .map(|&i| ForkSite {
                     logprobs: &out.leaves[i].logprobs,
                     from: grown[i].from,
-                    before: grown[i].before,
+                    before: out.leaves[i].answer_at,
                     taken: &grown[i].taken,
                 })
                 .collect();
@@ -338,9 +349,8 @@ fn grow_trees(
             let q = out.leaves[tree].question;
             let from = fork.map_or(0, |(_, at)| at);
             out.generated_tokens += seq.generated().len() - from;
-            let leaf = leaf_of(q, fork, &seq);
+            let leaf = leaf_of(tok, prompts[q].format, q, fork, &seq)?;
             grown.push(Grown {
-                before: positions_before_answer(tok, &leaf, prompts[q].format)?,
                 seq,
                 tree,
                 from,

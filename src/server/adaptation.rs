@@ -45,6 +45,7 @@ pub struct AdaptationSpec {
 pub enum MethodName {
     Spine,
     Ttrl,
+    Answer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -85,7 +86,7 @@ macro_rules! same_variants {
     };
 }
 
-same_variants!(MethodName, Method, [Spine, Ttrl]);
+same_variants!(MethodName, Method, [Spine, Ttrl, Answer]);
 same_variants!(RolloutName, RolloutKind, [Tree, Flat]);
 same_variants!(
     AnswerFormatName,
