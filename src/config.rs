@@ -242,7 +242,7 @@ impl Settings {
                 a.band_high_quantile.into(),
                 1.0,
             ),
-            ("adaptation.lambda_kl", a.lambda_kl.into(), any),
+            ("adaptation.lambda_kl", a.kl_weight().into(), any),
             ("adaptation.lambda_band", a.lambda_band.into(), any),
             // 0 is allowed: the zero-learning-rate control arm.
             ("adaptation.lr", a.lr, 1.0),

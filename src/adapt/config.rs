@@ -30,6 +30,17 @@ impl Method {
             Method::Answer => "answer",
         }
     }
+
+    /// The KL anchor's weight unless the settings set one: TTRL's 0.001 where the policy term
+    /// reads every token the anchor does; 0.1 for the answer method, whose anchor alone holds
+    /// the reasoning its policy term leaves unrewarded (at TTRL's weight that reasoning
+    /// drifted and greedy decoding broke).
+    pub fn lambda_kl(self) -> f32 {
+        match self {
+            Method::Answer => 0.1,
+            Method::Ttrl | Method::Spine => 0.001,
+        }
+    }
 }
 
 /// Leaves per question a request (or the server's default) may ask for: a vote needs two.
@@ -70,7 +81,8 @@ pub struct AdaptConfig {
     /// entropies (LoRA off, once per step); it acts only on forks outside them.
     pub band_low_quantile: f32,
     pub band_high_quantile: f32,
-    pub lambda_kl: f32,
+    /// Weight of the KL anchor; unset, the method's own ([`Method::lambda_kl`]).
+    pub lambda_kl: Option<f32>,
     /// 0 turns the band off.
     pub lambda_band: f32,
     pub clip_epsilon: f32,
@@ -128,7 +140,7 @@ impl Default for AdaptConfig {
             rho: 0.2,
             band_low_quantile: 0.05,
             band_high_quantile: 0.95,
-            lambda_kl: 0.001,
+            lambda_kl: None,
             lambda_band: 0.0,
             clip_epsilon: 0.2,
             lr: 1e-3,
@@ -148,5 +160,34 @@ impl Default for AdaptConfig {
             lora: LoraConfig::default(),
             test_force_nonfinite_loss: false,
         }
+    }
+}
+
+impl AdaptConfig {
+    /// The KL anchor's weight for this method: the settings' `lambda_kl`, or the method's own.
+    pub fn kl_weight(&self) -> f32 {
+        self.lambda_kl.unwrap_or(self.method.lambda_kl())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kl_weight_is_the_methods_own_unless_the_settings_set_one() {
+        let of = |method, lambda_kl| {
+            AdaptConfig {
+                method,
+                lambda_kl,
+                ..Default::default()
+            }
+            .kl_weight()
+        };
+        assert_eq!(of(Method::Ttrl, None), 0.001);
+        assert_eq!(of(Method::Spine, None), 0.001);
+        assert_eq!(of(Method::Answer, None), 0.1);
+        assert_eq!(of(Method::Answer, Some(0.3)), 0.3);
+        assert_eq!(of(Method::Ttrl, Some(0.0)), 0.0);
     }
 }

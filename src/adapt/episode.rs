@@ -425,7 +425,7 @@ fn run_rounds(
     let objective = ObjectiveConfig {
         temperature: config.temperature,
         clip_epsilon: config.clip_epsilon,
-        lambda_kl: config.lambda_kl,
+        lambda_kl: config.kl_weight(),
         lambda_band: if spine { config.lambda_band } else { 0.0 },
         logit_rows: LOGIT_ROWS,
     };
