@@ -1,9 +1,9 @@
 //! The policy objective on one micro-batch of leaves, as differentiable tensors:
 //! PPO-clip (Schulman et al. 2017) on the selected tokens, SPINE's entropy band on forking
 //! tokens (Wu et al. 2025, arXiv 2511.17938) and a k3 KL anchor to the base model (LoRA
-//! off), all at the rollout temperature, every term a mean over the selected tokens (the
+//! off), all at the rollout temperature, every term a mean over the tokens it reads (the
 //! 80/20 code's token-mean over its loss mask). TTRL is the same with every token selected
-//! and no band.
+//! and no band; the answer method's policy term reads only the final answer span.
 
 use candle_core::{DType, Tensor, Var};
 
