@@ -84,9 +84,8 @@ impl EvalArgs {
             .split(',')
             .map(|name| {
                 Arm::parse(name.trim()).with_context(|| {
-                    format!(
-                        "unknown arm `{name}` (base, spine-tree, spine-flat, ttrl-tree, ttrl-flat, answer-tree, answer-flat)"
-                    )
+                    let known: Vec<String> = Arm::ALL.iter().map(|a| a.name()).collect();
+                    format!("unknown arm `{name}` ({})", known.join(", "))
                 })
             })
             .collect::<Result<Vec<_>>>()?;
