@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use ttrl_serve::adapt::{run_episode, AdaptConfig, EpisodeLimits, Learner, Question};
 use ttrl_serve::model::{assets, loader, Adapter, ChatMessage};
-use ttrl_serve::reward::AnswerFormat;
+use ttrl_serve::reward::{canonical, extract_answer, unreverse, AnswerFormat};
 use ttrl_serve::rollout::RolloutKind;
 
 use crate::common::max_abs_diff;
@@ -339,6 +339,61 @@ fn an_ephemeral_request_is_not_changed_by_another_clients_question() {
         assert_eq!(r["adaptation"]["batch_questions"], 1);
     }
     assert_eq!(logprobs(&untouched), base);
+}
+
+/// Half of a multiple-choice question's leaves see its options in reverse order, and each
+/// reports the option its letter names in the question as asked; an open question has none.
+#[test]
+fn a_multiple_choice_question_votes_over_both_orders_of_its_options() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-mc-{}", std::process::id()));
+    let server = start(&data, "");
+    let arc = "Which part of a plant takes in water and nutrients from the soil?\nA. root\nB. stem\nC. flower\nD. leaf\nAnswer with the letter of the correct option.";
+    for rollout in ["flat", "tree"] {
+        let r = ask_about(
+            &server,
+            arc,
+            MODEL,
+            json!({"enabled": true, "samples": 8, "rollout": rollout}),
+        );
+        let leaves = r["adaptation"]["tree"].as_array().unwrap().clone();
+        assert_eq!(leaves.len(), 8, "{rollout}");
+        let reversed = leaves.iter().filter(|l| l["options_reversed"] == true);
+        assert_eq!(reversed.count(), 4, "{rollout}");
+        let mut answered = 0;
+        for leaf in &leaves {
+            let text: String = leaf["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap())
+                .collect();
+            if leaf["truncated"] == true {
+                continue;
+            }
+            let read = extract_answer(&text, AnswerFormat::Choice)
+                .map(|a| canonical(&a, AnswerFormat::Choice));
+            let named = match (&read, leaf["options_reversed"] == true) {
+                (Some(letter), true) => Some(unreverse(letter, 4)),
+                _ => read.clone(),
+            };
+            assert_eq!(leaf["answer"].as_str(), named.as_deref(), "{text:?}");
+            answered += usize::from(named.is_some());
+        }
+        let votes: u64 = r["adaptation"]["votes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v[1].as_u64().unwrap())
+            .sum();
+        assert_eq!(votes as usize, answered, "{rollout}: {}", r["adaptation"]);
+    }
+    let open = ask(
+        &server,
+        MODEL,
+        json!({"enabled": true, "samples": 8, "rollout": "flat"}),
+    );
+    let leaves = open["adaptation"]["tree"].as_array().unwrap();
+    assert!(leaves.iter().all(|l| l["options_reversed"] == false));
 }
 
 #[test]

@@ -358,14 +358,16 @@ fn a_tree_grows_branches_from_roots_and_branches_that_share_their_parents_prefix
     let questions = prompts();
     let prompts: Vec<Prompt<'_>> = questions[..2]
         .iter()
-        .map(|p| Prompt {
+        .enumerate()
+        .map(|(q, p)| Prompt {
             tokens: p,
             format: AnswerFormat::Number,
+            question: q,
+            leaves: 8,
         })
         .collect();
     let config = RolloutConfig {
         kind: RolloutKind::Tree,
-        samples: 8,
         tree: TreeShape::for_samples(8, 3, 1, 1),
         temperature: 1.0,
         top_p: 1.0,

@@ -23,9 +23,10 @@ use crate::interrupt::Interrupt;
 use crate::model::memory::PeakMemory;
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{
-    canonical, detect_format, extract_answer, majority_vote, option_count, AnswerFormat, Vote,
+    canonical, detect_format, extract_answer, majority_vote, option_count, unreverse, AnswerFormat,
+    Vote,
 };
-use crate::rollout::{self, Prompt, RolloutConfig, Rollouts, TreeShape};
+use crate::rollout::{self, Leaf, Prompt, RolloutConfig, Rollouts, TreeShape};
 
 /// An adapter with its optimizer state and version (+1 per applied step).
 pub struct Learner {
@@ -63,6 +64,17 @@ pub struct Question {
     pub format: AnswerFormat,
     /// Options listed in a multiple-choice question's text (0 when none are found).
     pub options: usize,
+    /// The prompt again with its options in reverse order, when they could be reordered.
+    pub reversed: Option<Reversed>,
+}
+
+/// A multiple-choice prompt with its last `options` options in reverse order. Half of the
+/// question's leaves are sampled from it and their letters read back to the original options
+/// before the vote: a letter a model picks for its place then splits across two options.
+#[derive(Debug, Clone)]
+pub struct Reversed {
+    pub prompt: Vec<u32>,
+    pub options: usize,
 }
 
 impl Question {
@@ -83,8 +95,29 @@ impl Question {
             prompt,
             format,
             options,
+            reversed: None,
         }
     }
+}
+
+/// The prompts an episode samples from: every question as asked (prompt q is question q),
+/// then the reversed prompt of each question that has one, which takes half its leaves.
+fn rollout_prompts(questions: &[Question], samples: usize) -> Vec<Prompt<'_>> {
+    let asked = questions.iter().enumerate().map(|(q, question)| Prompt {
+        tokens: &question.prompt,
+        format: question.format,
+        question: q,
+        leaves: samples - question.reversed.as_ref().map_or(0, |_| samples / 2),
+    });
+    let reversed = questions.iter().enumerate().filter_map(|(q, question)| {
+        Some(Prompt {
+            tokens: &question.reversed.as_ref()?.prompt,
+            format: question.format,
+            question: q,
+            leaves: samples / 2,
+        })
+    });
+    asked.chain(reversed).collect()
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -151,6 +184,44 @@ pub struct EpisodeReport {
     pub peak_memory_bytes: Option<u64>,
     /// The most rollout sequences decoded at once.
     pub widest_rollout_batch: usize,
+}
+
+impl EpisodeReport {
+    /// Whether `leaf`, one of `last_rollouts`, saw its question's options reversed.
+    pub fn options_reversed(&self, leaf: &Leaf) -> bool {
+        options_reversed(leaf, self.questions.len())
+    }
+}
+
+/// Prompts from `questions` on are reversed ones (see [`rollout_prompts`]).
+fn options_reversed(leaf: &Leaf, questions: usize) -> bool {
+    leaf.prompt >= questions
+}
+
+/// Why a question asked in both orders of its options has no pseudo-label when the leaves of
+/// each order do not have the same clear top option: what the model prefers is a place in
+/// the list, not an option.
+fn orders_disagree(answers: &[Option<String>], in_reverse: &[bool]) -> Option<String> {
+    let top = |reverse: bool| {
+        let half: Vec<Option<String>> = answers
+            .iter()
+            .zip(in_reverse)
+            .filter(|(_, &r)| r == reverse)
+            .map(|(a, _)| a.clone())
+            .collect();
+        let counts = majority_vote(&half).counts;
+        match (counts.first(), counts.get(1)) {
+            (Some((label, n)), second) if second.is_none_or(|(_, m)| m < n) => Some(label.clone()),
+            _ => None,
+        }
+    };
+    match (top(false), top(true)) {
+        (Some(listed), Some(reversed)) if listed == reversed => None,
+        (Some(listed), Some(reversed)) => Some(format!(
+            "the top option is {listed} among the leaves that saw the options as listed and {reversed} among those that saw them reversed"
+        )),
+        _ => Some("one order of the options has no clear top option".into()),
+    }
 }
 
 /// What bounds an episode beside its settings: rollout sequences decoded at once (the
@@ -231,17 +302,33 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
     let mut outcomes = Vec::new();
     for (q, question) in questions.iter().enumerate() {
         let leaves: Vec<_> = rollouts.leaves.iter().filter(|l| l.question == q).collect();
+        let reversed = |l: &Leaf| {
+            question
+                .reversed
+                .as_ref()
+                .filter(|_| options_reversed(l, questions.len()))
+        };
         let answers: Vec<Option<String>> = leaves
             .iter()
             .map(|l| {
                 if l.truncated() {
                     return None;
                 }
-                extract_answer(&l.text, question.format).map(|a| canonical(&a, question.format))
+                let answer = canonical(&extract_answer(&l.text, question.format)?, question.format);
+                Some(match reversed(l) {
+                    Some(r) => unreverse(&answer, r.options),
+                    None => answer,
+                })
             })
             .collect();
         let vote = majority_vote(&answers);
-        let mut no_signal = weak_majority(&vote, question, config);
+        let mut no_signal = weak_majority(&vote, question, config).or_else(|| {
+            let in_reverse: Vec<bool> = leaves.iter().map(|l| reversed(l).is_some()).collect();
+            question
+                .reversed
+                .as_ref()
+                .and_then(|_| orders_disagree(&answers, &in_reverse))
+        });
         let rewards = if no_signal.is_some() {
             vec![0.0; leaves.len()]
         } else {
@@ -274,7 +361,9 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
                         let leaf = leaves[i];
                         entropies.push(&leaf.entropies);
                         train.push(TrainLeaf {
-                            prompt: question.prompt.clone(),
+                            prompt: reversed(leaf)
+                                .map_or(&question.prompt, |r| &r.prompt)
+                                .clone(),
                             response: leaf.response.clone(),
                             old_logprobs: leaf.logprobs.clone(),
                             ref_logprobs: Vec::new(),
@@ -414,13 +503,7 @@ fn run_rounds(
 ) -> Result<EpisodeReport> {
     let started = Instant::now();
     let mut memory = PeakMemory::start(model.device());
-    let prompts: Vec<Prompt<'_>> = questions
-        .iter()
-        .map(|q| Prompt {
-            tokens: &q.prompt,
-            format: q.format,
-        })
-        .collect();
+    let prompts = rollout_prompts(questions, config.samples);
     let spine = config.method == Method::Spine;
     let objective = ObjectiveConfig {
         temperature: config.temperature,
@@ -446,7 +529,6 @@ fn run_rounds(
     for step in 0..config.steps.max(1) {
         let rollout_config = RolloutConfig {
             kind: config.rollout,
-            samples: config.samples,
             tree: TreeShape::for_samples(
                 config.samples,
                 config.tree_rounds,
@@ -643,6 +725,7 @@ mod tests {
     fn leaf(question: usize, text: &str, entropies: &[f32], finish: FinishReason) -> Leaf {
         Leaf {
             question,
+            prompt: question,
             fork: None,
             response: (0..entropies.len() as u32).collect(),
             logprobs: vec![-1.0; entropies.len()],
@@ -737,6 +820,63 @@ mod tests {
             score(&open, &[question(&[1])], &config).outcomes[0].no_signal,
             None
         );
+    }
+
+    #[test]
+    fn votes_from_reversed_options_count_the_option_they_name() {
+        let config = AdaptConfig::default();
+        let arc = "Which is a mammal?\nA. shark\nB. whale\nC. trout\nD. eel";
+        let mut mc = Question::new(arc.into(), vec![1], AnswerFormat::Auto);
+        mc.reversed = Some(Reversed {
+            prompt: vec![2],
+            options: 4,
+        });
+        let prompts = rollout_prompts(std::slice::from_ref(&mc), 8);
+        let split: Vec<_> = prompts.iter().map(|p| (p.tokens, p.leaves)).collect();
+        assert_eq!(split, vec![(&[1u32][..], 4), (&[2u32][..], 4)]);
+        // Prompt 1 lists the options reversed: its "C" is the question's B.
+        let votes = |asked: &[&str], reversed: &[&str]| {
+            let asked = asked.iter().map(|a| leaf(0, a, &[1.0], STOP));
+            let reversed = reversed.iter().map(|a| Leaf {
+                prompt: 1,
+                ..leaf(0, a, &[1.0], STOP)
+            });
+            rollouts(asked.chain(reversed).collect())
+        };
+        let s = score(
+            &votes(&["B", "B", "B", "A"], &["C", "C", "B", "C"]),
+            std::slice::from_ref(&mc),
+            &config,
+        );
+        let o = &s.outcomes[0];
+        assert_eq!(o.majority_answer.as_deref(), Some("B"));
+        assert_eq!(o.votes[0], ("B".into(), 6));
+        assert_eq!(o.leaf_answers[4].as_deref(), Some("B"));
+        assert_eq!(o.leaf_answers[6].as_deref(), Some("C"));
+        // Each trained leaf is trained on the prompt it was sampled from.
+        let trained: Vec<&[u32]> = s.train.iter().map(|t| t.prompt.as_slice()).collect();
+        assert!(trained.contains(&&[1u32][..]) && trained.contains(&&[2u32][..]));
+        // A model that answers "B" wherever B stands votes for two options: no majority.
+        let s = score(
+            &votes(&["B", "B", "B", "B"], &["B", "B", "B", "B"]),
+            std::slice::from_ref(&mc),
+            &config,
+        );
+        assert_eq!(s.outcomes[0].no_signal.as_deref(), Some("a tie at 4 votes"));
+        // B wins 6 of 12, but the reversed leaves' top option is A: a preference for a place.
+        let s = score(
+            &votes(
+                &["B", "B", "B", "B", "A", "C"],
+                &["D", "D", "D", "C", "C", "A"],
+            ),
+            std::slice::from_ref(&mc),
+            &config,
+        );
+        let o = &s.outcomes[0];
+        assert_eq!((o.votes[0].clone(), o.vote_share), (("B".into(), 6), 0.5));
+        let why = o.no_signal.clone().unwrap_or_default();
+        assert!(why.contains("B among the leaves that saw the options as listed and A among those that saw them reversed"), "{why}");
+        assert!(s.train.is_empty());
     }
 
     /// Regression: masks were looked up by prompt text, so two questions with the same

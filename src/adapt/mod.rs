@@ -10,6 +10,7 @@ pub mod store;
 
 pub use config::{AdaptConfig, Method};
 pub use episode::{
-    run_episode, EpisodeLimits, EpisodeReport, Learner, Question, QuestionOutcome, StepReport,
+    run_episode, EpisodeLimits, EpisodeReport, Learner, Question, QuestionOutcome, Reversed,
+    StepReport,
 };
 pub use optim::{AdamW, AdamWConfig, StepStats};

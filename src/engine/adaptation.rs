@@ -133,7 +133,13 @@ impl Scheduler {
             .iter()
             .filter_map(|q| q.job.adaptation.as_ref().map(|a| a.question.clone()))
             .collect();
-        let longest = questions.iter().map(|q| q.prompt.len()).max().unwrap_or(0);
+        let longest = questions
+            .iter()
+            .flat_map(|q| [Some(&q.prompt), q.reversed.as_ref().map(|r| &r.prompt)])
+            .flatten()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0);
         let sequences = (questions.len() * config.samples).min(self.max_batch);
         let interrupt = Interrupt::after_seconds(config.max_episode_seconds);
         let version_before = learner.version;
@@ -383,6 +389,7 @@ impl Scheduler {
                     .and_then(|o| o.leaf_rewards.get(j).copied())
                     .unwrap_or(0.0),
                 truncated: leaf.truncated(),
+                options_reversed: report.options_reversed(leaf),
             })
             .collect();
         AdaptationReport {

@@ -94,6 +94,9 @@ pub struct TreeLeaf {
     pub reward: f32,
     /// Cut off by the rollout budget: out of the vote and the loss.
     pub truncated: bool,
+    /// It answered the question with its options in reverse order; `answer` names the
+    /// option as the question lists it.
+    pub options_reversed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 //! own tokens (the sampled token's -log p, as EPTree's code ranks them; before each leaf's
 //! final answer, never two adjacent ones) become forks, and B branches per fork continue
 //! from that leaf's KV prefix with the fork token drawn from the unmodified policy.
-//! M (1 + L N B) leaves per question; a tree with too few fork positions makes up its leaves
+//! M (1 + L N B) leaves per prompt; a tree with too few fork positions makes up its leaves
 //! with fresh samples. Tokens are counted, not estimated.
 
 use serde::{Deserialize, Serialize};
@@ -67,8 +67,7 @@ impl TreeShape {
 #[derive(Debug, Clone)]
 pub struct RolloutConfig {
     pub kind: RolloutKind,
-    /// Leaves per question for flat rollouts.
-    pub samples: usize,
+    /// L, N and B; each prompt's M is the fewest roots that give its leaves.
     pub tree: TreeShape,
     pub temperature: f32,
     pub top_p: f32,
@@ -78,17 +77,22 @@ pub struct RolloutConfig {
     pub max_batch: usize,
 }
 
-/// One question to roll out: its prompt, and how its answers read (forks stay before them).
+/// One prompt to roll out: the question it asks (several prompts may ask one, worded
+/// differently), how its answers read (forks stay before them) and how many leaves it gets.
 #[derive(Debug, Clone, Copy)]
 pub struct Prompt<'a> {
     pub tokens: &'a [u32],
     pub format: AnswerFormat,
+    pub question: usize,
+    pub leaves: usize,
 }
 
 /// One sampled response.
 #[derive(Debug, Clone)]
 pub struct Leaf {
     pub question: usize,
+    /// The index of the prompt it was sampled from.
+    pub prompt: usize,
     /// For a branch: the index of the leaf it forked from (a root or an earlier branch) and
     /// the response position it forked at.
     pub fork: Option<(usize, usize)>,
@@ -187,17 +191,18 @@ fn positions_before_answer(
 
 fn leaf_of(
     tok: &TextTokenizer,
-    format: AnswerFormat,
-    question: usize,
+    prompts: &[Prompt<'_>],
+    prompt: usize,
     fork: Option<(usize, usize)>,
     seq: &Sequence,
 ) -> Result<Leaf> {
     let response: Vec<u32> = seq.generated().iter().map(|t| t.id).collect();
     let text = seq.text().to_string();
     Ok(Leaf {
-        question,
+        question: prompts[prompt].question,
+        prompt,
         fork,
-        answer_at: positions_before_answer(tok, &response, &text, format)?,
+        answer_at: positions_before_answer(tok, &response, &text, prompts[prompt].format)?,
         logprobs: seq.generated().iter().map(|t| t.logprob).collect(),
         entropies: seq.generated().iter().map(|t| t.entropy).collect(),
         response,
@@ -230,9 +235,12 @@ pub fn run(
     let fresh = |q: usize, sampler: Sampler| {
         Sequence::new(model, prompts[q].tokens.to_vec(), sampler, rules.clone(), 0)
     };
-    let first_layer = match config.kind {
-        RolloutKind::Flat => config.samples,
-        RolloutKind::Tree => config.tree.m,
+    let first_layer = |p: &Prompt<'_>| match config.kind {
+        RolloutKind::Flat => p.leaves,
+        RolloutKind::Tree => {
+            let t = config.tree;
+            TreeShape::for_samples(p.leaves, t.l, t.n, t.b).m
+        }
     };
     // Each prompt is prefilled once: its first-layer sequences start from copies of that cache
     // (a fork before the first generated token draws it afresh), not from prefills of their own.
@@ -249,10 +257,11 @@ pub fn run(
     let mut owners = Vec::new();
     let mut seqs = Vec::new();
     for (q, primer) in primers.into_iter().enumerate() {
-        let copies = (1..first_layer)
+        let layer = first_layer(&prompts[q]);
+        let copies = (1..layer)
             .map(|_| primer.fork(0, sampler(), tok))
             .collect::<Result<Vec<_>>>()?;
-        owners.extend(std::iter::repeat_n(q, first_layer));
+        owners.extend(std::iter::repeat_n(q, layer));
         seqs.push(primer);
         seqs.extend(copies);
     }
@@ -264,8 +273,7 @@ pub fn run(
         ..Rollouts::default()
     };
     for (q, seq) in owners.iter().zip(&seqs) {
-        out.leaves
-            .push(leaf_of(tok, prompts[*q].format, *q, None, seq)?);
+        out.leaves.push(leaf_of(tok, prompts, *q, None, seq)?);
         out.generated_tokens += seq.generated().len();
     }
     if config.kind == RolloutKind::Tree {
@@ -346,10 +354,10 @@ fn grow_trees(
         }
         out.widest_batch = out.widest_batch.max(decode(&mut branches)?);
         for ((tree, fork), seq) in meta.into_iter().zip(branches) {
-            let q = out.leaves[tree].question;
+            let prompt = out.leaves[tree].prompt;
             let from = fork.map_or(0, |(_, at)| at);
             out.generated_tokens += seq.generated().len() - from;
-            let leaf = leaf_of(tok, prompts[q].format, q, fork, &seq)?;
+            let leaf = leaf_of(tok, prompts, prompt, fork, &seq)?;
             grown.push(Grown {
                 seq,
                 tree,

@@ -167,6 +167,10 @@ pub struct TreeLeaf {
     pub reward: f32,
     /// Cut off by the rollout budget: out of the vote and the loss.
     pub truncated: bool,
+    /// It saw the question's options in reverse order (half of a multiple-choice question's
+    /// leaves do); `answer` names the option as the question lists it.
+    #[serde(default)]
+    pub options_reversed: bool,
 }
 
 impl From<&StepReport> for StepMetrics {
@@ -199,6 +203,7 @@ impl From<engine::TreeLeaf> for TreeLeaf {
             answer: l.answer,
             reward: l.reward,
             truncated: l.truncated,
+            options_reversed: l.options_reversed,
         }
     }
 }

@@ -12,11 +12,11 @@ use super::openai::{
 };
 use crate::adapt::config::{SAMPLES, STEPS};
 use crate::adapt::store::valid_name;
-use crate::adapt::{AdaptConfig, Question};
+use crate::adapt::{AdaptConfig, Question, Reversed};
 use crate::engine::AdaptRequest;
 use crate::generation::StopRules;
 use crate::model::{ChatMessage, TextTokenizer};
-use crate::reward::AnswerFormat;
+use crate::reward::{reverse_options, AnswerFormat};
 use crate::sampling::Sampling;
 
 pub const MAX_N: i64 = 16;
@@ -187,6 +187,18 @@ fn range_i(param: &str, v: Option<i64>, lo: i64, hi: i64, default: i64) -> Resul
     Ok(v)
 }
 
+/// The prompt with its multiple-choice options reversed, if they can be and it still fits the
+/// adaptation's prompt limit.
+fn reversed_prompt(text: &str, limits: &Limits<'_>) -> Result<Option<Reversed>, ApiError> {
+    let Some((text, options)) = reverse_options(text) else {
+        return Ok(None);
+    };
+    let prompt = limits.tokenizer.encode(&text)?;
+    let fits = prompt.len() <= limits.adapt_defaults.max_prompt_tokens
+        && prompt.len() < limits.max_model_len;
+    Ok(fits.then_some(Reversed { prompt, options }))
+}
+
 /// Completion tokens the KV-cache budget leaves each of `n` choices after the prompt.
 fn kv_room(limits: &Limits<'_>, n: usize, prompt: usize) -> usize {
     limits
@@ -199,6 +211,7 @@ fn kv_room(limits: &Limits<'_>, n: usize, prompt: usize) -> usize {
 fn common(
     s: &SamplingFields,
     prompts: Vec<Vec<u32>>,
+    texts: &[String],
     questions: Vec<String>,
     logprobs: Option<usize>,
     default_max_tokens: Option<usize>,
@@ -301,13 +314,20 @@ fn common(
     let adaptation = if choice.enabled {
         prompts
             .iter()
+            .zip(texts)
             .zip(questions)
-            .map(|(p, q)| AdaptRequest {
-                question: Question::new(q, p.clone(), choice.format),
-                config: choice.config.clone(),
-                adapter: adapter.clone(),
+            .map(|((p, text), q)| {
+                let mut question = Question::new(q, p.clone(), choice.format);
+                if question.format == AnswerFormat::Choice {
+                    question.reversed = reversed_prompt(text, limits)?;
+                }
+                Ok(AdaptRequest {
+                    question,
+                    config: choice.config.clone(),
+                    adapter: adapter.clone(),
+                })
             })
-            .collect()
+            .collect::<Result<_, ApiError>>()?
     } else {
         Vec::new()
     };
@@ -407,6 +427,7 @@ pub fn validate_chat(
     common(
         &req.sampling,
         vec![prompt],
+        &[text],
         vec![question],
         top,
         None,
@@ -463,6 +484,7 @@ pub fn validate_completion(
     common(
         &req.sampling,
         prompts,
+        &questions.clone(),
         questions,
         logprobs,
         Some(COMPLETION_DEFAULT_MAX_TOKENS),
