@@ -90,11 +90,12 @@ function drawEpisode(a) {
   $("ep-tree").replaceChildren(...a.tree.map((leaf, i) => {
     const li = document.createElement("li");
     li.className = (leaf.parent === null ? "root" : "branch") + (leaf.reward > 0 ? " rewarded" : "") +
-      (leaf.truncated ? " truncated" : "");
+      (leaf.truncated ? " truncated" : "") + (leaf.options_reversed ? " reversed" : "");
     li.dataset.leaf = i;
     const meta = document.createElement("span");
     meta.className = "meta";
-    meta.textContent = leaf.parent === null ? `#${i} root: ` : `#${i} ↳ from #${leaf.parent} at ${leaf.fork_at}: `;
+    const order = leaf.options_reversed ? " (options reversed)" : "";
+    meta.textContent = leaf.parent === null ? `#${i} root${order}: ` : `#${i}${order} ↳ from #${leaf.parent} at ${leaf.fork_at}: `;
     li.append(meta);
     leaf.tokens.forEach((t, j) => {
       const span = document.createElement("span");
@@ -108,7 +109,7 @@ function drawEpisode(a) {
     tail.className = "meta";
     tail.textContent = leaf.truncated
       ? "  → cut off by the rollout budget: abstains"
-      : `  → ${leaf.answer === null ? "no answer" : leaf.answer} (reward ${leaf.reward})`;
+      : `  → ${leaf.answer === null ? "no answer" : leaf.answer}${leaf.options_reversed && leaf.answer !== null ? " as listed" : ""} (reward ${leaf.reward})`;
     li.append(tail);
     return li;
   }));

@@ -101,6 +101,21 @@ try {
   check("a server error is shown", (await page.locator("#error").textContent()).includes("temperature"));
   check("the refused question is not left in the chat", (await page.locator("#messages li").count()) === 2);
 
+  // A multiple-choice question: the leaves that saw its options reversed say so.
+  await page.fill("#temperature", "0.8");
+  await page.check("#adapt");
+  await page.selectOption("#method", "ttrl");
+  await page.selectOption("#rollout", "flat");
+  await page.selectOption("#answer_format", "auto");
+  await page.fill("#prompt", "Which part of a plant takes in water from the soil?\nA. root\nB. stem\nC. flower\nD. leaf\nAnswer with the letter of the correct option.");
+  const choicePromise = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
+  await page.press("#prompt", "Enter");
+  const choice = (await (await choicePromise).text()).split("\n").filter((l) => l.startsWith("data: {"))
+    .map((l) => JSON.parse(l.slice(6))).find((c) => c.adaptation).adaptation;
+  await page.waitForFunction(() => document.querySelectorAll("#ep-tree li.reversed").length > 0, null, { timeout: 600000 });
+  const marked = await page.locator("#ep-tree li.reversed .meta").first().textContent();
+  check("leaves that saw the options reversed are marked", (await page.locator("#ep-tree li.reversed").count()) === choice.tree.filter((l) => l.options_reversed).length && choice.tree.filter((l) => l.options_reversed).length === 2 && marked.includes("options reversed"), marked);
+
   // The pictures in the README: a fresh page and a real adaptation on a question with a
   // checkable answer, 16 leaves, numbers voted on.
   await page.goto(base + "/");
