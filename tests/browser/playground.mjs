@@ -31,6 +31,18 @@ function check(name, ok, detail = "") {
   if (ok) { passed++; console.log(`ok - ${name}`); } else { failed++; console.log(`FAILED - ${name} ${detail}`); }
 }
 
+// Sends what the prompt box holds and waits until the page has shown the answer; returns the
+// adaptation report the response's stream carried.
+async function send(page) {
+  const before = await page.evaluate(() => document.body.dataset.answered);
+  const response = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
+  await page.press("#prompt", "Enter");
+  const sse = await (await response).text();
+  await page.waitForFunction((b) => document.body.dataset.answered !== b, before, { timeout: 600000 });
+  const chunks = sse.split("\n").filter((l) => l.startsWith("data: {")).map((l) => JSON.parse(l.slice(6)));
+  return chunks.find((c) => c.adaptation)?.adaptation;
+}
+
 let browser;
 try {
   for (let i = 0; ; i++) {
@@ -59,12 +71,7 @@ try {
   // Text answers: every finished leaf votes, so the chart is not empty.
   await page.selectOption("#answer_format", "text");
   await page.fill("#prompt", "What is 3 plus 4? Answer with just the number.");
-  const responsePromise = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
-  await page.press("#prompt", "Enter");
-  const response = await responsePromise;
-  const sse = await response.text();
-  await page.waitForFunction(() => document.body.dataset.answered, null, { timeout: 600000 });
-  const report = sse.split("\n").filter((l) => l.startsWith("data: {")).map((l) => JSON.parse(l.slice(6))).find((c) => c.adaptation).adaptation;
+  const report = await send(page);
   check("the API returned an adaptation report", !!report && report.tree.length > 0);
 
   const leaves = await page.locator("#ep-tree li").count();
@@ -108,11 +115,7 @@ try {
   await page.selectOption("#rollout", "flat");
   await page.selectOption("#answer_format", "auto");
   await page.fill("#prompt", "Which part of a plant takes in water from the soil?\nA. root\nB. stem\nC. flower\nD. leaf\nAnswer with the letter of the correct option.");
-  const choicePromise = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
-  await page.press("#prompt", "Enter");
-  const choice = (await (await choicePromise).text()).split("\n").filter((l) => l.startsWith("data: {"))
-    .map((l) => JSON.parse(l.slice(6))).find((c) => c.adaptation).adaptation;
-  await page.waitForFunction(() => document.querySelectorAll("#ep-tree li.reversed").length > 0, null, { timeout: 600000 });
+  const choice = await send(page);
   const marked = await page.locator("#ep-tree li.reversed .meta").first().textContent();
   check("leaves that saw the options reversed are marked", (await page.locator("#ep-tree li.reversed").count()) === choice.tree.filter((l) => l.options_reversed).length && choice.tree.filter((l) => l.options_reversed).length === 2 && marked.includes("options reversed"), marked);
 
@@ -125,11 +128,7 @@ try {
   await page.fill("#adapter", "showcase");
   await page.selectOption("#answer_format", "number");
   await page.fill("#prompt", "What is 7 plus 5? Answer with just the number.");
-  const showcasePromise = page.waitForResponse((r) => r.url().endsWith("/v1/chat/completions"), { timeout: 600000 });
-  await page.press("#prompt", "Enter");
-  const showcase = (await (await showcasePromise).text()).split("\n").filter((l) => l.startsWith("data: {"))
-    .map((l) => JSON.parse(l.slice(6))).find((c) => c.adaptation).adaptation;
-  await page.waitForFunction(() => document.body.dataset.answered, null, { timeout: 600000 });
+  const showcase = await send(page);
   check("the showcase tree shows its 16 leaves", (await page.locator("#ep-tree li").count()) === 16 && showcase.tree.length === 16);
   console.log(`showcase: majority ${showcase.majority_answer}, votes ${JSON.stringify(showcase.votes)}, applied ${showcase.applied}`);
   check("no script errors", pageErrors.length === 0, pageErrors.join("; "));
