@@ -1,9 +1,9 @@
 //! One adaptation episode: rollouts, majority-vote rewards, advantages, and an update of
 //! the active LoRA only, repeated `steps` times. Leaves cut off by the rollout budget
-//! abstain; a question trains only when its majority is real; the update trains on a
-//! subset of the voters, one optimizer step per `leaves_per_update` of a question's. A round
-//! with a non-finite loss or gradient, or a KL to the base model above the bound, is undone
-//! (adapter and optimizer state).
+//! abstain; a question trains only when its majority is real (for a multiple-choice one, in
+//! both orders of its options); the update trains on a subset of the voters, one optimizer
+//! step per `leaves_per_update` of a question's. A round with a non-finite loss or gradient,
+//! or a KL to the base model above the bound, is undone (adapter and optimizer state).
 
 use std::ops::Range;
 use std::time::Instant;
