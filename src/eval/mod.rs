@@ -459,7 +459,7 @@ impl Runner<'_> {
                 i,
                 n,
                 temperature,
-                o.seed + i as u64,
+                adaptation_seed(o.seed, i, episode),
                 Some(adaptation),
             )?;
             anyhow::ensure!(
@@ -567,5 +567,31 @@ impl Runner<'_> {
             answer_tokens: responses.iter().map(|(.., t)| t).sum(),
             seconds: started.elapsed().as_secs_f64(),
         }
+    }
+}
+
+/// The seed question `question`'s adaptation request carries in pass `episode` (the first is
+/// 1). The first pass keeps `seed + question`; each later one draws its rollouts afresh, as
+/// TTRL's epochs do. With one seed for every pass, a pass whose rounds were all rolled back
+/// would be sampled, and rolled back, again.
+fn adaptation_seed(seed: u64, question: usize, episode: usize) -> u64 {
+    let pass = episode.max(1) as u64 - 1;
+    seed.wrapping_add(question as u64).wrapping_add(pass << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adaptation_seed;
+
+    #[test]
+    fn each_pass_after_the_first_draws_its_rollouts_afresh() {
+        assert_eq!(adaptation_seed(7, 3, 1), 10, "the first pass as before");
+        let seeds: Vec<u64> = (1..=3)
+            .flat_map(|pass| (0..8).map(move |q| adaptation_seed(7, q, pass)))
+            .collect();
+        let mut distinct = seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), seeds.len());
     }
 }
