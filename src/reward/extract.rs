@@ -28,10 +28,13 @@ pub fn detect_format(question: &str) -> AnswerFormat {
     }
 }
 
+/// The letters a multiple-choice option may carry.
+pub(super) const OPTION_LETTERS: [char; 5] = ['A', 'B', 'C', 'D', 'E'];
+
 /// How many of the option letters A-E the question lists ("(B)", "\nB.", "\nB)", "\nB:",
 /// " B) "): the choices a multiple-choice answer is drawn from.
 pub fn option_count(question: &str) -> usize {
-    ['A', 'B', 'C', 'D', 'E']
+    OPTION_LETTERS
         .iter()
         .filter(|l| {
             [
@@ -119,11 +122,11 @@ fn last_number(text: &str) -> Option<String> {
 }
 
 /// Standalone option letters A-E ("(B)", "B)", "answer is C", "**D**"), in order.
-fn choices(text: &str) -> Vec<String> {
+pub(super) fn choices(text: &str) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
     let mut found = Vec::new();
     for (i, &c) in chars.iter().enumerate() {
-        if !('A'..='E').contains(&c) {
+        if !OPTION_LETTERS.contains(&c) {
             continue;
         }
         let before = i.checked_sub(1).map(|j| chars[j]);

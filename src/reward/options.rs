@@ -4,7 +4,7 @@
 //! names, a letter chosen for its place splits across two options and only a preference for
 //! the content adds up to a majority.
 
-const LETTERS: [char; 5] = ['A', 'B', 'C', 'D', 'E'];
+use super::extract::{choices, OPTION_LETTERS as LETTERS};
 
 /// How an option line opens: "A. ", "A) ", "(A) " or "A: ".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,13 @@ pub fn reverse_options(text: &str) -> Option<(String, usize)> {
     }
     let (start, run) = last?;
     let k = run.len();
-    if run.iter().any(|o| names_an_option(o.content, k)) {
+    // An option that names another ("Both A and B"), read as answers are read.
+    let named = |o: &OptionLine<'_>| {
+        choices(o.content)
+            .iter()
+            .any(|c| c.starts_with(&LETTERS[..k]))
+    };
+    if run.iter().any(named) {
         return None;
     }
     let mut out = String::with_capacity(text.len());
@@ -93,21 +99,6 @@ pub fn reverse_options(text: &str) -> Option<(String, usize)> {
     }
     lines[start + k..].iter().for_each(|l| out.push_str(l));
     Some((out, k))
-}
-
-/// A standalone option letter inside an option's content; a capital "A" that opens it is an
-/// article ("A seed is planted").
-fn names_an_option(content: &str, options: usize) -> bool {
-    content
-        .split(|c: char| !c.is_alphanumeric())
-        .enumerate()
-        .any(|(j, word)| {
-            let mut chars = word.chars();
-            match (chars.next(), chars.next()) {
-                (Some(c), None) => LETTERS[..options].contains(&c) && !(c == 'A' && j == 0),
-                _ => false,
-            }
-        })
 }
 
 /// The option a letter read from the reversed prompt names in the original one; an answer
