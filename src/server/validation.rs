@@ -212,7 +212,7 @@ fn common(
     s: &SamplingFields,
     prompts: Vec<Vec<u32>>,
     texts: &[String],
-    questions: Vec<String>,
+    questions: &[String],
     logprobs: Option<usize>,
     default_max_tokens: Option<usize>,
     limits: &Limits<'_>,
@@ -317,7 +317,7 @@ fn common(
             .zip(texts)
             .zip(questions)
             .map(|((p, text), q)| {
-                let mut question = Question::new(q, p.clone(), choice.format);
+                let mut question = Question::new(q.clone(), p.clone(), choice.format);
                 if question.format == AnswerFormat::Choice {
                     question.reversed = reversed_prompt(text, limits)?;
                 }
@@ -428,7 +428,7 @@ pub fn validate_chat(
         &req.sampling,
         vec![prompt],
         &[text],
-        vec![question],
+        &[question],
         top,
         None,
         limits,
@@ -484,8 +484,8 @@ pub fn validate_completion(
     common(
         &req.sampling,
         prompts,
-        &questions.clone(),
-        questions,
+        &questions,
+        &questions,
         logprobs,
         Some(COMPLETION_DEFAULT_MAX_TOKENS),
         limits,
