@@ -341,6 +341,64 @@ fn an_ephemeral_request_is_not_changed_by_another_clients_question() {
     assert_eq!(logprobs(&untouched), base);
 }
 
+#[test]
+fn a_named_adapters_batch_learns_the_same_whichever_request_arrived_first() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-order-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    // A long window, so each adapter's two requests surely form one batch.
+    let server = start(&data, "lr = 0.002\nbatch_window_ms = 3000\n");
+    let other = "What is 4 plus 5? Answer with just the number.";
+    let send = |question: &str, seed: u64, adapter: &str| {
+        let body = json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 6, "seed": seed,
+            "adaptation": {"enabled": true, "adapter": adapter, "rollout": "flat", "samples": 8},
+        });
+        let (status, r) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r["adaptation"].clone()
+    };
+    // The second request leaves half a second after the first, inside its window.
+    let in_turn = |first: (&str, u64), second: (&str, u64), adapter: &str| {
+        std::thread::scope(|s| {
+            let early = s.spawn(|| send(first.0, first.1, adapter));
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let late = send(second.0, second.1, adapter);
+            [early.join().unwrap(), late]
+        })
+    };
+    // Adapter "ab" hears QUESTION (seed 11) first, "ba" the other question (seed 12).
+    let reports = std::thread::scope(|s| {
+        let ab = s.spawn(|| in_turn((QUESTION, 11), (other, 12), "ab"));
+        let ba = s.spawn(|| in_turn((other, 12), (QUESTION, 11), "ba"));
+        [ab.join().unwrap(), ba.join().unwrap()]
+    });
+    for r in reports.iter().flatten() {
+        assert_eq!(r["batch_questions"], 2, "{r}");
+        assert_eq!(r["applied"], true, "{r}");
+    }
+    assert_eq!(reports[0][0]["loss"], reports[1][0]["loss"]);
+    let (ab, ba) = (exported(&server, "ab"), exported(&server, "ba"));
+    assert_eq!(ab.len(), ba.len());
+    for (name, t) in &ab {
+        assert_eq!(max_abs_diff(t, &ba[name]), 0.0, "{name} differs");
+    }
+}
+
+#[test]
+fn an_ephemeral_episode_is_the_same_however_many_ran_before_it() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-again-{}", std::process::id()));
+    let server = start(&data, LEARN);
+    let flat = json!({"enabled": true, "rollout": "flat", "samples": 8});
+    let first = ask(&server, MODEL, flat.clone());
+    let again = ask(&server, MODEL, flat);
+    assert_eq!(first["adaptation"]["applied"], true, "{first}");
+    let after = |r: &Value| r["adaptation"]["step_metrics"][0]["kl_after"].clone();
+    assert_eq!(after(&first), after(&again));
+    assert_eq!(logprobs(&first), logprobs(&again));
+}
+
 /// Half of a multiple-choice question's leaves see its options in reverse order, and each
 /// reports the option its letter names in the question as asked; an open question has none.
 #[test]

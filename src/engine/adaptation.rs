@@ -1,7 +1,9 @@
 //! Adaptation batches and their episodes. Requests that would run the same episode collect
 //! for `batch_window_ms` (at most `max_questions` per batch; more open the next). A closed
 //! batch becomes episodes: one for a named adapter, one per request for ephemeral ones, so
-//! one client's question never changes another's answer. One episode at a time goes to the
+//! one client's question never changes another's answer. An episode's seed (its rollouts',
+//! and a fresh adapter's) is its first request's in seed order, so the same requests run the
+//! same episode whichever arrived first. One episode at a time goes to the
 //! trainer, bounded by `max_batch` rollout sequences, their KV positions (reserved from the
 //! serving budget) and `max_episode_seconds`; it is cancelled when its clients have all
 //! gone or the server stops. Its requests then queue first in line, answered with the
@@ -48,6 +50,18 @@ pub struct InFlight {
     kv_positions: usize,
 }
 
+/// A batch's requests by seed, then prompt. Which client's request reached the window first
+/// is a race; in this order the same requests run the same episode (its seed is the first
+/// request's, its rollouts go question by question) however they arrived.
+fn in_seed_order(mut jobs: Vec<Queued>) -> Vec<Queued> {
+    let key = |q: &Queued| {
+        let prompt = q.job.adaptation.as_ref().map(|a| a.question.prompt.clone());
+        (q.job.seed, prompt)
+    };
+    jobs.sort_by_cached_key(key);
+    jobs
+}
+
 impl Scheduler {
     pub(super) fn add_to_batch(&mut self, queued: Queued) {
         let request = queued.job.adaptation.as_ref().expect("an adaptation job");
@@ -80,17 +94,18 @@ impl Scheduler {
             .partition(|b| now >= b.opened + b.window || b.jobs.len() >= b.max_questions);
         self.pending = open;
         for batch in due {
-            let Some(request) = batch.jobs[0].job.adaptation.clone() else {
+            let jobs = in_seed_order(batch.jobs);
+            let Some(request) = jobs[0].job.adaptation.clone() else {
                 continue;
             };
             match request.adapter.clone() {
                 Some(name) => self.episodes.push_back(Episode {
                     key: name,
                     request,
-                    jobs: batch.jobs,
+                    jobs,
                 }),
                 None => {
-                    for queued in batch.jobs {
+                    for queued in jobs {
                         self.episode_count += 1;
                         self.episodes.push_back(Episode {
                             key: format!("{EPHEMERAL_PREFIX}{}", self.episode_count),
@@ -112,11 +127,14 @@ impl Scheduler {
             return;
         };
         let config = episode.request.config.clone();
+        // A fresh adapter starts from the episode's seed too, not from how many episodes ran
+        // before it: an episode depends on its requests alone.
+        let seed = episode.jobs[0].job.seed ^ 0x5eed;
         let checked_out = self.adapters.check_out(
             &episode.key,
             &config,
             &self.model,
-            self.episode_count,
+            seed,
             &adapters_in_use(&self.running),
         );
         let learner = match checked_out {
@@ -146,7 +164,7 @@ impl Scheduler {
         let task = EpisodeTask {
             learner,
             questions,
-            seed: episode.jobs[0].job.seed ^ 0x5eed,
+            seed,
             limits: EpisodeLimits {
                 max_batch: self.max_batch,
                 interrupt: interrupt.clone(),

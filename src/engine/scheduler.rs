@@ -70,7 +70,7 @@ pub struct Scheduler {
     pub(super) trainer: Trainer,
     pub(super) adapters: Registry,
     pub(super) faults: Faults,
-    /// Episodes started so far (names and seeds ephemeral adapters).
+    /// Ephemeral episodes so far (names their adapters).
     pub(super) episode_count: u64,
     /// Highest memory use above an episode's start, over all episodes.
     pub(super) adaptation_peak: u64,
