@@ -308,6 +308,28 @@ fn adaptation_with_a_zero_learning_rate_answers_exactly_like_none() {
     assert_eq!(adapted["choices"], plain["choices"]);
 }
 
+/// `ttrl-serve eval` sends a question's next pass with its seed plus 2^32. Under lr 0 the
+/// weights never change, so that request's rollouts would be a two-round request's second
+/// round again if each round offset the seed by 2^32 (a rolled-back pass was sampled again).
+#[test]
+fn a_later_passes_seed_does_not_replay_an_earlier_round() {
+    let data = std::env::temp_dir().join(format!("ttrl-adapters-rounds-{}", std::process::id()));
+    let server = start(&data, "lr = 0.0\n");
+    let last_round = |seed: u64, steps: u64| {
+        let body = json!({
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 2, "seed": seed,
+            "adaptation": {"enabled": true, "rollout": "flat", "samples": 8, "steps": steps},
+        });
+        let (status, r) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{r}");
+        r["adaptation"]["tree"].clone()
+    };
+    let second_round = last_round(5, 2);
+    assert_eq!(second_round.as_array().map(Vec::len), Some(8));
+    assert_ne!(second_round, last_round(5 + (1 << 32), 1));
+}
+
 /// Ephemeral adaptation is per request: a question batched with another one that trains is
 /// answered with its own adapter, so when it has no learning signal it answers exactly as the
 /// base model does.

@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use super::advantage::{band_bounds, ear, forking_threshold, grpo};
@@ -526,6 +527,10 @@ fn run_rounds(
         peak_memory_bytes: None,
         widest_rollout_batch: 0,
     };
+    // Each round's rollouts draw their seed from the episode's. A fixed offset per round would
+    // repeat another episode's rollouts whenever the two seeds differ by it (the next pass of
+    // the same questions: a rolled-back round was then sampled again).
+    let mut round_seeds = StdRng::seed_from_u64(seed);
     for step in 0..config.steps.max(1) {
         let rollout_config = RolloutConfig {
             kind: config.rollout,
@@ -538,7 +543,7 @@ fn run_rounds(
             temperature: config.temperature,
             top_p: config.top_p,
             max_tokens: config.max_tokens,
-            seed: seed.wrapping_add((step as u64) << 32),
+            seed: round_seeds.random(),
             max_batch: limits.max_batch,
         };
         let rollout_started = Instant::now();
