@@ -531,7 +531,7 @@ fn run_rounds(
     // repeat another episode's rollouts whenever the two seeds differ by it (the next pass of
     // the same questions: a rolled-back round was then sampled again).
     let mut round_seeds = StdRng::seed_from_u64(seed);
-    for step in 0..config.steps.max(1) {
+    for _ in 0..config.steps.max(1) {
         let rollout_config = RolloutConfig {
             kind: config.rollout,
             tree: TreeShape::for_samples(
