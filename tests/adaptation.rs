@@ -363,6 +363,8 @@ fn an_ephemeral_request_is_not_changed_by_another_clients_question() {
     assert_eq!(logprobs(&untouched), base);
 }
 
+/// Two clients' requests for one adapter race to its batch; the episode they run must not
+/// depend on which won.
 #[test]
 fn a_named_adapters_batch_learns_the_same_whichever_request_arrived_first() {
     let data = std::env::temp_dir().join(format!("ttrl-adapters-order-{}", std::process::id()));
@@ -408,6 +410,8 @@ fn a_named_adapters_batch_learns_the_same_whichever_request_arrived_first() {
     }
 }
 
+/// The same request with the same seed, sent twice, is answered the same: its fresh adapter
+/// starts from its seed, not from a count of the episodes before it.
 #[test]
 fn an_ephemeral_episode_is_the_same_however_many_ran_before_it() {
     let data = std::env::temp_dir().join(format!("ttrl-adapters-again-{}", std::process::id()));
