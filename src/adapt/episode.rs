@@ -139,7 +139,7 @@ pub struct QuestionOutcome {
     pub leaf_rewards: Vec<f32>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct StepReport {
     pub loss: f32,
     /// Mean k3 KL to the base model on the selected tokens while the round's steps ran.
@@ -188,6 +188,13 @@ pub struct EpisodeReport {
 }
 
 impl EpisodeReport {
+    /// The last round that trained a question (kept or rolled back), else the last round: a
+    /// later round without a learning signal has no loss or KL of its own to report.
+    pub fn last_trained(&self) -> Option<&StepReport> {
+        let trained = self.steps.iter().rev().find(|s| s.trained_questions > 0);
+        trained.or(self.steps.last())
+    }
+
     /// Whether `leaf`, one of `last_rollouts`, saw its question's options reversed.
     pub fn options_reversed(&self, leaf: &Leaf) -> bool {
         options_reversed(leaf, self.questions.len())
@@ -777,6 +784,24 @@ mod tests {
         assert_eq!(o.votes, vec![("4".into(), 3), ("5".into(), 1)]);
         assert_eq!(o.no_signal, None);
         assert_eq!(s.train.len(), 4, "the cut-off leaf is not trained");
+    }
+
+    #[test]
+    fn the_report_reads_loss_and_kl_from_the_last_round_that_trained() {
+        let round = |trained_questions, kl| StepReport {
+            trained_questions,
+            kl,
+            ..StepReport::default()
+        };
+        let report = |steps| EpisodeReport {
+            steps,
+            ..EpisodeReport::default()
+        };
+        let quiet_last = report(vec![round(1, 0.3), round(2, 0.5), round(0, 0.0)]);
+        assert_eq!(quiet_last.last_trained().map(|s| s.kl), Some(0.5));
+        let never = report(vec![round(0, 0.0), round(0, 0.1)]);
+        assert_eq!(never.last_trained().map(|s| s.kl), Some(0.1));
+        assert_eq!(report(Vec::new()).last_trained(), None);
     }
 
     #[test]

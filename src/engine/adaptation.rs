@@ -363,8 +363,11 @@ impl Scheduler {
                 .set(f64::from(last.forking_fraction));
             metrics::gauge!(m::ADAPTATION_ENTROPY, "model" => label.clone())
                 .set(f64::from(last.mean_forking_entropy));
-            metrics::gauge!(m::ADAPTATION_LOSS, "model" => label.clone()).set(f64::from(last.loss));
-            metrics::gauge!(m::ADAPTATION_KL, "model" => label.clone()).set(f64::from(last.kl));
+        }
+        if let Some(trained) = report.last_trained() {
+            metrics::gauge!(m::ADAPTATION_LOSS, "model" => label.clone())
+                .set(f64::from(trained.loss));
+            metrics::gauge!(m::ADAPTATION_KL, "model" => label.clone()).set(f64::from(trained.kl));
         }
         metrics::gauge!(m::ADAPTATION_ROLLOUT_BATCH, "model" => label.clone())
             .set(report.widest_rollout_batch as f64);
@@ -380,7 +383,7 @@ impl Scheduler {
         question: usize,
     ) -> AdaptationReport {
         let outcome = report.questions.get(question);
-        let last = report.steps.last();
+        let (last, trained) = (report.steps.last(), report.last_trained());
         let leaves: Vec<_> = report
             .last_rollouts
             .leaves
@@ -426,8 +429,8 @@ impl Scheduler {
             votes: outcome.map(|o| o.votes.clone()).unwrap_or_default(),
             forking_fraction: last.map_or(0.0, |s| s.forking_fraction),
             mean_entropy: last.map_or(0.0, |s| s.mean_forking_entropy),
-            loss: last.map_or(0.0, |s| s.loss),
-            kl: last.map_or(0.0, |s| s.kl),
+            loss: trained.map_or(0.0, |s| s.loss),
+            kl: trained.map_or(0.0, |s| s.kl),
             duration_ms: report.duration_ms,
             rolled_back: report.rolled_back,
             note: report.note.clone(),

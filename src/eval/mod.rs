@@ -555,9 +555,14 @@ impl Runner<'_> {
                 / forking.len().max(1) as f64,
             forking_histogram: histogram(&forking),
             kl: episodes.iter().map(|e| e.kl as f64).sum::<f64>() / n,
+            // The last round that trained: a later one without a signal measured nothing.
             kl_after: episodes
                 .iter()
-                .filter_map(|e| e.step_metrics.last())
+                .filter_map(|e| {
+                    let steps = &e.step_metrics;
+                    let trained = steps.iter().rev().find(|s| s.trained_questions > 0);
+                    trained.or(steps.last())
+                })
                 .map(|s| f64::from(s.kl_after))
                 .sum::<f64>()
                 / n,

@@ -116,6 +116,7 @@ pub struct AdaptationReport {
     pub votes: Vec<(String, usize)>,
     pub forking_fraction: f32,
     pub mean_entropy: f32,
+    /// The loss and KL of the last round that trained a question (see `step_metrics`).
     pub loss: f32,
     pub kl: f32,
     pub duration_ms: u64,
