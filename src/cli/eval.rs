@@ -132,7 +132,10 @@ impl EvalArgs {
         let mut s = self.model.settings(self.config.as_deref())?;
         // Adapters beside the results, so a resumed eval finds them.
         s.engine.data_dir = Some(self.out.join("adapters").display().to_string());
-        s.adaptation.max_questions = s.adaptation.max_questions.max(self.batch);
+        // Each wave of --batch questions is one batch, whatever the machine's load: it closes
+        // when its last question arrives, and a straggler has seconds, not 50 ms, to join it.
+        s.adaptation.max_questions = self.batch;
+        s.adaptation.batch_window_ms = s.adaptation.batch_window_ms.max(5_000);
         s.check()?;
         Ok(s)
     }
