@@ -191,14 +191,20 @@ impl EpisodeReport {
     /// The last round that trained a question (kept or rolled back), else the last round: a
     /// later round without a learning signal has no loss or KL of its own to report.
     pub fn last_trained(&self) -> Option<&StepReport> {
-        let trained = self.steps.iter().rev().find(|s| s.trained_questions > 0);
-        trained.or(self.steps.last())
+        last_trained(&self.steps, |s| s.trained_questions)
     }
 
     /// Whether `leaf`, one of `last_rollouts`, saw its question's options reversed.
     pub fn options_reversed(&self, leaf: &Leaf) -> bool {
         options_reversed(leaf, self.questions.len())
     }
+}
+
+/// Of an episode's rounds (as reported here or on the wire), the last that trained a question,
+/// else the last: the round whose loss and KL a report shows.
+pub fn last_trained<S>(rounds: &[S], trained_questions: impl Fn(&S) -> usize) -> Option<&S> {
+    let trained = rounds.iter().rev().find(|&s| trained_questions(s) > 0);
+    trained.or(rounds.last())
 }
 
 /// Prompts from `questions` on are reversed ones (see [`rollout_prompts`]).

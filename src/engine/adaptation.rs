@@ -54,11 +54,13 @@ pub struct InFlight {
 /// is a race; in this order the same requests run the same episode (its seed is the first
 /// request's, its rollouts go question by question) however they arrived.
 fn in_seed_order(mut jobs: Vec<Queued>) -> Vec<Queued> {
-    let key = |q: &Queued| {
-        let prompt = q.job.adaptation.as_ref().map(|a| a.question.prompt.clone());
-        (q.job.seed, prompt)
-    };
-    jobs.sort_by_cached_key(key);
+    fn key(q: &Queued) -> (u64, Option<&Vec<u32>>) {
+        (
+            q.job.seed,
+            q.job.adaptation.as_ref().map(|a| &a.question.prompt),
+        )
+    }
+    jobs.sort_by(|a, b| key(a).cmp(&key(b)));
     jobs
 }
 

@@ -17,6 +17,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::adapt::advantage::forking_threshold;
+use crate::adapt::episode::last_trained;
 use crate::adapt::Method;
 use crate::model::assets::sha256_file;
 use crate::reward::majority_vote;
@@ -555,14 +556,9 @@ impl Runner<'_> {
                 / forking.len().max(1) as f64,
             forking_histogram: histogram(&forking),
             kl: episodes.iter().map(|e| e.kl as f64).sum::<f64>() / n,
-            // The last round that trained: a later one without a signal measured nothing.
             kl_after: episodes
                 .iter()
-                .filter_map(|e| {
-                    let steps = &e.step_metrics;
-                    let trained = steps.iter().rev().find(|s| s.trained_questions > 0);
-                    trained.or(steps.last())
-                })
+                .filter_map(|e| last_trained(&e.step_metrics, |s| s.trained_questions))
                 .map(|s| f64::from(s.kl_after))
                 .sum::<f64>()
                 / n,
