@@ -94,6 +94,27 @@ fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
             continue;
         }
         assert_eq!(episodes, [1]);
+        // Each question's answers are kept, and they add up to the pass's scores.
+        let evaluation = &arm["evaluations"][0];
+        let answers = evaluation["answers"].as_array().unwrap();
+        let questions: Vec<u64> = answers
+            .iter()
+            .map(|a| a["question"].as_u64().unwrap())
+            .collect();
+        assert_eq!(questions, [0, 1, 2], "{}", arm["arm"]);
+        let share = |key: &str| {
+            let hits = answers.iter().filter(|a| a[key] == true).count();
+            hits as f64 / answers.len() as f64
+        };
+        assert_eq!(
+            share("greedy_correct"),
+            evaluation["greedy"].as_f64().unwrap()
+        );
+        assert_eq!(
+            share("majority_correct"),
+            evaluation["maj_at_k"].as_f64().unwrap()
+        );
+        assert!(answers.iter().all(|a| a["greedy"].is_string()));
         // 3 questions in batches of 2: two adaptation batches, each with real rollouts.
         let batches = arm["batches"].as_array().unwrap();
         assert_eq!(batches.len(), 2, "{}", arm["arm"]);
@@ -203,6 +224,14 @@ fn online_eval_counts_each_second_once() {
     let elapsed = started.elapsed().as_secs_f64();
     assert!(run.status.success(), "{}", stderr(&run));
     let results = read_json(&out.join("results.json"));
+    // Online answers are the adapted samples: a majority per question, no greedy one.
+    let adapted = &results["arms"][1]["evaluations"][0]["answers"];
+    assert_eq!(adapted.as_array().unwrap().len(), 3);
+    assert!(adapted
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["greedy"].is_null() && a["majority_correct"].is_boolean()));
     let wall: f64 = results["summary"]
         .as_array()
         .unwrap()

@@ -25,7 +25,7 @@ use crate::rollout::RolloutKind;
 use crate::server::adaptation::{AdaptationReport, AdaptationSpec};
 use client::{ChatRequest, ChatResponse, Client};
 use data::Item;
-use results::{histogram, Batch, Evaluation, QuestionVote, Results, Setup};
+use results::{histogram, Answered, Batch, Evaluation, QuestionVote, Results, Setup};
 
 /// How adapted arms meet the questions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -262,31 +262,39 @@ pub fn run(options: &EvalOptions, client: &Client, model: &str) -> anyhow::Resul
 /// One question's evaluation: k samples and (but online) a greedy answer.
 struct QuestionScore {
     pass_at_1: f64,
-    majority_correct: bool,
-    greedy_correct: Option<bool>,
+    answered: Answered,
     samples: usize,
     sampled_tokens: usize,
     greedy_tokens: usize,
 }
 
 impl QuestionScore {
-    fn new(item: &Item, sampled: &ChatResponse, greedy: Option<&ChatResponse>) -> Self {
+    fn new(
+        question: usize,
+        item: &Item,
+        sampled: &ChatResponse,
+        greedy: Option<&ChatResponse>,
+    ) -> Self {
         let answers: Vec<Option<String>> = sampled.texts.iter().map(|t| item.answer(t)).collect();
         let correct = answers
             .iter()
             .filter(|a| item.is_gold(a.as_deref()))
             .count();
         let majority = majority_vote(&answers).label;
+        let greedy_tokens = greedy.map_or(0, |g| g.completion_tokens);
+        let greedy = greedy.and_then(|g| g.texts.first());
         Self {
             pass_at_1: correct as f64 / answers.len().max(1) as f64,
-            majority_correct: item.is_gold(majority.as_deref()),
-            greedy_correct: greedy.map(|g| {
-                let answer = g.texts.first().and_then(|t| item.answer(t));
-                item.is_gold(answer.as_deref())
-            }),
+            answered: Answered {
+                question,
+                majority_correct: item.is_gold(majority.as_deref()),
+                majority,
+                greedy_correct: greedy.map(|t| item.is_gold(item.answer(t).as_deref())),
+                greedy: greedy.cloned(),
+            },
             samples: answers.len(),
             sampled_tokens: sampled.completion_tokens,
-            greedy_tokens: greedy.map_or(0, |g| g.completion_tokens),
+            greedy_tokens,
         }
     }
 
@@ -298,16 +306,17 @@ impl QuestionScore {
         };
         let sampled_tokens: usize = scores.iter().map(|s| s.sampled_tokens).sum();
         let samples: usize = scores.iter().map(|s| s.samples).sum();
-        let has_greedy = scores.iter().all(|s| s.greedy_correct.is_some());
+        let has_greedy = scores.iter().all(|s| s.answered.greedy_correct.is_some());
         Evaluation {
             episode,
             pass_at_1: scores.iter().map(|s| s.pass_at_1).sum::<f64>() / n,
-            maj_at_k: share(&|s| s.majority_correct),
-            greedy: has_greedy.then(|| share(&|s| s.greedy_correct == Some(true))),
+            maj_at_k: share(&|s| s.answered.majority_correct),
+            greedy: has_greedy.then(|| share(&|s| s.answered.greedy_correct == Some(true))),
             mean_length: sampled_tokens as f64 / samples.max(1) as f64,
             completion_tokens: sampled_tokens
                 + scores.iter().map(|s| s.greedy_tokens).sum::<usize>(),
             seconds: started.elapsed().as_secs_f64(),
+            answers: scores.iter().map(|s| s.answered.clone()).collect(),
         }
     }
 }
@@ -395,7 +404,12 @@ impl Runner<'_> {
         let scores = self.parallel(scored, o.concurrency, |i| {
             let sampled = self.ask(&model, i, o.k, o.temperature, o.seed + i as u64, None)?;
             let greedy = self.ask(&model, i, 1, 0.0, o.seed, None)?;
-            Ok(QuestionScore::new(&self.items[i], &sampled, Some(&greedy)))
+            Ok(QuestionScore::new(
+                i,
+                &self.items[i],
+                &sampled,
+                Some(&greedy),
+            ))
         })?;
         Ok(QuestionScore::evaluation(&scores, episode, started))
     }
@@ -416,7 +430,7 @@ impl Runner<'_> {
             scores.extend(
                 responses
                     .iter()
-                    .map(|(i, r)| QuestionScore::new(&self.items[*i], r, None)),
+                    .map(|(i, r)| QuestionScore::new(*i, &self.items[*i], r, None)),
             );
         }
         // The answers came with the waves, whose time is counted there: scoring takes none.

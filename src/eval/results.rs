@@ -49,6 +49,23 @@ pub struct Evaluation {
     pub mean_length: f64,
     pub completion_tokens: usize,
     pub seconds: f64,
+    /// Each scored question's majority and greedy answer, so a reader can see which answers
+    /// moved a score (results written before this field have none).
+    #[serde(default)]
+    pub answers: Vec<Answered>,
+}
+
+/// What one question answered in one evaluation pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answered {
+    /// The question's index after `--skip` (as `Batch::first_question` counts).
+    pub question: usize,
+    /// The k samples' majority answer, and whether it is the gold one.
+    pub majority: Option<String>,
+    pub majority_correct: bool,
+    /// The whole greedy response (none online), and whether its answer is the gold one.
+    pub greedy: Option<String>,
+    pub greedy_correct: Option<bool>,
 }
 
 /// One adaptation episode of the server on one batch of questions.
@@ -428,6 +445,14 @@ mod tests {
     }
 
     #[test]
+    fn results_written_before_answers_were_kept_still_resume() {
+        let old = r#"{"episode": 1, "greedy": 0.5, "pass_at_1": 0.25, "maj_at_k": 0.5,
+            "mean_length": 3.0, "completion_tokens": 15, "seconds": 1.0}"#;
+        let e: Evaluation = serde_json::from_str(old).unwrap();
+        assert!(e.answers.is_empty());
+    }
+
+    #[test]
     fn arm_summary_counts_every_token_spent() {
         let mut arm = ArmRecord::new("ttrl-flat");
         arm.batches = vec![batch(1, 2, None)];
@@ -439,6 +464,7 @@ mod tests {
             mean_length: 3.0,
             completion_tokens: 15,
             seconds: 1.0,
+            answers: Vec::new(),
         }];
         let s = arm.summary().unwrap();
         assert_eq!((s.rollout_tokens, s.flat_equivalent_tokens), (10, 20));
