@@ -29,7 +29,19 @@ impl Server {
     }
 
     /// [`Server::start`] with a last say over the command (environment, process limits).
-    pub fn start_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
+    /// A port found free can be taken before the server binds it (another test's connection
+    /// may get it as its local port): a server that exits before it is ready is started
+    /// again on another port.
+    pub fn start_with(args: &[&str], configure: impl Fn(&mut Command)) -> Server {
+        for _ in 0..3 {
+            if let Some(server) = Server::spawn(args, &configure).ready() {
+                return server;
+            }
+        }
+        panic!("the server exited before it was ready, three times (see its stderr above)");
+    }
+
+    fn spawn(args: &[&str], configure: &impl Fn(&mut Command)) -> Server {
         let port = free_port();
         let data_home =
             std::env::temp_dir().join(format!("ttrl-test-home-{}-{port}", std::process::id()));
@@ -43,18 +55,26 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         configure(&mut command);
-        let child = command.spawn().expect("the server binary starts");
-        let server = Server {
-            child,
+        Server {
+            child: command.spawn().expect("the server binary starts"),
             base: format!("http://127.0.0.1:{port}"),
             data_home,
-        };
+        }
+    }
+
+    /// Waits (bounded) until /ready answers 200; None when the process exits first.
+    fn ready(mut self) -> Option<Server> {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            if let Ok(r) = ureq::get(&server.url("/ready")).call() {
-                if r.status() == 200 {
-                    return server;
-                }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return None;
+            }
+            // Bounded: a port held by a process that never answers must not hang the wait.
+            let ready = ureq::get(&self.url("/ready"))
+                .timeout(Duration::from_secs(5))
+                .call();
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return Some(self);
             }
             assert!(Instant::now() < deadline, "server did not become ready");
             std::thread::sleep(Duration::from_millis(100));
