@@ -299,7 +299,7 @@ impl QuestionScore {
     }
 
     /// The pass's figures over these questions' scores.
-    fn evaluation(scores: &[QuestionScore], episode: usize, started: Instant) -> Evaluation {
+    fn evaluation(scores: Vec<QuestionScore>, episode: usize, started: Instant) -> Evaluation {
         let n = scores.len().max(1) as f64;
         let share = |hit: &dyn Fn(&QuestionScore) -> bool| {
             scores.iter().filter(|s| hit(s)).count() as f64 / n
@@ -316,7 +316,7 @@ impl QuestionScore {
             completion_tokens: sampled_tokens
                 + scores.iter().map(|s| s.greedy_tokens).sum::<usize>(),
             seconds: started.elapsed().as_secs_f64(),
-            answers: scores.iter().map(|s| s.answered.clone()).collect(),
+            answers: scores.into_iter().map(|s| s.answered).collect(),
         }
     }
 }
@@ -411,7 +411,7 @@ impl Runner<'_> {
                 Some(&greedy),
             ))
         })?;
-        Ok(QuestionScore::evaluation(&scores, episode, started))
+        Ok(QuestionScore::evaluation(scores, episode, started))
     }
 
     /// The online protocol: every scored question once, with ephemeral adaptation, in
@@ -434,7 +434,7 @@ impl Runner<'_> {
             );
         }
         // The answers came with the waves, whose time is counted there: scoring takes none.
-        Ok((QuestionScore::evaluation(&scores, 1, Instant::now()), waves))
+        Ok((QuestionScore::evaluation(scores, 1, Instant::now()), waves))
     }
 
     /// Sends a batch of questions with adaptation on, together, so the server runs them as
