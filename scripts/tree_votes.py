@@ -4,7 +4,8 @@
 `collect` sends each question once to a running ttrl-serve with ephemeral adaptation and one
 round (waves of 8 concurrent requests, as `ttrl-serve eval --protocol online` sends them) and
 keeps the leaves the response's adaptation report lists: the first round's leaves, voted before
-any update. `report` reads a tree file and a flat file of the same questions and seeds.
+any update, each with its tokens' mean entropy. `report` reads a tree file and a flat file of
+the same questions and seeds; `--vote-confidence` also counts the votes weighed by confidence.
 
     python3 scripts/tree_votes.py collect --rollout tree --data data/arithmetic-digits.jsonl \
         --limit 96 --seed 7 --out tree.jsonl
@@ -17,6 +18,7 @@ import argparse
 import collections
 import concurrent.futures
 import json
+import math
 import random
 import statistics
 import urllib.request
@@ -49,6 +51,7 @@ def collect(args):
                 "tokens": len(leaf["tokens"]),
                 "answer": leaf["answer"],
                 "truncated": leaf["truncated"],
+                "mean_entropy": round(statistics.mean(leaf["entropies"] or [0.0]), 4),
             }
             for leaf in report["tree"]
         ]
@@ -81,15 +84,22 @@ def right(leaf, gold):
     return not leaf["truncated"] and same(leaf["answer"], gold)
 
 
-def vote(leaves, gold):
-    """Chance that the majority of the leaves that finished is the gold answer (ties split)."""
-    counts = collections.Counter(
-        normal(leaf["answer"]) for leaf in leaves if not leaf["truncated"] and leaf["answer"]
-    )
-    if not counts:
+def weight(leaf, confidence):
+    """A leaf's weight in the vote: exp(-confidence x its mean token entropy), as the server's
+    `vote_confidence` weighs it; 0 counts every leaf 1."""
+    return math.exp(-confidence * leaf.get("mean_entropy", 0.0))
+
+
+def vote(leaves, gold, confidence=0.0):
+    """Chance that the answer the finished leaves weigh most is the gold answer (ties split)."""
+    weights = collections.defaultdict(float)
+    for leaf in leaves:
+        if not leaf["truncated"] and leaf["answer"]:
+            weights[normal(leaf["answer"])] += weight(leaf, confidence)
+    if not weights:
         return 0.0
-    top = max(counts.values())
-    tied = [a for a, n in counts.items() if n == top]
+    top = max(weights.values())
+    tied = [a for a, w in weights.items() if w == top]
     return sum(same(a, gold) for a in tied) / len(tied)
 
 
@@ -111,6 +121,9 @@ def report(args):
             f"{name}: {len(runs)} questions, first votes right {sum(vote(r['leaves'], r['gold']) for r in runs):.1f}, "
             f"tokens {sampled}, {sampled / sum(r['flat_equivalent_tokens'] for r in runs):.3f} of its flat equivalent"
         )
+        if args.vote_confidence:
+            weighed = sum(vote(r["leaves"], r["gold"], args.vote_confidence) for r in runs)
+            print(f"  weighed by confidence ({args.vote_confidence}): first votes right {weighed:.1f}")
     roots, branches = [], []
     by_parent = collections.defaultdict(list)
     for r in trees:
@@ -156,6 +169,12 @@ def main():
     r.add_argument("tree")
     r.add_argument("flat")
     r.add_argument("--draws", type=int, default=200)
+    r.add_argument(
+        "--vote-confidence",
+        type=float,
+        default=0.0,
+        help="also count the votes weighed as the server's vote_confidence weighs them (needs leaves collected with their mean entropy)",
+    )
     args = parser.parse_args()
     collect(args) if args.command == "collect" else report(args)
 

@@ -232,6 +232,7 @@ impl Settings {
                 1.0,
             ),
             ("adaptation.choice_margin", a.choice_margin.into(), 1.0),
+            ("adaptation.vote_confidence", a.vote_confidence.into(), any),
             (
                 "adaptation.band_low_quantile",
                 a.band_low_quantile.into(),

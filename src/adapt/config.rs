@@ -75,6 +75,11 @@ pub struct AdaptConfig {
     /// is at least 1/C + choice_margin (1 - 1/C): this far from chance (0) toward every leaf
     /// agreeing (1). A letter the model picks at about chance is no pseudo-label.
     pub choice_margin: f32,
+    /// The vote weighs each finished leaf exp(-vote_confidence x its mean token entropy), so
+    /// answers written with less doubt count more (DeepConf's confidence-weighted voting,
+    /// arXiv 2508.15260); 0 counts every leaf the same (TTRL's plain majority). The gates
+    /// above still read the label's votes in leaves.
+    pub vote_confidence: f32,
     /// Share of tokens that count as forking (top-rho entropy over the batch).
     pub rho: f32,
     /// SPINE's entropy band, anchored to these quantiles of the base model's forking
@@ -137,6 +142,7 @@ impl Default for AdaptConfig {
             min_majority_votes: 3,
             min_majority_share: 0.2,
             choice_margin: 0.3,
+            vote_confidence: 0.0,
             rho: 0.2,
             band_low_quantile: 0.05,
             band_high_quantile: 0.95,

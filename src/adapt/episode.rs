@@ -24,7 +24,7 @@ use crate::interrupt::Interrupt;
 use crate::model::memory::PeakMemory;
 use crate::model::{Adapter, Model, TextTokenizer};
 use crate::reward::{
-    canonical, detect_format, extract_answer, majority_vote, option_count, unreverse, AnswerFormat,
+    canonical, detect_format, extract_answer, option_count, unreverse, weighted_vote, AnswerFormat,
     Vote,
 };
 use crate::rollout::{self, Leaf, Prompt, RolloutConfig, Rollouts, TreeShape};
@@ -125,7 +125,7 @@ fn rollout_prompts(questions: &[Question], samples: usize) -> Vec<Prompt<'_>> {
 pub struct QuestionOutcome {
     pub majority_answer: Option<String>,
     pub vote_share: f32,
-    /// (answer, votes) over all leaves of the last step.
+    /// (answer, votes) over all leaves of the last step, the label first.
     pub votes: Vec<(String, usize)>,
     /// Leaves that hit the rollout budget (they abstained).
     pub truncated: usize,
@@ -215,19 +215,21 @@ fn options_reversed(leaf: &Leaf, questions: usize) -> bool {
 /// Why a question asked in both orders of its options has no pseudo-label when the leaves of
 /// each order do not have the same clear top option: what the model prefers is a place in
 /// the list, not an option.
-fn orders_disagree(answers: &[Option<String>], in_reverse: &[bool]) -> Option<String> {
+fn orders_disagree(
+    answers: &[Option<String>],
+    weights: &[f32],
+    in_reverse: &[bool],
+) -> Option<String> {
     let top = |reverse: bool| {
-        let half: Vec<Option<String>> = answers
+        let (half, half_weights): (Vec<Option<String>>, Vec<f32>) = answers
             .iter()
+            .zip(weights)
             .zip(in_reverse)
             .filter(|(_, &r)| r == reverse)
-            .map(|(a, _)| a.clone())
-            .collect();
-        let counts = majority_vote(&half).counts;
-        match (counts.first(), counts.get(1)) {
-            (Some((label, n)), second) if second.is_none_or(|(_, m)| m < n) => Some(label.clone()),
-            _ => None,
-        }
+            .map(|((a, &w), _)| (a.clone(), w))
+            .unzip();
+        let vote = weighted_vote(&half, &half_weights);
+        vote.label.filter(|_| !vote.tied)
     };
     match (top(false), top(true)) {
         (Some(listed), Some(reversed)) if listed == reversed => None,
@@ -271,7 +273,7 @@ fn weak_majority(vote: &Vote, question: &Question, config: &AdaptConfig) -> Opti
     let Some((_, top)) = vote.counts.first() else {
         return Some("no leaf gave an answer".into());
     };
-    if vote.counts.get(1).is_some_and(|(_, second)| second == top) {
+    if vote.tied {
         return Some(format!("a tie at {top} votes"));
     }
     let min_votes = config.min_majority_votes.max(2);
@@ -335,13 +337,17 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
                 })
             })
             .collect();
-        let vote = majority_vote(&answers);
+        let weights: Vec<f32> = leaves
+            .iter()
+            .map(|l| (-config.vote_confidence * l.mean_entropy()).exp())
+            .collect();
+        let vote = weighted_vote(&answers, &weights);
         let mut no_signal = weak_majority(&vote, question, config).or_else(|| {
             let in_reverse: Vec<bool> = leaves.iter().map(|l| reversed(l).is_some()).collect();
             question
                 .reversed
                 .as_ref()
-                .and_then(|_| orders_disagree(&answers, &in_reverse))
+                .and_then(|_| orders_disagree(&answers, &weights, &in_reverse))
         });
         let rewards = if no_signal.is_some() {
             vec![0.0; leaves.len()]
@@ -361,13 +367,8 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
                 None => no_signal = Some("every trained leaf got the same reward".into()),
                 Some(mut adv) => {
                     if config.ear {
-                        let mean_h: Vec<f32> = chosen
-                            .iter()
-                            .map(|&i| {
-                                let h = &leaves[i].entropies;
-                                h.iter().sum::<f32>() / h.len().max(1) as f32
-                            })
-                            .collect();
+                        let mean_h: Vec<f32> =
+                            chosen.iter().map(|&i| leaves[i].mean_entropy()).collect();
                         adv = ear(&adv, &mean_h);
                     }
                     let start = train.len();
@@ -832,6 +833,27 @@ mod tests {
             assert!(s.train.is_empty());
             assert!(s.outcomes[0].leaf_rewards.iter().all(|&r| r == 0.0));
         }
+    }
+
+    #[test]
+    fn the_vote_weighs_leaves_by_their_confidence_unless_set_to_count() {
+        // Four unsure leaves say 7, three sure ones say 12.
+        let mut leaves: Vec<Leaf> = (0..4).map(|_| leaf(0, "7", &[2.0, 2.0], STOP)).collect();
+        leaves.extend((0..3).map(|_| leaf(0, "12", &[0.1, 0.1], STOP)));
+        let label = |vote_confidence| {
+            let config = AdaptConfig {
+                vote_confidence,
+                ..Default::default()
+            };
+            let s = score(&rollouts(leaves.clone()), &[question(&[1])], &config);
+            let o = s.outcomes[0].clone();
+            assert_eq!(o.no_signal, None);
+            (o.majority_answer.unwrap(), o.votes[0].1, o.leaf_rewards)
+        };
+        let sure = vec![0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        assert_eq!(label(2.0), ("12".to_string(), 3, sure));
+        let most = vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0];
+        assert_eq!(label(0.0), ("7".to_string(), 4, most));
     }
 
     #[test]

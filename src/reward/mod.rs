@@ -10,4 +10,4 @@ mod vote;
 pub use extract::{answer_start, detect_format, extract_answer, option_count, AnswerFormat};
 pub use normalize::{canonical, Rational};
 pub use options::{reverse_options, unreverse};
-pub use vote::{majority_vote, Vote};
+pub use vote::{majority_vote, weighted_vote, Vote};

@@ -112,6 +112,12 @@ impl Leaf {
     pub fn truncated(&self) -> bool {
         self.finish == FinishReason::Length
     }
+
+    /// Mean entropy of its tokens at the rollout temperature: how unsure the model was
+    /// while writing it (EAR reshapes advantages by it; the vote can weigh by it).
+    pub fn mean_entropy(&self) -> f32 {
+        self.entropies.iter().sum::<f32>() / self.entropies.len().max(1) as f32
+    }
 }
 
 #[derive(Debug, Clone, Default)]

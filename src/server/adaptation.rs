@@ -112,7 +112,8 @@ pub struct AdaptationReport {
     pub flat_equivalent_tokens: usize,
     pub majority_answer: Option<String>,
     pub vote_share: f32,
-    /// `[answer, votes]` pairs, most votes first.
+    /// `[answer, votes]` pairs, the pseudo-label first, then by weight (by votes unless
+    /// `vote_confidence` weighs the leaves).
     pub votes: Vec<(String, usize)>,
     pub forking_fraction: f32,
     pub mean_entropy: f32,
