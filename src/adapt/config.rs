@@ -142,7 +142,7 @@ impl Default for AdaptConfig {
             min_majority_votes: 3,
             min_majority_share: 0.2,
             choice_margin: 0.3,
-            vote_confidence: 0.0,
+            vote_confidence: 2.0,
             rho: 0.2,
             band_low_quantile: 0.05,
             band_high_quantile: 0.95,
