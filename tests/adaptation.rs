@@ -444,7 +444,9 @@ fn the_pseudo_label_is_the_answer_its_leaves_weigh_most() {
         // (answer, weight, leaves), in order of first appearance.
         let mut tally: Vec<(String, f64, u64)> = Vec::new();
         for leaf in a["tree"].as_array().unwrap() {
-            let Some(answer) = leaf["answer"].as_str().filter(|_| leaf["truncated"] == false)
+            let Some(answer) = leaf["answer"]
+                .as_str()
+                .filter(|_| leaf["truncated"] == false)
             else {
                 continue;
             };
@@ -462,7 +464,11 @@ fn the_pseudo_label_is_the_answer_its_leaves_weigh_most() {
         }
         let heaviest = tally.iter().max_by(|x, y| x.1.total_cmp(&y.1)).unwrap();
         let most = tally.iter().map(|t| t.2).max().unwrap();
-        assert_eq!(a["majority_answer"].as_str(), Some(heaviest.0.as_str()), "{a}");
+        assert_eq!(
+            a["majority_answer"].as_str(),
+            Some(heaviest.0.as_str()),
+            "{a}"
+        );
         assert_eq!(a["votes"][0], json!([heaviest.0, heaviest.2]), "{a}");
         differed += usize::from(heaviest.2 < most);
     }

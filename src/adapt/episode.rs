@@ -337,9 +337,15 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
                 })
             })
             .collect();
+        // Measured from the surest leaf, whose weight is 1: the same ranking as
+        // exp(-vote_confidence x H), without underflowing to a tie at 0 for steep weights.
+        let surest = leaves
+            .iter()
+            .map(|l| l.mean_entropy())
+            .fold(f32::INFINITY, f32::min);
         let weights: Vec<f32> = leaves
             .iter()
-            .map(|l| (-config.vote_confidence * l.mean_entropy()).exp())
+            .map(|l| (-config.vote_confidence * (l.mean_entropy() - surest)).exp())
             .collect();
         let vote = weighted_vote(&answers, &weights);
         let mut no_signal = weak_majority(&vote, question, config).or_else(|| {
@@ -854,6 +860,8 @@ mod tests {
         assert_eq!(label(2.0), ("12".to_string(), 3, sure));
         let most = vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0];
         assert_eq!(label(0.0), ("7".to_string(), 4, most));
+        // A steep weight still names the surest answer rather than underflowing to a tie.
+        assert_eq!(label(10_000.0).0, "12");
     }
 
     #[test]
