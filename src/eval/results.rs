@@ -102,7 +102,9 @@ pub struct Batch {
 /// One question's vote in an adapted batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuestionVote {
+    /// The pseudo-label's share of the question's leaves.
     pub vote_share: f64,
+    /// The pseudo-label's leaves: the answer that weighed most, not always the most common.
     pub top_votes: usize,
     /// The majority passed the server's gates and the question trained.
     pub trained: bool,
