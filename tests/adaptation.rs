@@ -427,13 +427,12 @@ fn an_ephemeral_episode_is_the_same_however_many_ran_before_it() {
 
 /// The pseudo-label is the answer whose leaves weigh most, each finished leaf
 /// exp(-vote_confidence x its mean entropy), as read back from the report's own leaves; the
-/// votes list the label's leaves first. A steep weight makes the surest leaves decide, so
-/// the label often differs from the most common answer here.
+/// votes list the label's leaves first. A steep weight makes the surest leaves decide: on
+/// "What is 9 plus 8?" the label is 17 (three sure leaves) over 8 (four unsure ones).
 #[test]
 fn the_pseudo_label_is_the_answer_its_leaves_weigh_most() {
     let data = std::env::temp_dir().join(format!("ttrl-adapters-weigh-{}", std::process::id()));
     let server = start(&data, "vote_confidence = 8.0\n");
-    let mut differed = 0;
     for question in [
         "What is 7 plus 5? Answer with just the number.",
         "What is 6 times 3? Answer with just the number.",
@@ -463,16 +462,13 @@ fn the_pseudo_label_is_the_answer_its_leaves_weigh_most() {
             }
         }
         let heaviest = tally.iter().max_by(|x, y| x.1.total_cmp(&y.1)).unwrap();
-        let most = tally.iter().map(|t| t.2).max().unwrap();
         assert_eq!(
             a["majority_answer"].as_str(),
             Some(heaviest.0.as_str()),
             "{a}"
         );
         assert_eq!(a["votes"][0], json!([heaviest.0, heaviest.2]), "{a}");
-        differed += usize::from(heaviest.2 < most);
     }
-    eprintln!("labels that were not the most common answer: {differed} of 3");
 }
 
 /// Half of a multiple-choice question's leaves see its options in reverse order, and each

@@ -339,13 +339,11 @@ fn score(rollouts: &Rollouts, questions: &[Question], config: &AdaptConfig) -> S
             .collect();
         // Measured from the surest leaf, whose weight is 1: the same ranking as
         // exp(-vote_confidence x H), without underflowing to a tie at 0 for steep weights.
-        let surest = leaves
+        let doubt: Vec<f32> = leaves.iter().map(|l| l.mean_entropy()).collect();
+        let surest = doubt.iter().copied().fold(f32::INFINITY, f32::min);
+        let weights: Vec<f32> = doubt
             .iter()
-            .map(|l| l.mean_entropy())
-            .fold(f32::INFINITY, f32::min);
-        let weights: Vec<f32> = leaves
-            .iter()
-            .map(|l| (-config.vote_confidence * (l.mean_entropy() - surest)).exp())
+            .map(|h| (-config.vote_confidence * (h - surest)).exp())
             .collect();
         let vote = weighted_vote(&answers, &weights);
         let mut no_signal = weak_majority(&vote, question, config).or_else(|| {
