@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use plotters::coord::types::RangedCoordf64;
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
@@ -81,15 +82,15 @@ pub fn draw_all(results: &Results, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Per arm, (episode, value) points; adapted arms start from the base arm's episode 0.
+/// Per adapted arm, (episode, value) points, starting from the base arm's episode 0.
 fn series(results: &Results, value: impl Fn(&Evaluation) -> f64) -> Vec<(String, Vec<(f64, f64)>)> {
-    let base = results.arm("base").and_then(|a| a.evaluation(0));
+    let base = base_evaluation(results);
     results
         .arms
         .iter()
+        .filter(|arm| arm.arm != "base")
         .map(|arm| {
             let mut points: Vec<(f64, f64)> = base
-                .filter(|_| arm.arm != "base")
                 .into_iter()
                 .chain(&arm.evaluations)
                 .map(|e| (e.episode as f64, value(e)))
@@ -100,11 +101,23 @@ fn series(results: &Results, value: impl Fn(&Evaluation) -> f64) -> Vec<(String,
         .collect()
 }
 
+fn base_evaluation(results: &Results) -> Option<&Evaluation> {
+    results.arm("base").and_then(|a| a.evaluation(0))
+}
+
+/// A dashed level across every episode: where the base model stands, the line to beat.
+struct Reference {
+    label: String,
+    value: f64,
+    color: RGBColor,
+}
+
 fn line_chart(
     path: &Path,
     caption: &str,
     y_label: &str,
     lines: &[(String, Vec<(f64, f64)>)],
+    references: &[Reference],
     y_range: Option<(f64, f64)>,
 ) -> DrawResult {
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
@@ -117,6 +130,7 @@ fn line_chart(
         let top = lines
             .iter()
             .flat_map(|(_, p)| p.iter().map(|p| p.1))
+            .chain(references.iter().map(|r| r.value))
             .fold(1.0, f64::max);
         (0.0, top * 1.1)
     });
@@ -130,8 +144,21 @@ fn line_chart(
         .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style((FONT, 15))
         .draw()?;
+    for r in references {
+        let style = r.color.stroke_width(2);
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(0.0, r.value), (x_max, r.value)],
+                8,
+                6,
+                style,
+            ))?
+            .label(&r.label)
+            .legend(move |(x, y)| DashedPathElement::new(vec![(x, y), (x + 20, y)], 5, 3, style));
+    }
+    // Colour 0 is the base model's; the adapted arms take the rest.
     for (i, (name, points)) in lines.iter().enumerate() {
-        let c = color(i);
+        let c = color(i + 1);
         chart
             .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(3)))?
             .label(name)
@@ -146,22 +173,49 @@ fn line_chart(
 fn accuracy(results: &Results, path: &Path) -> DrawResult {
     let k = results.setup.k;
     let lines = series(results, |e| e.pass_at_1);
+    let base = base_evaluation(results);
+    let references: Vec<Reference> = base
+        .map(|e| {
+            vec![
+                Reference {
+                    label: "base pass@1".into(),
+                    value: e.pass_at_1,
+                    color: color(0),
+                },
+                Reference {
+                    label: format!("base maj@{k}"),
+                    value: e.maj_at_k,
+                    color: BLACK,
+                },
+            ]
+        })
+        .unwrap_or_default();
     line_chart(
         path,
         &format!("pass@1 (mean of {k} samples) after each episode"),
         "pass@1",
         &lines,
+        &references,
         Some((0.0, 1.0)),
     )
 }
 
 fn length(results: &Results, path: &Path) -> DrawResult {
     let lines = series(results, |e| e.mean_length);
+    let references: Vec<Reference> = base_evaluation(results)
+        .map(|e| Reference {
+            label: "base".into(),
+            value: e.mean_length,
+            color: color(0),
+        })
+        .into_iter()
+        .collect();
     line_chart(
         path,
         "mean response length after each episode",
         "tokens",
         &lines,
+        &references,
         None,
     )
 }
