@@ -207,6 +207,75 @@ fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
     );
 }
 
+/// `scripts/eval_summary.py` on what eval writes: each run's last pass against its base arm (or
+/// the base arm of a run of the same questions and seed), the goals it met, and the mean gain of
+/// a family of runs (folders that differ in their `-s<seed>`) with its spread. The scores are set
+/// by hand in a real run's results, since the tiny model's are all zero.
+#[test]
+fn the_summary_script_gives_each_runs_last_pass_and_its_familys_spread() {
+    let dir = scratch_dir("eval-summary");
+    let data = dir.join("questions.jsonl");
+    std::fs::write(&data, QUESTIONS).unwrap();
+    let run = in_process(
+        &data,
+        &dir.join("made"),
+        &["--arms", "base,ttrl-flat", "--episodes", "2", "--seed", "1"],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let made = read_json(&dir.join("made/results.json"));
+    let scored = |seed: u64, base: [f64; 4], after: [f64; 4], with_base: bool| {
+        let mut results = made.clone();
+        results["setup"]["seed"] = seed.into();
+        let set = |e: &mut Value, [greedy, pass_at_1, maj_at_k, mean_length]: [f64; 4]| {
+            e["greedy"] = greedy.into();
+            e["pass_at_1"] = pass_at_1.into();
+            e["maj_at_k"] = maj_at_k.into();
+            e["mean_length"] = mean_length.into();
+        };
+        set(&mut results["arms"][0]["evaluations"][0], base);
+        set(&mut results["arms"][1]["evaluations"][1], after);
+        if !with_base {
+            results["arms"].as_array_mut().unwrap().remove(0);
+        }
+        results
+    };
+    let runs = [
+        (
+            "run-s1",
+            scored(1, [0.5, 0.25, 0.5, 20.0], [0.5, 0.75, 0.75, 15.0], true),
+        ),
+        (
+            "run-s2",
+            scored(2, [0.5, 0.25, 0.5, 20.0], [0.25, 0.5, 0.5, 18.0], true),
+        ),
+        (
+            "alone-s1",
+            scored(1, [0.0; 4], [0.5, 0.5, 0.5, 20.0], false),
+        ),
+    ];
+    for (name, results) in &runs {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("results.json"), results.to_string()).unwrap();
+    }
+    let output = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/eval_summary.py"))
+        .args(runs.iter().map(|(name, _)| dir.join(name)))
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let table = String::from_utf8(output.stdout).unwrap();
+    let base = "0.500, 0.250, 0.500, 20.0";
+    for row in [
+        format!("| run-s1 | transductive | 1-3 | 1 | ttrl-flat | 2 | {base} | 0.500, 0.750, 0.750, 15.0 (0.75x) | 0.500 | yes | yes | no |"),
+        format!("| run-s2 | transductive | 1-3 | 2 | ttrl-flat | 2 | {base} | 0.250, 0.500, 0.500, 18.0 (0.90x) | 0.250 | yes | no | yes |"),
+        format!("| alone-s1 | transductive | 1-3 | 1 | ttrl-flat | 2 | {base} | 0.500, 0.500, 0.500, 20.0 (1.00x) | 0.250 | yes | yes | yes |"),
+        "| run | transductive | ttrl-flat | 2 | +0.375 ± 0.177 |".into(),
+        "| alone | transductive | ttrl-flat | 1 | +0.250 ± 0.000 |".into(),
+    ] {
+        assert!(table.contains(&row), "{row} not in\n{table}");
+    }
+}
+
 /// Online, an arm's wall time is its waves' time counted once (the scoring of the answers they
 /// brought was once counted again over the whole run): the arms' seconds fit in the run's.
 #[test]
