@@ -47,6 +47,11 @@ async function pollStatus() {
   } catch (_) { /* the next poll retries */ }
 }
 
+// A measure to `digits` places, or a dash where the server sent null (not a number).
+function fixed(v, digits) {
+  return v === null ? "–" : v.toFixed(digits);
+}
+
 function entropyColour(h, max) {
   const t = Math.min(1, h / Math.max(1e-6, max));
   return `hsl(${210 - 210 * t}, 85%, ${92 - 30 * t}%)`;
@@ -63,7 +68,7 @@ function drawEpisode(a) {
     (a.note ? ` · ${a.note}` : "");
   const rows = a.step_metrics.map((s, i) => {
     const tr = document.createElement("tr");
-    for (const v of [i + 1, s.loss.toFixed(4), s.kl.toFixed(4), s.mean_forking_entropy.toFixed(3), s.vote_share.toFixed(3), s.applied ? "yes" : "no"]) {
+    for (const v of [i + 1, fixed(s.loss, 4), fixed(s.kl, 4), fixed(s.mean_forking_entropy, 3), fixed(s.vote_share, 3), s.applied ? "yes" : "no"]) {
       const td = document.createElement("td"); td.textContent = v; tr.append(td);
     }
     return tr;

@@ -266,6 +266,9 @@ fn a_non_finite_loss_is_rolled_back_and_the_server_keeps_serving() {
     assert_eq!(a["applied"], false);
     assert_eq!(a["adapter_version"], 0);
     assert!(a["note"].as_str().unwrap().contains("non-finite"));
+    // JSON has no NaN: the round's loss is null, which the wire schema documents.
+    assert!(a["loss"].is_null(), "{a}");
+    assert!(a["step_metrics"][0]["loss"].is_null(), "{a}");
     assert_eq!(
         logprobs(&r),
         base,

@@ -117,8 +117,13 @@ pub struct AdaptationReport {
     pub votes: Vec<(String, usize)>,
     pub forking_fraction: f32,
     pub mean_entropy: f32,
-    /// The loss and KL of the last round that trained a question (see `step_metrics`).
+    /// The loss and KL of the last round that trained a question (see `step_metrics`); null
+    /// when that round's loss was not a number (and it was rolled back).
+    #[serde(with = "non_finite_as_null")]
+    #[schema(value_type = Option<f32>)]
     pub loss: f32,
+    #[serde(with = "non_finite_as_null")]
+    #[schema(value_type = Option<f32>)]
     pub kl: f32,
     pub duration_ms: u64,
     /// The KL bound undid a round.
@@ -138,15 +143,24 @@ pub struct AdaptationReport {
 /// One round of an episode.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StepMetrics {
+    /// Null, like the other measures here, when it was not a number (the round was rolled back).
+    #[serde(with = "non_finite_as_null")]
+    #[schema(value_type = Option<f32>)]
     pub loss: f32,
     /// Mean k3 KL to the base model on the selected tokens while the round's steps ran.
+    #[serde(with = "non_finite_as_null")]
+    #[schema(value_type = Option<f32>)]
     pub kl: f32,
     /// Mean k3 KL to the base model per response token after the round (what `kl_bound`
     /// checks).
+    #[serde(with = "non_finite_as_null")]
+    #[schema(value_type = Option<f32>)]
     pub kl_after: f32,
     pub mean_forking_entropy: f32,
     pub forking_fraction: f32,
     pub vote_share: f32,
+    #[serde(with = "non_finite_as_null")]
+    #[schema(value_type = Option<f32>)]
     pub grad_norm: f32,
     pub applied: bool,
     pub trained_questions: usize,
@@ -239,5 +253,24 @@ impl From<engine::AdaptationReport> for AdaptationReport {
             step_metrics: r.step_metrics.iter().map(StepMetrics::from).collect(),
             tree: r.tree.into_iter().map(TreeLeaf::from).collect(),
         }
+    }
+}
+
+/// JSON has no NaN: a measure that is not a number (a round whose loss was NaN) goes on the
+/// wire as null, which serde_json would write anyway, and reads back as NaN, where a plain
+/// `f32` would refuse it.
+mod non_finite_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f32, serializer: S) -> Result<S::Ok, S::Error> {
+        if value.is_finite() {
+            serializer.serialize_f32(*value)
+        } else {
+            serializer.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f32, D::Error> {
+        Ok(Option::<f32>::deserialize(deserializer)?.unwrap_or(f32::NAN))
     }
 }
