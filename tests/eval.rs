@@ -207,6 +207,58 @@ fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
     );
 }
 
+/// A batch whose round the server undid says so, and the episode's row counts such batches.
+/// On the default model, whose answers end, so that a question has a majority to train.
+#[test]
+fn batches_with_a_round_rolled_back_are_marked_and_counted() {
+    let dir = scratch_dir("eval-rolled-back");
+    let data = dir.join("questions.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"question": "What is 2 plus 3? Answer with just the number.", "answer": "5"}"#,
+    )
+    .unwrap();
+    let config = dir.join("nan.toml");
+    std::fs::write(
+        &config,
+        "[adaptation]\nmax_tokens = 64\nsamples = 8\nsteps = 1\ntest_force_nonfinite_loss = true\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let run = Command::new(env!("CARGO_BIN_EXE_ttrl-serve"))
+        .args([
+            "eval",
+            "--arms",
+            "ttrl-flat",
+            "--k",
+            "2",
+            "--max-tokens",
+            "8",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("the binary runs");
+    assert!(run.status.success(), "{}", stderr(&run));
+    let results = read_json(&out.join("results.json"));
+    let batch = &results["arms"][0]["batches"][0];
+    assert_eq!(batch["votes"][0]["trained"], true, "{batch}");
+    assert_eq!(batch["rolled_back"], true, "{batch}");
+    assert_eq!(batch["applied"], false, "{batch}");
+    let markdown = std::fs::read_to_string(out.join("results.md")).unwrap();
+    // The episode table's row (the arm table's row starts the same way).
+    assert!(
+        markdown
+            .lines()
+            .any(|l| l.starts_with("| ttrl-flat | 1 |") && l.ends_with("| 1 of 1 |")),
+        "{markdown}"
+    );
+}
+
 /// `scripts/eval_summary.py` on what eval writes: each run's last pass against its base arm (or
 /// the base arm of a run of the same questions and seed), the goals it met, and the mean gain of
 /// a family of runs (folders that differ in their `-s<seed>`) with its spread. The scores are set

@@ -547,12 +547,12 @@ impl Runner<'_> {
             });
             agree as f64 / leaves.max(1) as f64
         });
-        let n = episodes.len().max(1) as f64;
         Batch {
             episode,
             first_question: first,
             questions: responses.len(),
             applied: episodes.iter().any(|e| e.applied),
+            rolled_back: episodes.iter().any(|e| e.rolled_back),
             adapter_version: episodes
                 .iter()
                 .map(|e| e.adapter_version)
@@ -569,14 +569,14 @@ impl Runner<'_> {
             forking_entropy: forking.iter().map(|&h| h as f64).sum::<f64>()
                 / forking.len().max(1) as f64,
             forking_histogram: histogram(&forking),
-            kl: episodes.iter().map(|e| e.kl as f64).sum::<f64>() / n,
-            kl_after: episodes
-                .iter()
-                .filter_map(|e| last_trained(&e.step_metrics, |s| s.trained_questions))
-                .map(|s| f64::from(s.kl_after))
-                .sum::<f64>()
-                / n,
-            loss: episodes.iter().map(|e| e.loss as f64).sum::<f64>() / n,
+            kl: finite_mean(episodes.iter().map(|e| e.kl)),
+            kl_after: finite_mean(
+                episodes
+                    .iter()
+                    .filter_map(|e| last_trained(&e.step_metrics, |s| s.trained_questions))
+                    .map(|s| s.kl_after),
+            ),
+            loss: finite_mean(episodes.iter().map(|e| e.loss)),
             rollout_tokens: episodes.iter().map(|e| e.rollout_tokens).sum(),
             flat_equivalent_tokens: episodes.iter().map(|e| e.flat_equivalent_tokens).sum(),
             answer_tokens: responses.iter().map(|(.., t)| t).sum(),
@@ -592,6 +592,21 @@ impl Runner<'_> {
 fn adaptation_seed(seed: u64, question: usize, episode: usize) -> u64 {
     let pass = episode.max(1) as u64 - 1;
     seed.wrapping_add(question as u64).wrapping_add(pass << 32)
+}
+
+/// The mean of the values that are numbers: a round whose loss was NaN (rolled back, and its
+/// batch marked so) counts as none.
+fn finite_mean(values: impl Iterator<Item = f32>) -> f64 {
+    let (sum, count) = values
+        .filter(|v| v.is_finite())
+        .fold((0.0, 0usize), |(sum, count), v| {
+            (sum + f64::from(v), count + 1)
+        });
+    if count == 0 {
+        0.0
+    } else {
+        sum / count as f64
+    }
 }
 
 #[cfg(test)]

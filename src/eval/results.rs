@@ -75,6 +75,10 @@ pub struct Batch {
     pub first_question: usize,
     pub questions: usize,
     pub applied: bool,
+    /// The KL bound (or a non-finite loss) undid a round of the episode, so its later rounds
+    /// never ran; `kl_after` is that round's KL.
+    #[serde(default)]
+    pub rolled_back: bool,
     pub adapter_version: u64,
     pub vote_share: f64,
     /// Share of questions whose majority answer is the gold one (None without gold).
@@ -150,6 +154,11 @@ pub struct EpisodeSummary {
     #[serde(default)]
     pub kl_after: f64,
     pub loss: f64,
+    /// Of the episode's batches, those with a round the KL bound undid.
+    #[serde(default)]
+    pub rolled_back: usize,
+    #[serde(default)]
+    pub batches: usize,
     pub forking_histogram: Vec<u32>,
 }
 
@@ -266,6 +275,8 @@ impl ArmRecord {
                     kl: mean(batches.iter().map(|b| b.kl)),
                     kl_after: mean(batches.iter().map(|b| b.kl_after)),
                     loss: mean(batches.iter().map(|b| b.loss)),
+                    rolled_back: batches.iter().filter(|b| b.rolled_back).count(),
+                    batches: batches.len(),
                     forking_histogram: histogram,
                 }
             })
@@ -363,15 +374,16 @@ impl Results {
         if !self.episodes.is_empty() {
             out.push_str(
                 "\n| arm | episode | pass@1 after | mean length after | vote share | \
-                 label accuracy | reward accuracy | forking entropy | KL | KL after | loss |\n\
-                 |---|---|---|---|---|---|---|---|---|---|---|\n",
+                 label accuracy | reward accuracy | forking entropy | KL | KL after | loss | \
+                 batches rolled back |\n\
+                 |---|---|---|---|---|---|---|---|---|---|---|---|\n",
             );
             let opt = |v: Option<f64>, digits: usize| {
                 v.map_or("-".to_string(), |v| format!("{v:.digits$}"))
             };
             for e in &self.episodes {
                 out.push_str(&format!(
-                    "| {} | {} | {} | {} | {:.3} | {} | {} | {:.3} | {:.4} | {:.4} | {:.4} |\n",
+                    "| {} | {} | {} | {} | {:.3} | {} | {} | {:.3} | {:.4} | {:.4} | {:.4} | {} of {} |\n",
                     e.arm,
                     e.episode,
                     opt(e.pass_at_1, 3),
@@ -382,7 +394,9 @@ impl Results {
                     e.forking_entropy,
                     e.kl,
                     e.kl_after,
-                    e.loss
+                    e.loss,
+                    e.rolled_back,
+                    e.batches
                 ));
             }
         }
@@ -417,6 +431,7 @@ mod tests {
             first_question: 0,
             questions,
             applied: true,
+            rolled_back: false,
             adapter_version: 1,
             vote_share: 0.5,
             label_accuracy: label,
@@ -444,6 +459,37 @@ mod tests {
         assert_eq!(e.forking_histogram[0], 2);
         assert_eq!(e.forking_histogram[1], 2);
         assert_eq!(e.forking_histogram[ENTROPY_BINS - 1], 2);
+    }
+
+    #[test]
+    fn an_episode_shows_how_many_of_its_batches_had_a_round_rolled_back() {
+        let mut arm = ArmRecord::new("ttrl-flat");
+        let mut undone = batch(1, 4, None);
+        undone.rolled_back = true;
+        arm.batches = vec![batch(1, 4, None), undone];
+        let mut results = Results::new(Setup {
+            protocol: Protocol::default(),
+            data: "q.jsonl".into(),
+            data_sha256: String::new(),
+            skip: 0,
+            questions: 8,
+            model: "m".into(),
+            k: 2,
+            temperature: 0.8,
+            max_tokens: 8,
+            batch: 4,
+            samples: None,
+            steps: None,
+            seed: 0,
+        });
+        results.episodes = arm.episode_summaries();
+        assert_eq!(
+            (results.episodes[0].rolled_back, results.episodes[0].batches),
+            (1, 2)
+        );
+        let table = results.markdown();
+        let row = table.lines().find(|l| l.starts_with("| ttrl-flat | 1 |"));
+        assert!(row.is_some_and(|r| r.ends_with("| 1 of 2 |")), "{table}");
     }
 
     #[test]
