@@ -51,8 +51,8 @@ def rows(runs):
     bases = {}
     for _, results in runs:
         key = tuple(results["setup"].get(f) for f in SAME_QUESTIONS)
-        bases.setdefault(key, base_evaluation(results))
-        bases[key] = bases[key] or base_evaluation(results)
+        if bases.get(key) is None:
+            bases[key] = base_evaluation(results)
     for path, results in runs:
         setup = results["setup"]
         arms = {a["arm"]: a for a in results["arms"]}

@@ -597,16 +597,7 @@ fn adaptation_seed(seed: u64, question: usize, episode: usize) -> u64 {
 /// The mean of the values that are numbers: a round whose loss was NaN (rolled back, and its
 /// batch marked so) counts as none.
 fn finite_mean(values: impl Iterator<Item = f32>) -> f64 {
-    let (sum, count) = values
-        .filter(|v| v.is_finite())
-        .fold((0.0, 0usize), |(sum, count), v| {
-            (sum + f64::from(v), count + 1)
-        });
-    if count == 0 {
-        0.0
-    } else {
-        sum / count as f64
-    }
+    results::mean(values.filter(|v| v.is_finite()).map(f64::from))
 }
 
 #[cfg(test)]

@@ -173,7 +173,7 @@ pub struct Results {
     pub episodes: Vec<EpisodeSummary>,
 }
 
-fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
+pub(super) fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
     let (sum, n) = values
         .into_iter()
         .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
