@@ -127,6 +127,10 @@ fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
                 .unwrap()
                 .iter()
                 .any(|c| c != 0));
+            // The server's default of two rounds, each with its own rollouts.
+            let rounds = b["rounds"].as_array().unwrap();
+            assert_eq!(rounds.len(), 2, "{b}");
+            assert!(rounds.iter().all(|r| r["rollout_seconds"].as_f64() > Some(0.0)));
         }
     }
 
@@ -249,6 +253,10 @@ fn batches_with_a_round_rolled_back_are_marked_and_counted() {
     assert_eq!(batch["votes"][0]["trained"], true, "{batch}");
     assert_eq!(batch["rolled_back"], true, "{batch}");
     assert_eq!(batch["applied"], false, "{batch}");
+    let round = &batch["rounds"][0];
+    assert_eq!(batch["rounds"].as_array().unwrap().len(), 1, "{batch}");
+    assert_eq!(round["trained_questions"], 1, "{batch}");
+    assert_eq!(round["applied"], false, "{batch}");
     let markdown = std::fs::read_to_string(out.join("results.md")).unwrap();
     // The episode table's row (the arm table's row starts the same way).
     assert!(

@@ -22,10 +22,10 @@ use crate::adapt::Method;
 use crate::model::assets::sha256_file;
 use crate::reward::majority_vote;
 use crate::rollout::RolloutKind;
-use crate::server::adaptation::{AdaptationReport, AdaptationSpec};
+use crate::server::adaptation::{AdaptationReport, AdaptationSpec, StepMetrics};
 use client::{ChatRequest, ChatResponse, Client};
 use data::Item;
-use results::{histogram, Answered, Batch, Evaluation, QuestionVote, Results, Setup};
+use results::{histogram, Answered, Batch, Evaluation, QuestionVote, Results, Round, Setup};
 
 /// How adapted arms meet the questions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -581,8 +581,37 @@ impl Runner<'_> {
             flat_equivalent_tokens: episodes.iter().map(|e| e.flat_equivalent_tokens).sum(),
             answer_tokens: responses.iter().map(|(.., t)| t).sum(),
             seconds: started.elapsed().as_secs_f64(),
+            rounds: rounds(&episodes),
         }
     }
+}
+
+/// The rounds of a batch's episodes, round by round.
+fn rounds(episodes: &[&AdaptationReport]) -> Vec<Round> {
+    let most = episodes.iter().map(|e| e.step_metrics.len()).max();
+    (0..most.unwrap_or(0))
+        .map(|r| {
+            let steps: Vec<&StepMetrics> = episodes
+                .iter()
+                .filter_map(|e| e.step_metrics.get(r))
+                .collect();
+            let kl_after: Vec<f64> = (steps.iter())
+                .filter(|s| s.trained_questions > 0 && s.kl_after.is_finite())
+                .map(|s| f64::from(s.kl_after))
+                .collect();
+            let seconds = |ms: fn(&StepMetrics) -> u64| {
+                steps.iter().map(|s| ms(s)).sum::<u64>() as f64 / 1000.0
+            };
+            Round {
+                vote_share: results::mean(steps.iter().map(|s| f64::from(s.vote_share))),
+                trained_questions: steps.iter().map(|s| s.trained_questions).sum(),
+                applied: steps.iter().any(|s| s.applied),
+                kl_after: (!kl_after.is_empty()).then(|| results::mean(kl_after)),
+                rollout_seconds: seconds(|s| s.rollout_ms),
+                update_seconds: seconds(|s| s.update_ms),
+            }
+        })
+        .collect()
 }
 
 /// The seed question `question`'s adaptation request carries in pass `episode` (the first is

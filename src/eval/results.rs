@@ -101,6 +101,25 @@ pub struct Batch {
     /// Tokens of the answers the adapted requests returned.
     pub answer_tokens: usize,
     pub seconds: f64,
+    /// The episode's rounds in order, to see where a round's time went and whether the
+    /// later rounds still trained.
+    #[serde(default)]
+    pub rounds: Vec<Round>,
+}
+
+/// One round (rollouts, vote, update) of a batch's episode; over the batch's episodes when
+/// the server split it into several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Round {
+    /// Mean pseudo-label share over the round's questions.
+    pub vote_share: f64,
+    pub trained_questions: usize,
+    pub applied: bool,
+    /// KL to the base model per response token after the round; none when no question
+    /// trained or the KL was not a number.
+    pub kl_after: Option<f64>,
+    pub rollout_seconds: f64,
+    pub update_seconds: f64,
 }
 
 /// One question's vote in an adapted batch.
@@ -446,6 +465,7 @@ mod tests {
             flat_equivalent_tokens: 20,
             answer_tokens: 5,
             seconds: 1.0,
+            rounds: Vec::new(),
         }
     }
 
