@@ -130,7 +130,9 @@ fn eval_runs_every_arm_and_its_files_agree_then_resumes_without_redoing_work() {
             // The server's default of two rounds, each with its own rollouts.
             let rounds = b["rounds"].as_array().unwrap();
             assert_eq!(rounds.len(), 2, "{b}");
-            assert!(rounds.iter().all(|r| r["rollout_seconds"].as_f64() > Some(0.0)));
+            assert!(rounds
+                .iter()
+                .all(|r| r["rollout_seconds"].as_f64() > Some(0.0)));
         }
     }
 
