@@ -35,6 +35,12 @@ impl Interrupt {
         self.cancelled.store(true, Ordering::SeqCst);
     }
 
+    /// Its deadline passed (and it was not cancelled).
+    pub fn timed_out(&self) -> bool {
+        !self.cancelled.load(Ordering::SeqCst)
+            && self.deadline.is_some_and(|(at, _)| Instant::now() >= at)
+    }
+
     pub fn check(&self) -> Result<()> {
         if self.cancelled.load(Ordering::SeqCst) {
             return Err(Error::Interrupted("the episode was cancelled".into()));
@@ -64,6 +70,10 @@ mod tests {
             panic!("a zero deadline must fire");
         };
         assert!(why.contains("max_episode_seconds"), "{why}");
+        assert!(late.timed_out() && !i.timed_out());
+        let cancelled_late = Interrupt::after_seconds(0.0);
+        cancelled_late.cancel();
+        assert!(!cancelled_late.timed_out(), "a cancel is not a deadline");
         assert!(Interrupt::after_seconds(60.0).check().is_ok());
         assert!(Interrupt::after_seconds(f64::INFINITY).check().is_ok());
         assert!(Interrupt::after_seconds(-1.0).check().is_err());

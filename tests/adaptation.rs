@@ -1,9 +1,11 @@
 use std::collections::HashMap;
 use std::io::Read;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use ttrl_serve::adapt::{run_episode, AdaptConfig, EpisodeLimits, Learner, Question};
+use ttrl_serve::interrupt::Interrupt;
 use ttrl_serve::model::{assets, loader, Adapter, ChatMessage};
 use ttrl_serve::reward::{canonical, extract_answer, unreverse, AnswerFormat};
 use ttrl_serve::rollout::RolloutKind;
@@ -648,4 +650,67 @@ fn an_episode_changes_only_lora_weights() {
         .filter(|(k, t)| max_abs_diff(t, &before[*k]) > 0.0)
         .count();
     assert!(changed > 0, "no LoRA tensor changed");
+}
+
+/// An episode that runs out of time in a later round keeps the rounds it finished, says so,
+/// and counts only those in the adapter's version.
+#[test]
+fn an_episode_out_of_time_keeps_the_rounds_it_finished() {
+    let m = smollm2();
+    let config = |steps| AdaptConfig {
+        max_tokens: 64,
+        samples: 8,
+        rollout: RolloutKind::Flat,
+        steps,
+        kl_bound: 100.0,
+        ..Default::default()
+    };
+    let learner = |config: &AdaptConfig| {
+        let adapter = Adapter::new(
+            "e",
+            config.lora.clone(),
+            m.model.config(),
+            DType::F32,
+            m.model.device(),
+            0,
+        )
+        .unwrap();
+        Learner::new(adapter, config, 0).unwrap()
+    };
+    let q = question(&m);
+    // The same seed gives the eight-round episode the same first round, so a deadline of
+    // 1.8 rounds falls after its first round and before its eighth.
+    let one = config(1);
+    let started = Instant::now();
+    let report = run_episode(
+        &m.model,
+        &m.tokenizer,
+        &mut learner(&one),
+        std::slice::from_ref(&q),
+        &one,
+        7,
+        &EpisodeLimits::default(),
+    )
+    .unwrap();
+    assert!(report.applied, "{report:?}");
+    let round = started.elapsed().as_secs_f64();
+
+    let eight = config(8);
+    let mut late = learner(&eight);
+    let limits = EpisodeLimits {
+        interrupt: Interrupt::after_seconds(1.8 * round),
+        ..EpisodeLimits::default()
+    };
+    let report = run_episode(&m.model, &m.tokenizer, &mut late, &[q], &eight, 7, &limits).unwrap();
+    let finished = report.steps.len();
+    assert!(report.applied, "{report:?}");
+    assert!((1..8).contains(&finished), "{finished} rounds finished");
+    let applied = report.steps.iter().filter(|s| s.applied).count();
+    assert_eq!(late.version, applied as u64);
+    let note = report.note.unwrap_or_default();
+    assert!(
+        note.contains(&format!("stopped after {finished} of 8 rounds"))
+            && note.contains("max_episode_seconds"),
+        "{note}"
+    );
 }

@@ -116,8 +116,9 @@ pub struct AdaptConfig {
     /// Adaptation requests for one adapter arriving within this window form one batch.
     pub batch_window_ms: u64,
     pub max_questions: usize,
-    /// An episode still running after this long stops; its requests are answered with the
-    /// weights they had (`applied: false`, with a note).
+    /// An episode still running after this long stops: it keeps the rounds it finished, and
+    /// with none finished its requests are answered with the weights they had
+    /// (`applied: false`, with a note).
     pub max_episode_seconds: f64,
     /// Longest prompt (tokens) an adaptation request may carry.
     pub max_prompt_tokens: usize,

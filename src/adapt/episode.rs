@@ -19,7 +19,7 @@ use super::objective::{
     ObjectiveStats, TrainLeaf, LOGIT_ROWS,
 };
 use super::optim::{AdamW, AdamWConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::interrupt::Interrupt;
 use crate::model::memory::PeakMemory;
 use crate::model::{Adapter, Model, TextTokenizer};
@@ -485,9 +485,9 @@ fn reasons(outcomes: &[QuestionOutcome]) -> String {
     seen.join("; ")
 }
 
-/// Runs `config.steps` rounds of rollout and update on `learner`. On any error (an
-/// interrupt included) the learner is put back as it was: an episode applies whole rounds or
-/// nothing.
+/// Runs `config.steps` rounds of rollout and update on `learner`. An episode applies whole
+/// rounds: out of time, it keeps those it finished; on any other error (a cancel included) or
+/// with none finished, the learner is put back as it was.
 pub fn run_episode(
     model: &Model,
     tok: &TextTokenizer,
@@ -509,6 +509,27 @@ pub fn run_episode(
         learner.version = before.2;
     }
     result
+}
+
+/// An episode that runs out of `max_episode_seconds` keeps the rounds it finished (each was
+/// applied whole and checked against the KL bound) and says so; the round it was in is undone
+/// by the caller. With no round applied, or when cancelled, the interrupt stands.
+fn keep_finished_rounds(
+    error: Error,
+    report: &mut EpisodeReport,
+    limits: &EpisodeLimits,
+    rounds: usize,
+) -> Result<()> {
+    match error {
+        Error::Interrupted(why) if report.applied && limits.interrupt.timed_out() => {
+            report.note = Some(format!(
+                "stopped after {} of {rounds} rounds: {why}",
+                report.steps.len()
+            ));
+            Ok(())
+        }
+        e => Err(e),
+    }
 }
 
 fn run_rounds(
@@ -565,14 +586,20 @@ fn run_rounds(
             max_batch: limits.max_batch,
         };
         let rollout_started = Instant::now();
-        let rollouts = rollout::run(
+        let rollouts = match rollout::run(
             model,
             tok,
             Some(&learner.adapter),
             &prompts,
             &rollout_config,
             &limits.interrupt,
-        )?;
+        ) {
+            Ok(rollouts) => rollouts,
+            Err(e) => {
+                keep_finished_rounds(e, &mut report, limits, config.steps)?;
+                break;
+            }
+        };
         report.widest_rollout_batch = report.widest_rollout_batch.max(rollouts.widest_batch);
         let rollout_ms = rollout_started.elapsed().as_millis() as u64;
         memory.sample();
@@ -652,6 +679,7 @@ fn run_rounds(
         let mut stats = ObjectiveStats::default();
         let mut losses = Vec::new();
         let mut failure = None;
+        let mut interrupted = None;
         // Optimizer mini-batches: `leaves_per_update` leaves of one question at a time.
         let per_update = config.leaves_per_update.max(1);
         let mini_batches: Vec<Range<usize>> = scored
@@ -663,7 +691,7 @@ fn run_rounds(
                     .map(move |s| s..(s + per_update).min(g.end))
             })
             .collect();
-        for range in mini_batches {
+        'update: for range in mini_batches {
             let leaves = &scored.train[range];
             let denom = Denominators {
                 selected_tokens: leaves.iter().flat_map(|l| &l.mask).filter(|&&m| m).count() as f32,
@@ -673,7 +701,10 @@ fn run_rounds(
             let mut grads: Vec<Option<Tensor>> = vec![None; learner.adapter.vars().len()];
             let mut loss_value = 0.0f64;
             for chunk in leaves.chunks(config.micro_batch.max(1)) {
-                limits.interrupt.check()?;
+                if let Err(e) = limits.interrupt.check() {
+                    interrupted = Some(e);
+                    break 'update;
+                }
                 let MicroBatchLoss {
                     grads: chunk_grads,
                     mut value,
@@ -705,6 +736,12 @@ fn run_rounds(
             let stepped = learner.optimizer.step_with(&grads)?;
             step_report.grad_norm = step_report.grad_norm.max(stepped.grad_norm as f32);
             step_report.optimizer_steps += 1;
+        }
+        if let Some(e) = interrupted {
+            learner.adapter.set_tensors(&snapshot.0)?;
+            learner.optimizer.restore(snapshot.1);
+            keep_finished_rounds(e, &mut report, limits, config.steps)?;
+            break;
         }
         step_report.loss = (losses.iter().sum::<f64>() / losses.len().max(1) as f64) as f32;
         step_report.kl = (stats.kl_sum / stats.kl_tokens.max(1) as f64) as f32;
