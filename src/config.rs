@@ -203,6 +203,7 @@ impl Settings {
         for (key, value, range) in [
             ("adaptation.samples", a.samples, SAMPLES),
             ("adaptation.steps", a.steps, STEPS),
+            ("adaptation.ephemeral_steps", a.ephemeral_steps, STEPS),
         ] {
             anyhow::ensure!(
                 range.contains(&value),

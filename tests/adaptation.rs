@@ -33,7 +33,9 @@ fn config_file(extra: &str) -> std::path::PathBuf {
     ));
     std::fs::write(
         &path,
-        format!("[adaptation]\nmax_tokens = 64\nsamples = 8\nsteps = 1\nkl_bound = 100.0\n{extra}"),
+        format!(
+            "[adaptation]\nmax_tokens = 64\nsamples = 8\nsteps = 1\nephemeral_steps = 1\nkl_bound = 100.0\n{extra}"
+        ),
     )
     .unwrap();
     path

@@ -48,7 +48,8 @@ fn wait_until(what: &str, limit: Duration, mut probe: impl FnMut() -> bool) {
 }
 
 /// Long enough on two cores that a plain request has time to finish inside it.
-const SLOW_EPISODE: &str = "[adaptation]\nsamples = 16\nmax_tokens = 64\nsteps = 2\n";
+const SLOW_EPISODE: &str =
+    "[adaptation]\nsamples = 16\nmax_tokens = 64\nsteps = 2\nephemeral_steps = 2\n";
 
 #[test]
 fn plain_requests_finish_and_streams_keep_flowing_while_an_episode_runs() {

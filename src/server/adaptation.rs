@@ -32,7 +32,8 @@ pub struct AdaptationSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 2, maximum = 64)]
     pub samples: Option<i64>,
-    /// Rounds of rollouts and updates.
+    /// Rounds of rollouts and updates (default: the server's `steps` for a named adapter,
+    /// its `ephemeral_steps` for a request's own).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 8)]
     pub steps: Option<i64>,

@@ -135,12 +135,16 @@ fn adaptation(
         *SAMPLES.end() as i64,
         config.samples as i64,
     )? as usize;
+    let default_steps = match spec.adapter {
+        Some(_) => config.steps,
+        None => config.ephemeral_steps,
+    };
     config.steps = range_i(
         "adaptation.steps",
         spec.steps,
         *STEPS.start() as i64,
         *STEPS.end() as i64,
-        config.steps as i64,
+        default_steps as i64,
     )? as usize;
     if let Some(name) = spec.adapter.as_deref().filter(|n| !valid_name(n)) {
         return Err(ApiError::invalid(
@@ -490,4 +494,33 @@ pub fn validate_completion(
         Some(COMPLETION_DEFAULT_MAX_TOKENS),
         limits,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    #[test]
+    fn an_ephemeral_adapter_defaults_to_its_own_rounds_and_a_named_one_to_steps() {
+        let defaults = AdaptConfig {
+            steps: 2,
+            ephemeral_steps: 4,
+            ..AdaptConfig::default()
+        };
+        let rounds = |spec: Value| {
+            adaptation(&Some(spec), false, &defaults)
+                .unwrap()
+                .config
+                .steps
+        };
+        assert_eq!(rounds(json!({"enabled": true})), 4);
+        assert_eq!(rounds(json!({"enabled": true, "adapter": "team"})), 2);
+        assert_eq!(rounds(json!({"enabled": true, "steps": 3})), 3);
+        assert_eq!(
+            rounds(json!({"enabled": true, "adapter": "team", "steps": 1})),
+            1
+        );
+    }
 }
