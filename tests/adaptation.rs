@@ -596,6 +596,20 @@ fn question(m: &ttrl_serve::model::loader::LoadedModel) -> Question {
     Question::new(QUESTION.into(), prompt, AnswerFormat::Auto)
 }
 
+/// A fresh ephemeral-style adapter (seed 0) and its optimizer.
+fn fresh_learner(m: &ttrl_serve::model::loader::LoadedModel, config: &AdaptConfig) -> Learner {
+    let adapter = Adapter::new(
+        "e",
+        config.lora.clone(),
+        m.model.config(),
+        DType::F32,
+        m.model.device(),
+        0,
+    )
+    .unwrap();
+    Learner::new(adapter, config, 0).unwrap()
+}
+
 #[test]
 fn an_episode_changes_only_lora_weights() {
     let m = smollm2();
@@ -614,16 +628,7 @@ fn an_episode_changes_only_lora_weights() {
         kl_bound: 100.0,
         ..Default::default()
     };
-    let adapter = Adapter::new(
-        "e",
-        config.lora.clone(),
-        m.model.config(),
-        DType::F32,
-        m.model.device(),
-        0,
-    )
-    .unwrap();
-    let mut learner = Learner::new(adapter, &config, 0).unwrap();
+    let mut learner = fresh_learner(&m, &config);
     let before: HashMap<String, Tensor> = learner.adapter.snapshot().unwrap();
     let q = question(&m);
     let report = run_episode(
@@ -667,18 +672,6 @@ fn an_episode_out_of_time_keeps_the_rounds_it_finished() {
         kl_bound: 100.0,
         ..Default::default()
     };
-    let learner = |config: &AdaptConfig| {
-        let adapter = Adapter::new(
-            "e",
-            config.lora.clone(),
-            m.model.config(),
-            DType::F32,
-            m.model.device(),
-            0,
-        )
-        .unwrap();
-        Learner::new(adapter, config, 0).unwrap()
-    };
     let q = question(&m);
     // The same seed gives the eight-round episode the same first round, so a deadline of
     // 1.8 rounds falls after its first round and before its eighth.
@@ -687,7 +680,7 @@ fn an_episode_out_of_time_keeps_the_rounds_it_finished() {
     let report = run_episode(
         &m.model,
         &m.tokenizer,
-        &mut learner(&one),
+        &mut fresh_learner(&m, &one),
         std::slice::from_ref(&q),
         &one,
         7,
@@ -698,7 +691,7 @@ fn an_episode_out_of_time_keeps_the_rounds_it_finished() {
     let round = started.elapsed().as_secs_f64();
 
     let eight = config(8);
-    let mut late = learner(&eight);
+    let mut late = fresh_learner(&m, &eight);
     let limits = EpisodeLimits {
         interrupt: Interrupt::after_seconds(1.8 * round),
         ..EpisodeLimits::default()
