@@ -259,6 +259,11 @@ fn batches_with_a_round_rolled_back_are_marked_and_counted() {
     assert_eq!(batch["rounds"].as_array().unwrap().len(), 1, "{batch}");
     assert_eq!(round["trained_questions"], 1, "{batch}");
     assert_eq!(round["applied"], false, "{batch}");
+    let notes = batch["notes"].as_array().unwrap();
+    assert!(
+        notes.len() == 1 && notes[0].as_str().unwrap().contains("non-finite loss"),
+        "{batch}"
+    );
     let markdown = std::fs::read_to_string(out.join("results.md")).unwrap();
     // The episode table's row (the arm table's row starts the same way).
     assert!(

@@ -547,6 +547,12 @@ impl Runner<'_> {
             });
             agree as f64 / leaves.max(1) as f64
         });
+        let mut notes: Vec<String> = Vec::new();
+        for note in episodes.iter().filter_map(|e| e.note.as_ref()) {
+            if !notes.contains(note) {
+                notes.push(note.clone());
+            }
+        }
         Batch {
             episode,
             first_question: first,
@@ -582,6 +588,7 @@ impl Runner<'_> {
             answer_tokens: responses.iter().map(|(.., t)| t).sum(),
             seconds: started.elapsed().as_secs_f64(),
             rounds: rounds(&episodes),
+            notes,
         }
     }
 }

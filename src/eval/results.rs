@@ -105,6 +105,10 @@ pub struct Batch {
     /// later rounds still trained.
     #[serde(default)]
     pub rounds: Vec<Round>,
+    /// The episodes' notes, each once: why a round was rolled back, or stopped by the time
+    /// limit, or why no question trained.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// One round (rollouts, vote, update) of a batch's episode; over the batch's episodes when
@@ -466,6 +470,7 @@ mod tests {
             answer_tokens: 5,
             seconds: 1.0,
             rounds: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
