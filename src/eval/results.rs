@@ -177,7 +177,7 @@ pub struct EpisodeSummary {
     #[serde(default)]
     pub kl_after: f64,
     pub loss: f64,
-    /// Of the episode's batches, those with a round the KL bound undid.
+    /// Of the episode's batches, those with a round undone (the KL bound or a non-finite loss).
     #[serde(default)]
     pub rolled_back: usize,
     #[serde(default)]
